@@ -1,0 +1,349 @@
+"""The one training configuration: a typed dataclass, its command line, and the defaults that depend on the data.
+
+The command line fills a `TrainConfig`; `resolve_defaults` then fills what depends on the data set and
+the model (image size, normalisation, augmentation strength, learning rate), so that the resolved
+config saved beside the run and inside every checkpoint says exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import TorchferryError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+GRAY_MEAN = [0.5]
+GRAY_STD = [0.5]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("cosine", "step", "multistep", "plateau", "constant")
+CHECK_IMAGES = ("auto", "full", "header", "none")
+
+# Built-in and torchvision data sets whose images are grayscale, small, or not mirror-symmetric.
+GRAYSCALE_SETS = ("digits", "mnist", "fashionmnist")
+NO_FLIP_SETS = ("digits", "mnist")
+SMALL_IMAGE_SIZES = {"digits": 32, "mnist": 28, "fashionmnist": 28, "cifar10": 32}
+
+
+def default_cache_dir() -> str:
+    """Where the built-in data set is written once: $TORCHFERRY_CACHE, else ~/.cache/torchferry."""
+    return os.environ.get("TORCHFERRY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "torchferry")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; plain data so it travels to Ray workers and into checkpoints."""
+
+    # data
+    data: str = "digits"
+    val_data: str | None = None
+    image_root: str | None = None
+    val_split: float = 0.2
+    download: bool = False
+    cache_dir: str = field(default_factory=default_cache_dir)
+    num_workers: int = 2
+    skip_bad_images: bool = False
+    check_images: str = "auto"
+    image_size: int | None = None
+    resize_size: int | None = None
+    channels: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    hflip: float | None = None
+    rotation: float | None = None
+    color_jitter: float = 0.0
+    crop_scale_min: float | None = None
+    # model
+    model: str = "smallcnn"
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    unfreeze_at_epoch: int | None = None
+    finetune_lr: float | None = None
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 128
+    opt: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    lr_scheduler: str = "cosine"
+    lr_warmup_epochs: int = 0
+    lr_warmup_decay: float = 0.01
+    lr_step_size: int = 30
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    lr_min: float = 0.0
+    plateau_patience: int = 3
+    amp: bool = False
+    channels_last: bool | None = None
+    seed: int = 0
+    # cluster and run
+    gpus: int = 0
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    address: str | None = None
+    storage: str | None = None
+    name: str | None = None
+    output_dir: str = "runs"
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    resource_check: bool = True
+    progress: str = "auto"
+    verbose: bool = False
+    debug: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str, numbers, lists): safe for JSON, Ray and `torch.load(weights_only=True)`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from `to_dict` output; unknown keys are an error so a typo fails where it is made."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TorchferryError(f"unknown training config keys {unknown}")
+        return cls(**data)
+
+    @property
+    def num_workers_total(self) -> int:
+        """Ray Train workers: one per GPU with --gpus N, else --workers CPU workers."""
+        return self.gpus if self.gpus > 0 else self.workers
+
+    @property
+    def run_dir(self) -> str:
+        """runs/<name>, absolute."""
+        assert self.name, "resolve_defaults sets the run name"
+        return os.path.abspath(os.path.join(self.output_dir, self.name))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The `python -m distributed.launch` command line; every flag says its default."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m distributed.launch",
+        description="Train an image classifier with Ray Train (DDP over GPU or CPU workers) and keep the "
+        "best checkpoint by validation accuracy in runs/<name>/best.pth.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m distributed.launch --gpus 0 --workers 2      # CPU, built-in digits\n"
+        "  python -m distributed.launch --gpus 2 --data ~/flowers --model resnet50 --pretrained DEFAULT --epochs 30\n"
+        "  python -m distributed.launch --data cifar10:~/datasets/cifar10 --model resnet18",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, help="'digits' (built-in, default), an ImageFolder directory "
+                   "(DIR/train/<class>, DIR/val/<class>, or DIR/<class> split by --val-split), an annotation "
+                   "file ('relative/path label' lines, or a CSV with path,label columns), or a torchvision data "
+                   "set read from a local root: cifar10:DIR, mnist:DIR, fashionmnist:DIR, flowers102:DIR")
+    g.add_argument("--val-data", default=None, help="validation annotation file or directory; without it "
+                   "the validation set comes from the data layout or from --val-split (default: none)")
+    g.add_argument("--image-root", default=None, help="directory that annotation-file paths are relative to "
+                   "(default: the annotation file's directory)")
+    g.add_argument("--val-split", type=float, default=d.val_split, help="fraction of each class held out "
+                   f"for validation when the data has no validation part; stratified, by --seed (default: {d.val_split})")
+    g.add_argument("--download", action="store_true", help="let torchvision download a named data set into "
+                   "its root (default: read local files only)")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="where the built-in digits set is written as PNGs "
+                   "(default: $TORCHFERRY_CACHE or ~/.cache/torchferry)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader processes per training "
+                   f"worker (default: {d.num_workers})")
+    g.add_argument("--check-images", choices=CHECK_IMAGES, default=d.check_images, help="check images before "
+                   "training: full decode, header only, or none; auto decodes fully up to 50,000 images and "
+                   "reads headers above that (default: auto)")
+    g.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (they are "
+                   "counted and reported) instead of stopping (default: stop)")
+    g.add_argument("--image-size", type=int, default=None, help="training/eval crop size in pixels (default: "
+                   "the pretrained weights' size, 32 for digits and cifar10, 28 for mnist, 224 otherwise)")
+    g.add_argument("--resize-size", type=int, default=None, help="eval: resize the shorter side to this before "
+                   "the center crop (default: the weights' value, else image-size × 256/224; = image-size for small sets)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="input channels (default: 1 for "
+                   "grayscale sets with smallcnn, else 3)")
+    g.add_argument("--mean", type=_floats, default=None, help="normalisation mean, comma-separated (default: "
+                   "the weights' value, ImageNet's for 3 channels, 0.5 for 1)")
+    g.add_argument("--std", type=_floats, default=None, help="normalisation std, comma-separated (default: as --mean)")
+    g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (default: 0.5; "
+                   "0 for digits and mnist)")
+    g.add_argument("--rotation", type=float, default=None, help="random rotation range in degrees (default: "
+                   "10 for digits and mnist, else 0)")
+    g.add_argument("--color-jitter", type=float, default=d.color_jitter, help="brightness/contrast/saturation "
+                   f"jitter strength (default: {d.color_jitter})")
+    g.add_argument("--crop-scale-min", type=float, default=None, help="smallest area fraction of the random "
+                   "resized crop (default: 0.08 as torchvision's reference; 0.5 for small-image sets)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="smallcnn (default), a torchvision classification model by "
+                   "name (resnet18, resnet50, mobilenet_v3_small, efficientnet_b0, convnext_tiny, vit_b_16, ...), "
+                   "or package.module:factory for your own nn.Module, called with num_classes=")
+    g.add_argument("--pretrained", default=None, help="DEFAULT or a torchvision weights enum name "
+                   "(IMAGENET1K_V2, ...) or a local .pth state dict; the head is replaced for your classes "
+                   "(default: random init)")
+    g.add_argument("--freeze-backbone", action="store_true", help="train the classification head only (default: off)")
+    g.add_argument("--unfreeze-at-epoch", type=int, default=None, help="with --freeze-backbone: from this epoch "
+                   "(0-based) train everything at --finetune-lr (default: never)")
+    g.add_argument("--finetune-lr", type=float, default=None, help="learning rate after --unfreeze-at-epoch "
+                   "(default: --lr / 10)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs to train (default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size, split evenly over "
+                   f"the workers (default: {d.batch_size})")
+    g.add_argument("--opt", choices=OPTIMIZERS, default=d.opt, help=f"optimizer (default: {d.opt})")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.1 × batch-size/256, "
+                   "the linear scaling rule; adam/adamw 1e-3)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
+    g.add_argument("--weight-decay", "--wd", type=float, default=d.weight_decay,
+                   help=f"weight decay (default: {d.weight_decay})")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help=f"label smoothing for the cross-entropy loss (default: {d.label_smoothing})")
+    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default=d.lr_scheduler, help="learning-rate "
+                   f"schedule, stepped once per epoch (default: {d.lr_scheduler})")
+    g.add_argument("--lr-warmup-epochs", type=int, default=d.lr_warmup_epochs, help="linear warm-up epochs "
+                   f"before the schedule (default: {d.lr_warmup_epochs})")
+    g.add_argument("--lr-warmup-decay", type=float, default=d.lr_warmup_decay, help="warm-up starts at "
+                   f"lr × this (default: {d.lr_warmup_decay})")
+    g.add_argument("--lr-step-size", type=int, default=d.lr_step_size, help="step: epochs between decays "
+                   f"(default: {d.lr_step_size})")
+    g.add_argument("--lr-milestones", type=_ints, default=[], help="multistep: comma-separated epochs to decay at")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help=f"step/multistep/plateau decay factor "
+                   f"(default: {d.lr_gamma})")
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help=f"cosine: final learning rate (default: {d.lr_min})")
+    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="plateau: epochs without "
+                   f"val_loss improvement before decaying (default: {d.plateau_patience})")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 with GradScaler "
+                   "on GPUs without bf16), channels_last on GPU (default: off)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed for the split, init and shuffling (default: {d.seed})")
+
+    g = p.add_argument_group("cluster and run")
+    g.add_argument("--gpus", type=int, default=d.gpus, help="GPU workers, one GPU each, DDP over NCCL; 0 "
+                   f"trains on CPU workers over gloo (default: {d.gpus})")
+    g.add_argument("--workers", type=int, default=d.workers, help=f"CPU workers when --gpus 0 (default: {d.workers})")
+    g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker; "
+                   f"also its torch thread count (default: {d.cpus_per_worker:g})")
+    g.add_argument("--address", default=None, help="join a running Ray cluster: auto, HOST:6379 or "
+                   "ray://HOST:10001 (default: $RAY_ADDRESS, else start a local Ray bound to 127.0.0.1)")
+    g.add_argument("--storage", default=None, help="where Ray keeps checkpoints: a local dir, s3:// or gs://; "
+                   "must be shared on several nodes (default: --output-dir)")
+    g.add_argument("--name", default=None, help="run name: outputs go to <output-dir>/<name> "
+                   "(default: <model>-<data>-<time>)")
+    g.add_argument("--output-dir", default=d.output_dir, help=f"parent of run directories (default: {d.output_dir})")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints Ray keeps, the "
+                   f"best by val_acc; the latest is always kept too (default: {d.keep_checkpoints})")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker failures to recover from "
+                   f"by restarting from the latest checkpoint (default: {d.max_failures})")
+    g.add_argument("--no-resource-check", dest="resource_check", action="store_false", help="skip the check "
+                   "that the cluster has the CPUs/GPUs asked for (for autoscaling clusters; default: check)")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default=d.progress, help="progress bar on "
+                   "rank 0 while an epoch runs; auto shows it on an interactive terminal (default: auto)")
+    g.add_argument("--verbose", "-v", action="store_true", help="more log output, Ray's included")
+    g.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line into a TrainConfig (not yet resolved against the data)."""
+    ns = get_args_parser().parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+def data_set_key(data: str) -> str:
+    """Short name of the data set: 'digits', a torchvision name, or 'folder'/'annotations'."""
+    if data == "digits":
+        return "digits"
+    head, sep, _ = data.partition(":")
+    if sep and head.lower() in ("cifar10", "mnist", "fashionmnist", "flowers102"):
+        return head.lower()
+    return "annotations" if os.path.isfile(os.path.expanduser(data)) else "folder"
+
+
+def validate_flags(cfg: TrainConfig) -> None:
+    """Check flag values and combinations that need no data; raises TorchferryError naming the flag."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.gpus >= 0, f"--gpus must be 0 or more, got {cfg.gpus}"),
+        (cfg.workers >= 1, f"--workers must be at least 1, got {cfg.workers}"),
+        (cfg.cpus_per_worker > 0, f"--cpus-per-worker must be positive, got {cfg.cpus_per_worker}"),
+        (0.0 < cfg.val_split < 1.0, f"--val-split must be between 0 and 1, got {cfg.val_split}"),
+        (cfg.num_workers >= 0, f"--num-workers must be 0 or more, got {cfg.num_workers}"),
+        (cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {cfg.keep_checkpoints}"),
+        (cfg.max_failures >= -1, f"--max-failures must be -1 (forever) or more, got {cfg.max_failures}"),
+        (cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}"),
+        (cfg.hflip is None or 0.0 <= cfg.hflip <= 1.0, f"--hflip is a probability, got {cfg.hflip}"),
+        (cfg.crop_scale_min is None or 0.0 < cfg.crop_scale_min <= 1.0,
+         f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}"),
+        (cfg.unfreeze_at_epoch is None or cfg.freeze_backbone,
+         "--unfreeze-at-epoch needs --freeze-backbone"),
+        (cfg.unfreeze_at_epoch is None or 0 < cfg.unfreeze_at_epoch < cfg.epochs,
+         f"--unfreeze-at-epoch must be between 1 and --epochs - 1, got {cfg.unfreeze_at_epoch}"),
+        (cfg.lr_scheduler != "multistep" or bool(cfg.lr_milestones), "--lr-scheduler multistep needs --lr-milestones"),
+        (cfg.lr_warmup_epochs < cfg.epochs, "--lr-warmup-epochs must be fewer than --epochs"),
+        ((cfg.mean is None) == (cfg.std is None), "--mean and --std go together"),
+        (cfg.mean is None or len(cfg.mean) == len(cfg.std or []), "--mean and --std need the same length"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TorchferryError(message)
+    if cfg.batch_size < cfg.num_workers_total:
+        raise TorchferryError(f"--batch-size {cfg.batch_size} is the global batch; it must be at least the "
+                              f"number of workers ({cfg.num_workers_total})")
+
+
+def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None = None) -> TrainConfig:
+    """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights."""
+    key = data_set_key(cfg.data)
+    small = key in SMALL_IMAGE_SIZES
+    w = weights_preprocess or {}
+    r = dataclasses.replace(cfg)
+    if r.channels is None:
+        r.channels = 1 if (key in GRAYSCALE_SETS and r.model == "smallcnn") else 3
+    if r.image_size is None:
+        r.image_size = w.get("size") or SMALL_IMAGE_SIZES.get(key, 224)
+    if r.resize_size is None:
+        r.resize_size = w.get("resize") or (r.image_size if small else int(round(r.image_size * 256 / 224)))
+    if r.mean is None:
+        r.mean = w.get("mean") or (IMAGENET_MEAN if r.channels == 3 else GRAY_MEAN)
+        r.std = w.get("std") or (IMAGENET_STD if r.channels == 3 else GRAY_STD)
+    if len(r.mean) != r.channels:
+        raise TorchferryError(f"--mean/--std have {len(r.mean)} values but the input has {r.channels} channels")
+    if r.hflip is None:
+        r.hflip = 0.0 if key in NO_FLIP_SETS else 0.5
+    if r.rotation is None:
+        r.rotation = 10.0 if key in NO_FLIP_SETS else 0.0
+    if r.crop_scale_min is None:
+        r.crop_scale_min = 0.5 if small else 0.08
+    if r.lr is None:
+        r.lr = 0.1 * r.batch_size / 256 if r.opt == "sgd" else 1e-3
+    if r.unfreeze_at_epoch is not None and r.finetune_lr is None:
+        r.finetune_lr = r.lr / 10
+    if r.channels_last is None:
+        r.channels_last = bool(r.amp and r.gpus > 0)
+    if r.name is None:
+        data_name = key if key not in ("folder", "annotations") else os.path.basename(
+            os.path.normpath(os.path.expanduser(r.data))).split(".")[0] or key
+        model_name = r.model.rsplit(":", 1)[-1]
+        r.name = f"{model_name}-{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if os.sep in r.name or r.name in (".", ".."):
+        raise TorchferryError(f"--name {r.name!r} must be a plain directory name")
+    return r

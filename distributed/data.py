@@ -1,0 +1,402 @@
+"""Finding the data: ImageFolder trees, annotation files, the built-in digits, torchvision data sets.
+
+`discover(cfg)` turns `--data` into a `DataSplit` (class names plus train and validation samples) and
+checks it; the driver calls it before Ray starts so that bad data fails in seconds with one clear
+message, and every worker calls it again (it is deterministic for a given `--seed`) to build its
+datasets with `build_datasets`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from PIL import Image, ImageOps
+from torchvision import datasets
+
+from distributed import TorchferryError
+from distributed.config import TrainConfig, data_set_key
+
+_logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TORCHVISION_SETS = ("cifar10", "mnist", "fashionmnist", "flowers102")
+FULL_CHECK_LIMIT = 50_000
+DIGITS_VERSION = "digits-v1"
+
+Sample = tuple[str, int]
+
+
+@dataclass
+class DataSplit:
+    """Class names in index order and the samples of each part; torchvision sets keep their root."""
+
+    classes: list[str]
+    train: list[Sample] = field(default_factory=list)
+    val: list[Sample] = field(default_factory=list)
+    torchvision_name: str | None = None
+    torchvision_root: str | None = None
+    bad_images: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the log: what was found."""
+        if self.torchvision_name:
+            return f"{self.torchvision_name} at {self.torchvision_root}: {len(self.classes)} classes"
+        return (f"{len(self.classes)} classes, {len(self.train)} training and {len(self.val)} validation images"
+                + (f", {len(self.bad_images)} unreadable left out" if self.bad_images else ""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# discovery
+
+
+def discover(cfg: TrainConfig) -> DataSplit:
+    """Read `--data` (and `--val-data`) into a checked DataSplit; raises TorchferryError on bad data."""
+    key = data_set_key(cfg.data)
+    if key == "digits":
+        split = _split_folder(materialize_digits(cfg.cache_dir), cfg)
+    elif key in TORCHVISION_SETS:
+        split = _torchvision_split(key, cfg)
+    elif key == "annotations":
+        split = _annotation_split(cfg)
+    else:
+        split = _folder_split(cfg)
+    if len(split.classes) < 2:
+        raise TorchferryError(f"found {len(split.classes)} class(es) in {cfg.data!r}; a classifier needs at least 2")
+    if split.torchvision_name is None:
+        if key != "digits":
+            split = _check_split_images(split, cfg)
+        for part, samples in (("training", split.train), ("validation", split.val)):
+            if not samples:
+                raise TorchferryError(f"no {part} images found in {cfg.data!r}")
+    return split
+
+
+def _expand(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _folder_split(cfg: TrainConfig) -> DataSplit:
+    root = _expand(cfg.data)
+    if not os.path.exists(root):
+        raise TorchferryError(f"--data {cfg.data!r} does not exist")
+    if not os.path.isdir(root):
+        raise TorchferryError(f"--data {cfg.data!r} is neither a directory nor an annotation file")
+    train_dir = os.path.join(root, "train")
+    val_dir = cfg.val_data and _expand(cfg.val_data)
+    if val_dir is None:
+        for name in ("val", "validation"):
+            if os.path.isdir(os.path.join(root, name)):
+                val_dir = os.path.join(root, name)
+    if os.path.isdir(train_dir) and val_dir:
+        return _folder_pair(train_dir, val_dir)
+    if val_dir:
+        return _folder_pair(root, val_dir)
+    return _split_folder(root, cfg)
+
+
+def _find_classes(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise TorchferryError(f"{directory!r} is not a directory")
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_folder(directory: str, classes: list[str]) -> list[Sample]:
+    samples: list[Sample] = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(directory, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            for fname in sorted(files):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, fname), index))
+    return samples
+
+
+def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
+    classes = _find_classes(train_dir)
+    val_classes = _find_classes(val_dir)
+    extra = sorted(set(val_classes) - set(classes))
+    if extra:
+        raise TorchferryError(f"validation classes {extra} in {val_dir!r} are not among the training classes "
+                              f"in {train_dir!r}")
+    train = _scan_folder(train_dir, classes)
+    _require_every_class(train, classes, train_dir)
+    return DataSplit(classes=classes, train=train, val=_scan_folder(val_dir, classes))
+
+
+def _require_every_class(samples: Sequence[Sample], classes: list[str], where: str) -> None:
+    counts = Counter(label for _, label in samples)
+    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise TorchferryError(f"classes {empty} have no images in {where!r} (extensions: {', '.join(IMG_EXTENSIONS)})")
+
+
+def _split_folder(root: str, cfg: TrainConfig) -> DataSplit:
+    classes = _find_classes(root)
+    if len(classes) < 2:
+        raise TorchferryError(f"found {len(classes)} class folder(s) in {root!r}; expected DIR/<class>/* with at "
+                              "least 2 classes, or DIR/train/<class>/* and DIR/val/<class>/*")
+    samples = _scan_folder(root, classes)
+    _require_every_class(samples, classes, root)
+    train, val = stratified_split(samples, cfg.val_split, cfg.seed)
+    return DataSplit(classes=classes, train=train, val=val)
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `val_fraction` of each class, the same way for the same seed (scikit-learn's split)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [label for _, label in samples]
+    try:
+        train, val = train_test_split(samples, test_size=val_fraction, random_state=seed, stratify=labels)
+    except ValueError as exc:
+        raise TorchferryError(f"cannot split off a stratified validation set with --val-split {val_fraction}: "
+                              f"{exc}; add images, change --val-split or give --val-data") from None
+    return sorted(train), sorted(val)
+
+
+def _annotation_split(cfg: TrainConfig) -> DataSplit:
+    path = _expand(cfg.data)
+    root = _expand(cfg.image_root) if cfg.image_root else os.path.dirname(path)
+    rows = read_annotations(path, root)
+    val_rows = None
+    if cfg.val_data:
+        val_path = _expand(cfg.val_data)
+        if not os.path.isfile(val_path):
+            raise TorchferryError(f"--val-data {cfg.val_data!r} is not a file")
+        val_rows = read_annotations(val_path, _expand(cfg.image_root) if cfg.image_root else os.path.dirname(val_path))
+    classes = sort_labels({label for _, label in rows})
+    if val_rows is not None:
+        extra = sorted({label for _, label in val_rows} - set(classes))
+        if extra:
+            raise TorchferryError(f"validation labels {extra} in {cfg.val_data!r} do not occur in {cfg.data!r}")
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [(p, index[label]) for p, label in rows]
+    if val_rows is None:
+        train, val = stratified_split(samples, cfg.val_split, cfg.seed) if len(classes) >= 2 else (samples, [])
+    else:
+        train, val = samples, [(p, index[label]) for p, label in val_rows]
+    return DataSplit(classes=classes, train=train, val=val)
+
+
+def read_annotations(path: str, image_root: str) -> list[tuple[str, str]]:
+    """(absolute path, label) rows of a CSV with path,label columns or of 'relative/path label' lines."""
+    if not os.path.isfile(path):
+        raise TorchferryError(f"annotation file {path!r} does not exist")
+    rows: list[tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.lower().endswith(".csv"):
+            reader = csv.DictReader(f)
+            columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
+            if "path" not in columns or "label" not in columns:
+                raise TorchferryError(f"{path}: a CSV annotation file needs 'path' and 'label' columns, "
+                                      f"found {reader.fieldnames}")
+            for row in reader:
+                rel, label = (row[columns["path"]] or "").strip(), (row[columns["label"]] or "").strip()
+                if not rel or not label:
+                    raise TorchferryError(f"{path}:{reader.line_num}: empty path or label")
+                rows.append((os.path.join(image_root, rel), label))
+        else:
+            for lineno, line in enumerate(f, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                parts = text.rsplit(None, 1)
+                if len(parts) != 2:
+                    raise TorchferryError(f"{path}:{lineno}: expected 'relative/path label', got {text!r}")
+                rows.append((os.path.join(image_root, parts[0]), parts[1]))
+    if not rows:
+        raise TorchferryError(f"annotation file {path!r} lists no images")
+    return rows
+
+
+def sort_labels(labels: set[str]) -> list[str]:
+    """Class order: numeric when every label is an integer (so '10' follows '9'), else alphabetical."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checking images
+
+
+def _check_one(path: str, full: bool) -> str | None:
+    try:
+        with Image.open(path) as img:
+            if full:
+                img.load()
+            else:
+                img.verify()
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a bad image, reported by path
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def find_bad_images(paths: Sequence[str], mode: str) -> list[tuple[str, str]]:
+    """(path, reason) for every image that cannot be read; mode full/header/auto/none."""
+    if mode == "none" or not paths:
+        return []
+    full = mode == "full" or (mode == "auto" and len(paths) <= FULL_CHECK_LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+            reasons = list(pool.map(lambda p: _check_one(p, full), paths))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _check_split_images(split: DataSplit, cfg: TrainConfig) -> DataSplit:
+    bad = find_bad_images([p for p, _ in split.train + split.val], cfg.check_images)
+    if not bad:
+        return split
+    listing = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
+    if not cfg.skip_bad_images:
+        raise TorchferryError(f"{len(bad)} unreadable image(s): {listing}; fix or remove them, or pass "
+                              "--skip-bad-images to leave them out")
+    _logger.warning("leaving out %d unreadable image(s): %s", len(bad), listing)
+    bad_paths = {p for p, _ in bad}
+    split.train = [s for s in split.train if s[0] not in bad_paths]
+    split.val = [s for s in split.val if s[0] not in bad_paths]
+    split.bad_images = bad
+    return split
+
+
+# ----------------------------------------------------------------------------------------------------
+# the built-in digits and torchvision's data sets
+
+
+def materialize_digits(cache_dir: str) -> str:
+    """Write scikit-learn's 1,797 handwritten digits once as 8×8 PNGs in DIR/<digit>/; returns DIR."""
+    target = os.path.join(_expand(cache_dir), DIGITS_VERSION)
+    if os.path.isfile(os.path.join(target, ".complete")):
+        return target
+    from sklearn.datasets import load_digits
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    bunch = load_digits()
+    tmp = tempfile.mkdtemp(prefix=".digits-", dir=os.path.dirname(target))
+    try:
+        for i, (pixels, label) in enumerate(zip(bunch.images, bunch.target)):
+            class_dir = os.path.join(tmp, str(int(label)))
+            os.makedirs(class_dir, exist_ok=True)
+            # sklearn stores 0..16 ink levels; scale to 0..255 gray (white ink on black, as the scans).
+            Image.fromarray((pixels * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(
+                os.path.join(class_dir, f"{i:04d}.png"))
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another worker finished first: its complete copy wins.
+            if not os.path.isfile(os.path.join(target, ".complete")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _torchvision_dataset(name: str, root: str, train: bool, download: bool) -> Any:
+    if name == "cifar10":
+        return LocalCIFAR10(root, train=train, download=download)
+    if name == "mnist":
+        return datasets.MNIST(root, train=train, download=download)
+    if name == "fashionmnist":
+        return datasets.FashionMNIST(root, train=train, download=download)
+    return datasets.Flowers102(root, split="train" if train else "val", download=download)
+
+
+class LocalCIFAR10(datasets.CIFAR10):
+    """CIFAR-10 read from a local root; a copy whose md5 differs (re-packed, a subset) is used with a warning."""
+
+    def _check_integrity(self) -> bool:
+        if super()._check_integrity():
+            return True
+        files = [os.path.join(self.root, self.base_folder, f) for f, _ in self.train_list + self.test_list]
+        present = all(os.path.isfile(f) for f in files)
+        if present:
+            _logger.warning("CIFAR-10 files in %s do not match the published md5 sums; using them as they are",
+                            self.root)
+        return present
+
+
+def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
+    root = _expand(cfg.data.split(":", 1)[1])
+    if not cfg.download and not os.path.isdir(root):
+        raise TorchferryError(f"{name} root {root!r} does not exist; pass --download to fetch it there")
+    try:
+        train = _torchvision_dataset(name, root, train=True, download=cfg.download)
+        _torchvision_dataset(name, root, train=False, download=False)
+    except RuntimeError as exc:
+        raise TorchferryError(f"cannot read {name} from {root!r}: {exc}") from None
+    classes = [str(c) for c in getattr(train, "classes", [])] or [str(i) for i in range(102)]
+    return DataSplit(classes=classes, torchvision_name=name, torchvision_root=root)
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+
+
+def load_image(path: str, channels: int) -> Image.Image:
+    """Open an image as the model sees it: EXIF orientation applied, first frame, L or RGB."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("L" if channels == 1 else "RGB")
+
+
+class ImageListDataset:
+    """(path, label) samples read with `load_image` and transformed; a bad file is named in the error."""
+
+    def __init__(self, samples: Sequence[Sample], channels: int, transform: Callable | None = None):
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.channels = channels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        try:
+            img = load_image(path, self.channels)
+        except Exception as exc:
+            raise RuntimeError(f"cannot read image {path}: {exc}") from exc
+        return (self.transform(img) if self.transform else img), label
+
+
+class ConvertedDataset:
+    """A torchvision data set whose PIL images are converted to L/RGB, then transformed."""
+
+    def __init__(self, dataset: Any, channels: int, transform: Callable | None = None):
+        self.dataset = dataset
+        self.mode = "L" if channels == 1 else "RGB"
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.dataset[index]
+        img = img.convert(self.mode)
+        return (self.transform(img) if self.transform else img), int(label)
+
+
+def build_datasets(split: DataSplit, channels: int, train_transform: Callable | None,
+                   eval_transform: Callable | None, download: bool = False) -> tuple[Any, Any]:
+    """Training and validation datasets with their transforms."""
+    if split.torchvision_name:
+        name, root = split.torchvision_name, split.torchvision_root
+        assert root is not None
+        return (ConvertedDataset(_torchvision_dataset(name, root, True, download), channels, train_transform),
+                ConvertedDataset(_torchvision_dataset(name, root, False, False), channels, eval_transform))
+    return (ImageListDataset(split.train, channels, train_transform),
+            ImageListDataset(split.val, channels, eval_transform))

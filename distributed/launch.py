@@ -1,0 +1,280 @@
+"""`python -m distributed.launch`: check the data and the cluster, run Ray Train, keep the best checkpoint.
+
+The driver does everything that can fail on bad input before Ray starts (flags, data, model, pretrained
+weights), then checks that the cluster has what was asked for, so a mistake costs seconds, not a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from distributed import TorchferryError
+from distributed import checkpoint as ckpt
+from distributed.config import TrainConfig, config_from_args, resolve_defaults, validate_flags
+
+_logger = logging.getLogger(__name__)
+
+
+class TrainingFailed(Exception):
+    """Training started but did not finish; the message says what happened and where checkpoints are."""
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our messages on stderr as plain lines; Ray's own logging stays at warnings unless --verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
+    """Validate flags, resolve defaults, find and check the data, build the model once; all before Ray."""
+    from distributed.data import discover
+    from distributed.models import build_model, check_arch, weights_preprocess
+
+    validate_flags(cfg)
+    check_arch(cfg.model)
+    if cfg.lr_scheduler == "plateau" and cfg.lr_warmup_epochs:
+        raise TorchferryError("--lr-warmup-epochs does not combine with --lr-scheduler plateau")
+    cfg = resolve_defaults(cfg, weights_preprocess(cfg.model, cfg.pretrained))
+    if cfg.progress == "auto":
+        cfg.progress = "on" if sys.stderr.isatty() else "off"
+    split = discover(cfg)
+    _logger.info("data: %s", split.describe())
+    build_model(cfg.model, len(split.classes), cfg.pretrained, int(cfg.channels or 3))
+    return cfg, split
+
+
+def _claim_run_dir(cfg: TrainConfig) -> None:
+    run_dir = cfg.run_dir
+    if os.path.exists(os.path.join(run_dir, "best.pth")) or os.path.exists(os.path.join(run_dir, "metrics.csv")):
+        raise TorchferryError(f"run directory {run_dir} already holds a run; choose another --name "
+                              "(nothing there was changed)")
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt.atomic_write_bytes(os.path.join(run_dir, "config.json"),
+                            (json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+
+
+def start_ray(cfg: TrainConfig) -> bool:
+    """Join `--address`/$RAY_ADDRESS, or start a local Ray on 127.0.0.1 with no dashboard; True if started here."""
+    import ray
+
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    quiet = logging.INFO if cfg.verbose else logging.WARNING
+    if address:
+        ray.init(address=address, logging_level=quiet, log_to_driver=cfg.verbose)
+        return False
+    if cfg.gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < cfg.gpus:
+            raise TorchferryError(f"--gpus {cfg.gpus} asks for {cfg.gpus} GPU worker(s) but this machine has {have} "
+                                  "GPU(s); use --gpus 0 --workers N to train on CPU workers, or --address to join "
+                                  "a cluster with GPUs")
+    # Bound to loopback, no dashboard and so no job API: Ray's job API runs any command for whoever reaches
+    # it (CVE-2023-48022), so a local Ray exposes nothing beyond this machine.
+    # Worker output stays in Ray's log files unless --verbose: the driver prints rank 0's epoch lines itself.
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
+             num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
+    return True
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail at once, naming what is missing, when the cluster cannot place every worker."""
+    import ray
+
+    workers = cfg.num_workers_total
+    need = {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.gpus > 0 else {})}
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    problems = []
+    for kind, per_worker in need.items():
+        have = float(total.get(kind, 0.0))
+        if have < per_worker * workers:
+            problems.append(f"{per_worker * workers:g} {kind} ({workers} worker(s) × {per_worker:g}) but the Ray "
+                            f"cluster has {have:g} {kind}")
+    if not problems and nodes:
+        slots = sum(min(int(n.get(k, 0.0) // v) for k, v in need.items()) for n in nodes)
+        if slots < workers:
+            problems.append(f"{workers} worker(s) of {need} each, but the {len(nodes)} node(s) can place only {slots}")
+    if problems:
+        hint = ("use --gpus 0 --workers N for CPU training" if cfg.gpus > 0 else "lower --workers or --cpus-per-worker")
+        raise TorchferryError(f"not enough resources: needs {'; '.join(problems)}; {hint} "
+                              "(or --no-resource-check on an autoscaling cluster)")
+
+
+def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
+    """Run TorchTrainer and return its Result; raises TrainingFailed when training did not finish."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distributed.loop import train_func
+
+    from ray.util.queue import Queue
+
+    events = Queue(maxsize=10_000)
+    use_gpu = cfg.gpus > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.to_dict(), "bad_images": bad_images, "events": events},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers_total, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_acc",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+        ),
+    )
+    console = Console(events, cfg)
+    console.start()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"training failed: {_first_line(exc)}; checkpoints so far are under "
+                             f"{os.path.join(storage_path(cfg), str(cfg.name))}") from exc
+    finally:
+        console.stop()
+
+
+class Console(threading.Thread):
+    """Prints rank 0's per-epoch lines on the driver and draws its progress bar (tqdm, terminals only)."""
+
+    def __init__(self, events: Any, cfg: TrainConfig):
+        super().__init__(name="torchferry-console", daemon=True)
+        self.events, self.cfg = events, cfg
+        self.stopping = threading.Event()
+        self.bar: Any = None
+
+    def run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                event = self.events.get(timeout=0.5)
+            except Empty:
+                if self.stopping.is_set():
+                    break
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor is gone: Ray is shutting down
+                break
+            self.handle(event)
+        self._close_bar()
+
+    def handle(self, event: dict[str, Any]) -> None:
+        from distributed.loop import format_epoch
+
+        kind = event.get("kind")
+        if kind == "progress" and self.cfg.progress == "on":
+            if self.bar is None or self.bar.desc != f"epoch {event['epoch'] + 1}/{self.cfg.epochs}":
+                self._close_bar()
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event["total"], desc=f"epoch {event['epoch'] + 1}/{self.cfg.epochs}",
+                                leave=False, file=sys.stderr, unit="batch")
+            self.bar.n = event["done"]
+            self.bar.refresh()
+        elif kind == "epoch":
+            self._close_bar()
+            _logger.info(format_epoch(event["row"], self.cfg.epochs))
+        elif kind == "info":
+            _logger.info(event["message"])
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def stop(self) -> None:
+        """Drain what is queued, then end."""
+        self.stopping.set()
+        self.join(timeout=10)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(exc).__name__
+
+
+def storage_path(cfg: TrainConfig) -> str:
+    """Where Ray keeps checkpoints: --storage, else the output dir (so they sit in runs/<name>/)."""
+    if cfg.storage and "://" in cfg.storage:
+        return cfg.storage
+    return os.path.abspath(os.path.expanduser(cfg.storage or cfg.output_dir))
+
+
+def finish(cfg: TrainConfig, result: Any) -> dict[str, Any]:
+    """Copy the best checkpoint to runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv."""
+    best = result.get_best_checkpoint(metric="val_acc", mode="max") or result.checkpoint
+    if best is None:
+        raise TrainingFailed("training finished without reporting a checkpoint")
+    run_dir = cfg.run_dir
+    best_path = os.path.join(run_dir, "best.pth")
+    with best.as_directory() as d:
+        ckpt.copy_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE), best_path)
+    best_ckpt = ckpt.load_checkpoint(best_path)
+    latest = result.checkpoint or best
+    with latest.as_directory() as d:
+        latest_ckpt = ckpt.load_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE))
+    # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
+    ckpt.write_metrics_csv(os.path.join(run_dir, "metrics.csv"), latest_ckpt.get("history", []))
+    return {"best": best_path, "epoch": best_ckpt["epoch"], "val_acc": best_ckpt["metrics"]["val_acc"]}
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """The whole job: prepare, start or join Ray, check resources, train, keep the best checkpoint."""
+    import ray
+
+    cfg, split = prepare(cfg)
+    _claim_run_dir(cfg)
+    started = start_ray(cfg)
+    try:
+        if cfg.resource_check:
+            check_resources(cfg)
+        t0 = time.perf_counter()
+        result = fit(cfg, split.bad_images)
+        summary = finish(cfg, result)
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: exit 0 on success, 2 on bad input, 1 when training fails."""
+    cfg = config_from_args(argv)
+    setup_logging(cfg.verbose)
+    try:
+        summary = run(cfg)
+    except TorchferryError as exc:
+        if cfg.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingFailed as exc:
+        if cfg.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept", file=sys.stderr)
+        return 130
+    print(f"best val_acc {summary['val_acc']:.4f} at epoch {summary['epoch'] + 1}: {summary['best']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The one place preprocessing is defined: train augmentation, and the eval transform a checkpoint records.
+
+The eval transform is fully described by the plain-data `preprocess` spec stored in every checkpoint and
+ONNX model (`{"size": [H, W], "resize": int, "mean": [...], "std": [...], "channels": 1|3,
+"interpolation": "bilinear"}`); `serve/` re-implements exactly this in numpy/PIL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from distributed.config import TrainConfig
+
+
+def preprocess_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """The eval transform as plain data (the checkpoint's `preprocess`)."""
+    assert cfg.image_size and cfg.resize_size and cfg.mean and cfg.std and cfg.channels, "resolve_defaults first"
+    return {
+        "size": [int(cfg.image_size), int(cfg.image_size)],
+        "resize": int(cfg.resize_size),
+        "mean": [float(m) for m in cfg.mean],
+        "std": [float(s) for s in cfg.std],
+        "channels": int(cfg.channels),
+        "interpolation": "bilinear",
+    }
+
+
+def _to_normalized_tensor(mean: list[float], std: list[float]) -> list[Any]:
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)]
+
+
+def build_eval_transform(preprocess: dict[str, Any]) -> v2.Compose:
+    """PIL image (already L/RGB) → normalised float tensor: resize the shorter side, center crop."""
+    if preprocess.get("interpolation", "bilinear") != "bilinear":
+        raise ValueError(f"unsupported interpolation {preprocess['interpolation']!r}; only bilinear is recorded")
+    return v2.Compose([
+        v2.Resize(int(preprocess["resize"]), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.CenterCrop(list(preprocess["size"])),
+        *_to_normalized_tensor(preprocess["mean"], preprocess["std"]),
+    ])
+
+
+def build_train_transform(cfg: TrainConfig) -> v2.Compose:
+    """Augmentation: random resized crop, flip, rotation and color jitter as configured, then normalise."""
+    steps: list[Any] = [v2.RandomResizedCrop(int(cfg.image_size or 224), scale=(float(cfg.crop_scale_min or 0.08), 1.0),
+                                             interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip(p=cfg.hflip))
+    if cfg.rotation:
+        steps.append(v2.RandomRotation(cfg.rotation, interpolation=v2.InterpolationMode.BILINEAR))
+    if cfg.color_jitter:
+        j = cfg.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j) if cfg.channels == 1
+                     else v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    steps.extend(_to_normalized_tensor(list(cfg.mean or []), list(cfg.std or [])))
+    return v2.Compose(steps)

@@ -1,0 +1,1 @@
+"""torchferry export: checkpoint → ONNX, verified against PyTorch with ONNX Runtime."""

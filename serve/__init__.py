@@ -1,0 +1,1 @@
+"""torchferry serving: Flask on ONNX Runtime; never imports torch, `distributed` or `export`."""
