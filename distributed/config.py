@@ -232,6 +232,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"val_loss improvement before decaying (default: {d.plateau_patience})")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 with GradScaler "
                    "on GPUs without bf16), channels_last on GPU (default: off)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last "
+                   "memory format for model and batches (default: on with --amp on GPU, else off)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed for the split, init and shuffling (default: {d.seed})")
 
     g = p.add_argument_group("cluster and run")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -326,6 +327,15 @@ class LocalCIFAR10(datasets.CIFAR10):
             _logger.warning("CIFAR-10 files in %s do not match the published md5 sums; using them as they are",
                             self.root)
         return present
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        if not os.path.isfile(path):
+            raise RuntimeError(f"CIFAR-10 metadata file {path} not found")
+        with open(path, "rb") as f:
+            # The CIFAR-10 format is a pickle; torchvision reads it the same way from the user's own root.
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
 def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:

@@ -1,0 +1,146 @@
+"""Shared fixtures: tiny generated image sets in every layout, and one trained run reused by later tests."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Three classes a small CNN tells apart in a few epochs: the dominant colour of a noisy image.
+PALETTE = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+# Small and quick: 16 px crops, 4 epochs, global batch 16 over 2 CPU workers.
+FAST_FLAGS = ["--gpus", "0", "--workers", "2", "--epochs", "4", "--batch-size", "16", "--lr", "0.05",
+              "--image-size", "16", "--num-workers", "0", "--hflip", "0.5", "--crop-scale-min", "0.6"]
+
+
+def colour_image(rng: np.random.Generator, rgb: tuple[int, int, int], size: int = 20) -> Image.Image:
+    """A noisy image whose mean colour is `rgb`."""
+    noise = rng.integers(-40, 41, size=(size, size, 3))
+    return Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype("uint8"), "RGB")
+
+
+def write_class_tree(root: Path, per_class: int, seed: int = 0, classes: tuple[str, ...] = tuple(PALETTE),
+                     ext: str = "png") -> list[tuple[Path, str]]:
+    """root/<class>/<i>.<ext> for each class; returns (path, class) pairs."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = root / name / f"{i:03d}.{ext}"
+            colour_image(rng, PALETTE[name]).save(path)
+            written.append((path, name))
+    return written
+
+
+@pytest.fixture
+def flat_folder(tmp_path: Path) -> Path:
+    """DIR/<class>/*.png, 3 classes × 20 images, for --val-split."""
+    write_class_tree(tmp_path / "flat", 20)
+    return tmp_path / "flat"
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    """DIR/train/<class>/* and DIR/val/<class>/*, 3 classes × 24 + 8 images."""
+    write_class_tree(tmp_path / "ds" / "train", 24, seed=1)
+    write_class_tree(tmp_path / "ds" / "val", 8, seed=2)
+    return tmp_path / "ds"
+
+
+@pytest.fixture
+def annotation_files(tmp_path: Path) -> dict[str, Path]:
+    """images/ plus train.txt, val.txt ('relative/path label') and train.csv, val.csv (path,label)."""
+    root = tmp_path / "ann"
+    train = write_class_tree(root / "images" / "train", 24, seed=3)
+    val = write_class_tree(root / "images" / "val", 8, seed=4)
+    files = {}
+    for part, rows in (("train", train), ("val", val)):
+        rel = [(p.relative_to(root).as_posix(), label) for p, label in rows]
+        files[f"{part}.txt"] = root / f"{part}.txt"
+        files[f"{part}.txt"].write_text("# path label\n" + "".join(f"{p} {label}\n" for p, label in rel))
+        files[f"{part}.csv"] = root / f"{part}.csv"
+        files[f"{part}.csv"].write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rel))
+    return files
+
+
+def write_cifar10(root: Path, per_class_train: int = 24, per_class_test: int = 8) -> Path:
+    """A tiny CIFAR-10-format root (cifar-10-batches-py with 5 data batches, a test batch, batches.meta).
+
+    Only the first three classes have images (colour classes), so the set is learnable in a few epochs.
+    """
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def batch(per_class: int) -> dict:
+        images, labels = [], []
+        for label, rgb in enumerate(PALETTE.values()):
+            for _ in range(per_class):
+                arr = np.asarray(colour_image(rng, rgb, 32))
+                images.append(arr.transpose(2, 0, 1).reshape(-1))
+                labels.append(label)
+        return {"data": np.stack(images).astype(np.uint8), "labels": labels}
+
+    for i in range(1, 6):
+        with open(base / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(max(1, per_class_train // 5)), f)
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump(batch(per_class_test), f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return root
+
+
+@pytest.fixture
+def cifar10_root(tmp_path: Path) -> Path:
+    """A tiny CIFAR-10-format directory written by the test."""
+    return write_cifar10(tmp_path / "cifar")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the digits cache and torch.hub out of the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("TORCHFERRY_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real 2-worker Ray run on an ImageFolder tree; later tests read its outputs."""
+    from distributed import launch
+
+    base = tmp_path_factory.mktemp("trained")
+    write_class_tree(base / "data" / "train", 24, seed=1)
+    write_class_tree(base / "data" / "val", 8, seed=2)
+    old = os.environ.get("TORCHFERRY_CACHE")
+    os.environ["TORCHFERRY_CACHE"] = str(base / "cache")
+    try:
+        code = launch.main([*FAST_FLAGS, "--data", str(base / "data"), "--output-dir", str(base / "runs"),
+                            "--name", "folder"])
+    finally:
+        if old is None:
+            os.environ.pop("TORCHFERRY_CACHE", None)
+        else:
+            os.environ["TORCHFERRY_CACHE"] = old
+    return {"code": code, "run_dir": base / "runs" / "folder", "data": base / "data"}
+
+
+@pytest.fixture
+def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
+    """A local Ray with 2 CPUs on 127.0.0.1, shut down afterwards; workers can import the test modules."""
+    import ray
+
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,155 @@
+"""Data discovery and checking: every layout, and every bad input with its message (no Ray needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from distributed import TorchferryError
+from distributed.config import TrainConfig, resolve_defaults
+from distributed.data import build_datasets, discover, load_image, materialize_digits, read_annotations
+from distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
+
+
+def cfg_for(data: str, **kw) -> TrainConfig:
+    return resolve_defaults(TrainConfig(data=data, **kw))
+
+
+def test_split_folder_uses_train_and_val(split_folder: Path) -> None:
+    split = discover(cfg_for(str(split_folder)))
+    assert split.classes == ["blue", "green", "red"]
+    assert (len(split.train), len(split.val)) == (72, 24)
+    assert all("/train/" in p for p, _ in split.train) and all("/val/" in p for p, _ in split.val)
+
+
+def test_flat_folder_is_split_stratified_and_repeatably(flat_folder: Path) -> None:
+    a = discover(cfg_for(str(flat_folder), val_split=0.25, seed=3))
+    b = discover(cfg_for(str(flat_folder), val_split=0.25, seed=3))
+    c = discover(cfg_for(str(flat_folder), val_split=0.25, seed=4))
+    assert a.val == b.val and a.val != c.val
+    assert sorted(label for _, label in a.val) == [0] * 5 + [1] * 5 + [2] * 5
+    assert not {p for p, _ in a.train} & {p for p, _ in a.val}
+
+
+def test_annotation_txt_and_csv_agree(annotation_files: dict[str, Path]) -> None:
+    txt = discover(cfg_for(str(annotation_files["train.txt"]), val_data=str(annotation_files["val.txt"])))
+    csv = discover(cfg_for(str(annotation_files["train.csv"]), val_data=str(annotation_files["val.csv"])))
+    assert txt.classes == csv.classes == ["blue", "green", "red"]
+    assert txt.train == csv.train and txt.val == csv.val
+    assert all(os.path.isfile(p) for p, _ in txt.train)
+
+
+def test_annotation_without_val_is_split(annotation_files: dict[str, Path]) -> None:
+    split = discover(cfg_for(str(annotation_files["train.txt"]), val_split=0.25))
+    assert (len(split.train), len(split.val)) == (54, 18)
+
+
+def test_image_root_overrides_annotation_dir(annotation_files: dict[str, Path], tmp_path: Path) -> None:
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_text(annotation_files["train.txt"].read_text())
+    with pytest.raises(TorchferryError, match="unreadable"):
+        discover(cfg_for(str(moved)))
+    split = discover(cfg_for(str(moved), image_root=str(annotation_files["train.txt"].parent)))
+    assert len(split.train) + len(split.val) == 72
+
+
+def test_numeric_labels_sort_numerically(tmp_path: Path, annotation_files: dict[str, Path]) -> None:
+    root = annotation_files["train.txt"].parent
+    lines = [ln.rsplit(" ", 1)[0] for ln in annotation_files["train.txt"].read_text().splitlines()[1:]]
+    labels = ["2", "10", "9"]
+    ann = root / "numeric.txt"
+    ann.write_text("".join(f"{p} {labels[i % 3]}\n" for i, p in enumerate(lines)))
+    assert discover(cfg_for(str(ann))).classes == ["2", "9", "10"]
+
+
+def test_digits_are_written_once_as_real_pngs(tmp_path: Path) -> None:
+    root = materialize_digits(str(tmp_path / "c"))
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".png")]
+    assert len(files) == 1797 and sorted(os.listdir(root))[1:] == [str(i) for i in range(10)]
+    mtime = os.path.getmtime(files[0])
+    assert materialize_digits(str(tmp_path / "c")) == root and os.path.getmtime(files[0]) == mtime
+    with Image.open(files[0]) as img:
+        assert img.size == (8, 8) and img.mode == "L"
+    split = discover(cfg_for("digits", cache_dir=str(tmp_path / "c")))
+    assert len(split.classes) == 10 and len(split.train) + len(split.val) == 1797
+
+
+def test_cifar10_format_root_reads_through_torchvision(cifar10_root: Path) -> None:
+    cfg = cfg_for(f"cifar10:{cifar10_root}")
+    split = discover(cfg)
+    assert split.torchvision_name == "cifar10" and split.classes[:3] == ["airplane", "automobile", "bird"]
+    train, val = build_datasets(split, 3, build_train_transform(cfg), build_eval_transform(preprocess_spec(cfg)))
+    assert (len(train), len(val)) == (60, 24)
+    image, label = val[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "flowers102"])
+def test_torchvision_root_missing_says_download(tmp_path: Path, name: str) -> None:
+    with pytest.raises(TorchferryError, match="--download"):
+        discover(cfg_for(f"{name}:{tmp_path / 'nothing'}"))
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(str(tmp_path / "r.jpg"), 3).size == (10, 30)
+    assert load_image(str(tmp_path / "r.jpg"), 1).mode == "L"
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: each gets its own clear message
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(TorchferryError, match="does not exist"):
+        discover(cfg_for(str(tmp_path / "nope")))
+
+
+def test_fewer_than_two_classes(tmp_path: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(tmp_path / "one", 5, classes=("red",))
+    with pytest.raises(TorchferryError, match="at least 2"):
+        discover(cfg_for(str(tmp_path / "one")))
+
+
+def test_val_class_missing_from_train(split_folder: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(split_folder / "val", 2, classes=("red",))
+    (split_folder / "val" / "purple").mkdir()
+    (split_folder / "val" / "red" / "000.png").rename(split_folder / "val" / "purple" / "000.png")
+    with pytest.raises(TorchferryError, match=r"validation classes \['purple'\]"):
+        discover(cfg_for(str(split_folder)))
+
+
+def test_annotation_line_that_does_not_parse_names_its_line(annotation_files: dict[str, Path]) -> None:
+    path = annotation_files["train.txt"]
+    lines = path.read_text().splitlines()
+    lines.insert(3, "just-one-field")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TorchferryError, match=r"train.txt:4: expected 'relative/path label'"):
+        read_annotations(str(path), str(path.parent))
+
+
+def test_csv_without_label_column(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("file,class\nx.png,a\n")
+    with pytest.raises(TorchferryError, match="'path' and 'label' columns"):
+        read_annotations(str(tmp_path / "a.csv"), str(tmp_path))
+
+
+def test_unreadable_images_are_counted_and_skippable(flat_folder: Path) -> None:
+    (flat_folder / "red" / "bad1.png").write_bytes(b"not an image")
+    good = (flat_folder / "green" / "000.png").read_bytes()
+    (flat_folder / "green" / "bad2.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(TorchferryError, match=r"2 unreadable image\(s\).*--skip-bad-images"):
+        discover(cfg_for(str(flat_folder)))
+    split = discover(cfg_for(str(flat_folder), skip_bad_images=True))
+    assert len(split.bad_images) == 2 and len(split.train) + len(split.val) == 60

@@ -1,0 +1,91 @@
+"""The per-worker loop: metrics summed over every worker, schedules, precision choice, sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from distributed.config import TrainConfig
+from distributed.loop import ShardSampler, amp_dtype, build_optimizer, build_scheduler
+
+
+def _uneven_shards() -> dict:
+    """Rank 0 holds 10 samples it gets right, rank 1 holds 30 it gets wrong."""
+    import ray.train
+
+    from distributed.loop import evaluate, train_one_epoch
+
+    rank = ray.train.get_context().get_world_rank()
+    n, target = (10, 0) if rank == 0 else (30, 1)
+    x = torch.tensor([[5.0, 0.0]]).repeat(n, 1)  # logits that always say class 0
+    loader = DataLoader(TensorDataset(x, torch.full((n,), target)), batch_size=4)
+    val = evaluate(nn.Identity(), loader, nn.CrossEntropyLoss(), torch.device("cpu"))
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    train = train_one_epoch(model, loader, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.0),
+                            torch.device("cpu"))
+    return {"val_acc": val.accuracy, "val_images": val.images, "train_acc": train.accuracy,
+            "train_images": train.images, "rank": rank}
+
+
+def test_metrics_are_summed_over_all_workers_not_rank0(ray_2_cpus, tmp_path) -> None:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    result = TorchTrainer(_uneven_shards, torch_config=TorchConfig(backend="gloo"),
+                          scaling_config=ray.train.ScalingConfig(num_workers=2),
+                          run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="shards")).fit()
+    m = result.return_value  # rank 0's
+    assert m["rank"] == 0
+    # rank 0 alone would say 1.0 over 10 images
+    assert (m["val_images"], m["val_acc"]) == (40, pytest.approx(0.25))
+    assert (m["train_images"], m["train_acc"]) == (40, pytest.approx(0.25))
+
+
+def test_shard_sampler_covers_every_index_once() -> None:
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+
+
+def _lrs(cfg: TrainConfig, epochs: int) -> list[float]:
+    opt = build_optimizer(nn.Linear(2, 2).parameters(), cfg, cfg.lr or 0.1)
+    sched = build_scheduler(opt, cfg, epochs)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_cosine_with_warmup_rises_then_decays() -> None:
+    lrs = _lrs(TrainConfig(lr=0.1, lr_scheduler="cosine", lr_warmup_epochs=2, lr_warmup_decay=0.1), 8)
+    assert lrs[0] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.02
+
+
+def test_step_and_multistep_decay_where_asked() -> None:
+    assert _lrs(TrainConfig(lr=1.0, lr_scheduler="step", lr_step_size=2, lr_gamma=0.5), 5) == [1, 1, 0.5, 0.5, 0.25]
+    assert _lrs(TrainConfig(lr=1.0, lr_scheduler="multistep", lr_milestones=[1, 3], lr_gamma=0.1), 4) == \
+        pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("opt,cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizers(opt: str, cls: type) -> None:
+    o = build_optimizer(nn.Linear(2, 2).parameters(), TrainConfig(opt=opt, weight_decay=0.01), 0.5)
+    assert isinstance(o, cls) and o.param_groups[0]["lr"] == 0.5 and o.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_amp_dtype_is_bf16_on_cpu() -> None:
+    assert amp_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_dtype_on_gpu_matches_the_hardware() -> None:
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert amp_dtype(torch.device("cuda")) == want
