@@ -63,13 +63,27 @@ def _claim_run_dir(cfg: TrainConfig) -> None:
                             (json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n").encode())
 
 
+def _keep_ray_on_loopback() -> None:
+    """Make a locally started Ray take 127.0.0.1 as its node address, so its servers bind to loopback only.
+
+    `ray.init` swaps a loopback `_node_ip_address` for the machine's routable address; Ray's own switch for
+    single-machine clusters (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows) makes
+    it use loopback instead. The environment variable reaches the raylet and workers Ray spawns; the
+    constant covers a driver process that imported Ray before.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_ray(cfg: TrainConfig) -> bool:
     """Join `--address`/$RAY_ADDRESS, or start a local Ray on 127.0.0.1 with no dashboard; True if started here."""
-    import ray
-
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = logging.INFO if cfg.verbose else logging.WARNING
     if address:
+        import ray
+
         ray.init(address=address, logging_level=quiet, log_to_driver=cfg.verbose)
         return False
     if cfg.gpus > 0:
@@ -80,10 +94,13 @@ def start_ray(cfg: TrainConfig) -> bool:
             raise TorchferryError(f"--gpus {cfg.gpus} asks for {cfg.gpus} GPU worker(s) but this machine has {have} "
                                   "GPU(s); use --gpus 0 --workers N to train on CPU workers, or --address to join "
                                   "a cluster with GPUs")
-    # Bound to loopback, no dashboard and so no job API: Ray's job API runs any command for whoever reaches
-    # it (CVE-2023-48022), so a local Ray exposes nothing beyond this machine.
-    # Worker output stays in Ray's log files unless --verbose: the driver prints rank 0's epoch lines itself.
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
+    _keep_ray_on_loopback()
+    import ray
+
+    # Loopback only, no dashboard and so no job API: Ray's job API runs any command for whoever reaches it
+    # (CVE-2023-48022). Worker output stays in Ray's log files unless --verbose: the driver prints rank 0's
+    # epoch lines itself.
+    ray.init(include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
              num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
     return True
 

@@ -141,6 +141,9 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
 
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    from distributed.launch import _keep_ray_on_loopback
+
+    _keep_ray_on_loopback()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -209,3 +209,51 @@ def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
     assert match, proc.stdout
     assert float(match.group(1)) >= 0.98 and Path(match.group(3)).is_file()
     assert proc.stderr.count("epoch ") >= 30 and "Traceback" not in proc.stderr
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Nothing the launcher's local Ray starts accepts connections from beyond this machine."""
+    import psutil
+    import ray
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    assert launch.start_ray(cfg) is True
+    try:
+        ray.get(ray.remote(lambda: 1).remote())  # a worker process exists too
+        ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+        listening = [c for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in ours]
+        assert listening, "expected Ray's servers among this process tree's sockets"
+        assert all(_is_loopback(c.laddr.ip) for c in listening), listening
+        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    finally:
+        ray.shutdown()
+
+
+def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(flat_folder), "--freeze-backbone",
+                                     "--unfreeze-at-epoch", "2", "--finetune-lr", "0.01", "--keep-checkpoints", "4",
+                                     "--output-dir", str(tmp_path / "runs"), "--name", "ft"])
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "ft"
+    by_epoch = {}
+    for path in run_dir.glob("checkpoint_*/checkpoint.pth"):
+        c = ckpt.load_checkpoint(str(path))
+        by_epoch[c["epoch"]] = c
+    assert sorted(by_epoch) == [0, 1, 2, 3]
+    conv = "features.0.weight"
+    head = "classifier.1.weight"
+    assert torch.equal(by_epoch[0]["state_dict"][conv], by_epoch[1]["state_dict"][conv])  # frozen
+    assert not torch.equal(by_epoch[0]["state_dict"][head], by_epoch[1]["state_dict"][head])  # head learns
+    assert not torch.equal(by_epoch[1]["state_dict"][conv], by_epoch[3]["state_dict"][conv])  # unfrozen
+    assert [by_epoch[e]["backbone_frozen"] for e in range(4)] == [True, True, False, False]
+    assert [r["lr"] for r in read_metrics(run_dir)][2] == pytest.approx(0.01)
