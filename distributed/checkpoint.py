@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import tempfile
 from typing import Any, Iterable
 
@@ -51,12 +52,20 @@ def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+def default_file_mode() -> int:
+    """0o666 less the umask: what `open()` would give, not mkstemp's owner-only 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -140,10 +149,12 @@ def load_error_reason(exc: BaseException) -> str:
     """The one line of a `torch.load` failure that says why: a refused pickled object, truncation, ..."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
-        if "Unsupported global" in ln or "Unsupported operand" in ln:
+        if re.search(r"unsupported (global|operand)|GLOBAL \S+|blocked", ln, re.IGNORECASE):
             return ("it holds a pickled Python object that weights_only refuses to run ("
                     + ln.split("error:", 1)[-1].strip()[:200] + ")")
-    return (lines[0][:300] if lines else type(exc).__name__)
+    if lines and lines[0].startswith("Weights only load failed") and len(lines) > 1:
+        return lines[-2][:300] if len(lines) > 2 else lines[-1][:300]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def check_checkpoint(obj: Any, where: str) -> None:

@@ -147,3 +147,31 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed: int = 0) -> Path:
+    """A torchferry checkpoint of `arch` with random weights, its config pointing at `data_dir`."""
+    import torch
+
+    from distributed import checkpoint as ckpt
+    from distributed.config import TrainConfig, resolve_defaults
+    from distributed.data import discover
+    from distributed.models import build_model
+    from distributed.presets import preprocess_spec
+
+    cfg = resolve_defaults(TrainConfig(data=str(data_dir), model=arch, image_size=size, resize_size=size,
+                                       name="made"))
+    classes = discover(cfg).classes
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes), channels=int(cfg.channels or 3))
+    with torch.no_grad():  # random BN statistics, so that eval-mode BN is not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt.save_checkpoint({
+        "format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": len(classes), "classes": classes,
+        "preprocess": preprocess_spec(cfg), "state_dict": ckpt.clean_state_dict(model), "epoch": 0,
+        "metrics": {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0},
+        "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path), sidecar=True)
+    return path

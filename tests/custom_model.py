@@ -12,3 +12,41 @@ def build(num_classes: int) -> nn.Module:
 def not_a_module(num_classes: int) -> str:
     """A factory that returns the wrong thing."""
     return f"{num_classes} classes"
+
+
+class BatchTwoSpecial(nn.Module):
+    """A model that traces wrongly: it treats a batch of exactly 2 differently (eager sees every batch size)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = build(num_classes)
+
+    def forward(self, x):
+        out = self.body(x)
+        if x.shape[0] == 2:
+            return out * 2.0
+        return out
+
+
+def batch_two_special(num_classes: int) -> nn.Module:
+    """Factory for BatchTwoSpecial."""
+    return BatchTwoSpecial(num_classes)
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: the dynamo exporter refuses it, the TorchScript tracer follows the branch taken
+    (always the same one here, so the traced model is right)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = build(num_classes)
+
+    def forward(self, x):
+        if x.abs().sum() >= 0:
+            return self.body(x)
+        return -self.body(x)
+
+
+def data_dependent(num_classes: int) -> nn.Module:
+    """Factory for DataDependent."""
+    return DataDependent(num_classes)

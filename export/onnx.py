@@ -1,0 +1,233 @@
+"""`python -m export.onnx CHECKPOINT`: a self-describing ONNX model, proven equal to PyTorch before it is kept.
+
+The model is exported with the dynamo exporter (the TorchScript exporter only where dynamo fails, with a
+warning), written under a temporary name, checked with `onnx.checker` and verified with ONNX Runtime
+against PyTorch; only then is it renamed to `model.onnx` with a sha256 sidecar. A model that fails
+verification is never left where the server would pick it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+import distributed
+from distributed import TorchferryError
+from distributed.checkpoint import (atomic_write_bytes, default_file_mode, load_checkpoint, model_from_checkpoint,
+                                   sha256_file)
+from export import metadata as meta
+from export.verify import DEFAULT_ATOL, DEFAULT_MIN_TOP1, MAX_REAL_IMAGES, format_report, verify_parity, write_report
+
+_logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[meta.INPUT_NAME],
+                                    output_names=[meta.OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                    opset_version=opset, external_data=False, verbose=False)
+        # PyTorch's own check of the exported program against eager mode, on the golden batch.
+        from torch.onnx.verification import verify_onnx_program
+
+        worst = max(info.max_abs_diff for info in verify_onnx_program(program, args=(example,)))
+    _logger.info("dynamo export: torch.onnx.verification max abs diff %.3g on the golden batch", worst)
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[meta.INPUT_NAME],
+                          output_names=[meta.OUTPUT_NAME], opset_version=opset or 17,
+                          dynamic_axes={meta.INPUT_NAME: {0: "batch"}, meta.OUTPUT_NAME: {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _root_cause(exc: BaseException) -> str:
+    """First line of the innermost cause, without terminal colours: why dynamo refused the model."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def export_model(model: nn.Module, example: torch.Tensor, opset: int | None = None) -> tuple[onnx.ModelProto, str]:
+    """ONNX graph of `model` with input `input` [N, C, H, W] (dynamic N) and output `logits`; and the exporter used."""
+    try:
+        return _export_dynamo(model, example, opset), "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back, and says so
+        reason = _root_cause(exc)
+        _logger.warning("the dynamo exporter failed (%s); falling back to the TorchScript exporter", reason)
+    return _export_torchscript(model, example, opset), "torchscript"
+
+
+def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Module,
+               opset: int | None = None) -> tuple[onnx.ModelProto, str]:
+    """Export and attach the metadata DESIGN.md lists, golden inputs and their PyTorch logits included."""
+    pre = checkpoint["preprocess"]
+    c, (h, w) = int(pre["channels"]), (int(v) for v in pre["size"])
+    golden = meta.golden_inputs(c, h, w)
+    example = torch.from_numpy(golden)
+    proto, exporter = export_model(model, example, opset)
+    with torch.inference_mode():
+        logits = model(example).numpy()
+    meta.set_metadata(proto, {
+        "classes": list(checkpoint["classes"]),
+        "preprocess": pre,
+        "arch": checkpoint["arch"],
+        "num_classes": int(checkpoint["num_classes"]),
+        "val_acc": float(checkpoint["metrics"].get("val_acc", float("nan"))),
+        "epoch": int(checkpoint["epoch"]),
+        "checkpoint_sha256": sha256_file(checkpoint_path),
+        "torchferry_version": distributed.__version__,
+        "exporter": exporter,
+        "versions": {**checkpoint.get("versions", {}), "onnx": onnx.__version__},
+        "golden": meta.golden_record(logits, list(golden.shape), "pytorch", DEFAULT_ATOL),
+    })
+    proto.producer_name = "torchferry"
+    proto.producer_version = distributed.__version__
+    return proto, exporter
+
+
+def save_checked(proto: onnx.ModelProto, path: str) -> None:
+    """Save as one self-contained file and run the full ONNX checker on it."""
+    external = meta.external_data_tensors(proto)
+    if external:
+        raise TorchferryError(f"the exported graph references external data ({external[:3]}); refusing")
+    data = proto.SerializeToString()
+    if len(data) >= PROTOBUF_LIMIT:
+        raise TorchferryError("the model is over 2 GB, the limit of a single-file ONNX model")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _quantize(fp32_path: str, out_path: str, checkpoint: dict[str, Any], data: str | None,
+              max_images: int) -> dict[str, Any]:
+    from export.quantize import quantize_int8
+
+    return quantize_int8(fp32_path, out_path, checkpoint, data=data, max_images=max_images)
+
+
+def _optimize(src: str, dst: str) -> None:
+    """An ORT graph-optimised copy (extended level: fusions that stay portable across CPUs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = dst
+    ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset: int | None = None,
+                      data: str | None = None, use_real: bool = True, atol: float = DEFAULT_ATOL,
+                      min_top1: float = DEFAULT_MIN_TOP1, optimize: bool = False, quantize: str | None = None,
+                      max_images: int = MAX_REAL_IMAGES) -> dict[str, Any]:
+    """Export, verify, and keep the model only if it passes; returns the verification report."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint)
+    output = os.path.abspath(output or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "model.onnx"))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    proto, exporter = build_onnx(checkpoint, checkpoint_path, model, opset)
+    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=os.path.dirname(output))
+    os.fchmod(fd, default_file_mode())
+    os.close(fd)
+    try:
+        save_checked(proto, tmp)
+        report = verify_parity(tmp, model, checkpoint, data=data, use_real=use_real, atol=atol, min_top1=min_top1,
+                               max_images=max_images)
+        report.update({"model": output, "checkpoint": os.path.abspath(checkpoint_path), "exporter": exporter})
+        write_report(report, output + ".verify.json")
+        if not report["passed"]:
+            return report
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    digest = sha256_file(output)
+    atomic_write_bytes(output + ".sha256", f"{digest}  {os.path.basename(output)}\n".encode())
+    report["sha256"] = digest
+    stem = output[:-5] if output.endswith(".onnx") else output
+    if optimize:
+        _optimize(output, stem + ".opt.onnx")
+        report["optimized"] = stem + ".opt.onnx"
+    if quantize:
+        report["int8"] = _quantize(output, stem + ".int8.onnx", checkpoint, data, max_images)
+    write_report(report, output + ".verify.json")
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """`python -m export.onnx` command line."""
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description="Export a torchferry checkpoint to "
+                                "ONNX and prove with ONNX Runtime that it computes what PyTorch computes.")
+    p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
+    p.add_argument("--output", "-o", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own, 18+)")
+    p.add_argument("--data", default=None, help="validation data for the real-image check and INT8 calibration "
+                   "(default: the checkpoint's recorded --data, when reachable)")
+    p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"largest allowed abs error (default: {DEFAULT_ATOL})")
+    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1, help="smallest allowed top-1 "
+                   f"agreement on real images (default: {DEFAULT_MIN_TOP1})")
+    p.add_argument("--max-images", type=int, default=MAX_REAL_IMAGES, help="validation images to compare and "
+                   f"to measure INT8 accuracy on (default: {MAX_REAL_IMAGES})")
+    p.add_argument("--optimize", action="store_true", help="also save an ORT graph-optimised model.opt.onnx")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="also save model.int8.onnx: static INT8 "
+                   "calibrated on training images (dynamic where no data is reachable), with its top-1 "
+                   "accuracy against the fp32 model")
+    p.add_argument("--verbose", "-v", action="store_true", help="more log output")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when the model was exported and verified, 1 when verification failed, 2 on bad input."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    try:
+        report = export_checkpoint(args.checkpoint, args.output, opset=args.opset, data=args.data,
+                                   use_real=not args.no_real_images, atol=args.atol,
+                                   min_top1=args.min_top1_agreement, optimize=args.optimize,
+                                   quantize=args.quantize, max_images=args.max_images)
+    except TorchferryError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if not report["passed"]:
+        print(f"error: ONNX Runtime does not match PyTorch within tolerance; nothing written as {report['model']} "
+              f"(report: {report['model']}.verify.json)", file=sys.stderr)
+        return 1
+    if "int8" in report:
+        q = report["int8"]
+        print(f"int8: {q['path']} ({q['method']}); top-1 {q.get('int8_top1', float('nan')):.4f} vs fp32 "
+              f"{q.get('fp32_top1', float('nan')):.4f}; kept beside the fp32 model, not instead of it")
+    print(f"exported {report['model']} (sha256 {report['sha256'][:12]}…, exporter {report['exporter']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
