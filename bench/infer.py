@@ -1,0 +1,106 @@
+"""CPU inference: ONNX Runtime against PyTorch eager, side by side in one run, as ratios.
+
+    python bench/infer.py [--quick] [--threads N] [--models smallcnn,resnet18,resnet50]
+
+For each model (random weights, exported with torchferry's own exporter) and batch size 1 and 32: the
+median latency over repetitions for torch eager (inference_mode) and ONNX Runtime (CPU provider, all
+graph optimisations), both with the same thread count, and the ratio ORT/eager in images per second.
+Results go to bench/results/<date>-<host>-infer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed.models import build_model  # noqa: E402
+from export.onnx import export_model, save_checked  # noqa: E402
+
+MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
+
+
+def _median_seconds(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_model(arch: str, threads: int, quick: bool) -> list[dict]:
+    """Rows for batch 1 and 32 of one model."""
+    channels, size = MODELS[arch]
+    torch.manual_seed(0)
+    model = build_model(arch, 10, channels=channels).eval()
+    example = torch.randn(2, channels, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        proto, exporter = export_model(model, example)
+        save_checked(proto, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        rows = []
+        for batch in (1, 32):
+            x = torch.randn(batch, channels, size, size)
+            xn = x.numpy()
+            heavy = batch * size * size > 32 * 64 * 64
+            reps = (3 if heavy else 10) if quick else (7 if heavy else 30)
+            with torch.inference_mode():
+                t_torch = _median_seconds(lambda: model(x), reps, 2)
+                diff = float(np.abs(model(x).numpy() - session.run(None, {"input": xn})[0]).max())
+            t_ort = _median_seconds(lambda: session.run(None, {"input": xn}), reps, 2)
+            rows.append({"model": arch, "input": [channels, size, size], "batch": batch, "threads": threads,
+                         "exporter": exporter, "reps": reps,
+                         "torch_ms": 1000 * t_torch, "ort_ms": 1000 * t_ort,
+                         "torch_img_s": batch / t_torch, "ort_img_s": batch / t_ort,
+                         "ort_over_torch": t_torch / t_ort, "max_abs_diff": diff})
+            print(f"{arch:<10} batch {batch:>2}: torch {1000 * t_torch:8.2f} ms  ort {1000 * t_ort:8.2f} ms  "
+                  f"ORT/eager {t_torch / t_ort:5.2f}x  (max abs diff {diff:.1e})", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both (default: all cores)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default: {','.join(MODELS)})")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-infer.json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = [r for arch in args.models.split(",") for r in bench_model(arch, args.threads, args.quick)]
+    result = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "python": platform.python_version(), "torch": str(torch.__version__),
+                          "onnxruntime": ort.__version__},
+              "method": "median latency over reps after 2 warm-up runs; same thread count for torch eager "
+                        "(inference_mode) and ONNX Runtime (CPU, ORT_ENABLE_ALL); random weights",
+              "rows": rows}
+    out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{result['host']}-infer.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
