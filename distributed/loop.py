@@ -285,6 +285,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     num_classes = len(split.classes)
     bare = build_model(cfg.model, num_classes, cfg.pretrained, int(cfg.channels or 3))
     head = find_head(bare, num_classes)
+    # Same initial weights on every rank (DDP broadcasts rank 0's anyway); different augmentation per rank.
+    torch.manual_seed(cfg.seed * 1000 + rank)
     if cfg.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     frozen = cfg.freeze_backbone

@@ -257,3 +257,14 @@ def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Pat
     assert not torch.equal(by_epoch[1]["state_dict"][conv], by_epoch[3]["state_dict"][conv])  # unfrozen
     assert [by_epoch[e]["backbone_frozen"] for e in range(4)] == [True, True, False, False]
     assert [r["lr"] for r in read_metrics(run_dir)][2] == pytest.approx(0.01)
+
+
+def test_same_seed_repeats_the_run(trained_run: dict, capsys: pytest.CaptureFixture) -> None:
+    run_dir: Path = trained_run["run_dir"]
+    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(trained_run["data"]),
+                                     "--output-dir", str(run_dir.parent), "--name", "again"])
+    assert code == 0, err
+    first, second = read_metrics(run_dir), read_metrics(run_dir.parent / "again")
+    for a, b in zip(first, second, strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
