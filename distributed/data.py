@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageOps
 from torchvision import datasets
 
@@ -356,9 +357,15 @@ def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
 
 
 def load_image(path: str, channels: int) -> Image.Image:
-    """Open an image as the model sees it: EXIF orientation applied, first frame, L or RGB."""
+    """Open an image as the model sees it: EXIF orientation applied, first frame, L or RGB.
+
+    16-bit grayscale is scaled to 8 bits (not clipped); `serve/images.py` does the same for clients.
+    """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
         return img.convert("L" if channels == 1 else "RGB")
 
 

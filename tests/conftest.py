@@ -175,3 +175,27 @@ def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed
         "metrics": {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0},
         "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path), sidecar=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The trained smallcnn exported to ONNX (verified) once for the serving tests."""
+    from export.onnx import export_checkpoint
+
+    assert trained_run["code"] == 0
+    out = tmp_path_factory.mktemp("served") / "model.onnx"
+    report = export_checkpoint(str(trained_run["run_dir"] / "best.pth"), str(out))
+    assert report["passed"]
+    return {"model": out, "checkpoint": trained_run["run_dir"] / "best.pth", "data": trained_run["data"]}
+
+
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid PNG header claiming width × height grayscale pixels, in a few dozen bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")

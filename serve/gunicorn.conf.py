@@ -1,0 +1,55 @@
+"""gunicorn settings for production: `gunicorn -c serve/gunicorn.conf.py`.
+
+Environment: TORCHFERRY_BIND (default 127.0.0.1:8080; the container sets 0.0.0.0:8080), TORCHFERRY_WORKERS
+(processes, default 1), TORCHFERRY_THREADS (threads per process, default 4), TORCHFERRY_ORT_THREADS (ONNX
+Runtime intra-op threads per process; default: the cores divided among the workers, so workers × ORT
+threads never oversubscribe the machine), TORCHFERRY_GRACEFUL_TIMEOUT (seconds in-flight requests get
+after SIGTERM, default 30). PROMETHEUS_MULTIPROC_DIR turns on prometheus_client's multiprocess mode.
+"""
+
+import os
+
+wsgi_app = "serve.app:create_app()"
+bind = os.environ.get("TORCHFERRY_BIND", "127.0.0.1:8080")
+workers = int(os.environ.get("TORCHFERRY_WORKERS", "1"))
+threads = int(os.environ.get("TORCHFERRY_THREADS", "4"))
+worker_class = "gthread"
+# SIGTERM: stop accepting, let requests in flight finish for up to graceful_timeout seconds.
+graceful_timeout = int(os.environ.get("TORCHFERRY_GRACEFUL_TIMEOUT", "30"))
+timeout = int(os.environ.get("TORCHFERRY_TIMEOUT", "60"))
+keepalive = 5
+preload_app = False  # each worker builds its own ONNX Runtime session after the fork
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+accesslog = None  # the app writes one JSON line per request itself
+errorlog = "-"
+loglevel = os.environ.get("TORCHFERRY_LOG_LEVEL", "info")
+
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+raw_env = [f"TORCHFERRY_ORT_THREADS={os.environ.get('TORCHFERRY_ORT_THREADS') or max(1, _cores // workers)}"]
+
+
+def on_starting(server):
+    """An empty multiprocess metrics folder at start, so old workers' figures do not linger."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):
+            if name.endswith(".db"):
+                os.unlink(os.path.join(folder, name))
+
+
+def post_fork(server, worker):
+    """JSON access lines from the app reach gunicorn's error log stream (stderr)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the multiprocess metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
