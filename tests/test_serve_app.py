@@ -173,7 +173,8 @@ def _copy_model(src: Path, dst: Path) -> Path:
     return dst / "model.onnx"
 
 
-def test_altered_model_file_stays_not_ready(exported_model: dict, tmp_path: Path) -> None:
+def test_altered_model_file_stays_not_ready(exported_model: dict, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     path = _copy_model(exported_model["model"], tmp_path / "m")
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x01
@@ -181,6 +182,7 @@ def test_altered_model_file_stays_not_ready(exported_model: dict, tmp_path: Path
     client = create_app({"MODEL": str(path), "LOAD_SYNC": True}).test_client()
     r = client.get("/readyz")
     assert r.status_code == 503 and "sidecar" in r.json["reason"]
+    assert '"event": "model_refused"' in caplog.text and "sidecar" in caplog.text
     assert client.post("/predict", data=png(red()), content_type="image/png").status_code == 503
     assert client.get("/healthz").status_code == 200
 

@@ -220,3 +220,36 @@ def test_slow_client_does_not_block_others(exported_model: dict, tmp_path: Path)
         assert answered == 20 and still_trickling
     finally:
         stop(proc)
+
+
+def test_bad_inputs_never_take_a_gunicorn_worker_down(exported_model: dict, tmp_path: Path) -> None:
+    """The documented bad inputs against the real server: each its 4xx, /healthz 200 after, same worker pids."""
+    import psutil
+
+    from test_serve_app import _bad_requests
+
+    port = free_port()
+    proc = start_gunicorn(exported_model["model"], port, tmp_path, workers=2)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        workers = sorted(c.pid for c in psutil.Process(proc.pid).children())
+        for case, (kwargs, status, code) in _bad_requests().items():
+            data, ctype = kwargs["data"], kwargs.get("content_type")
+            if isinstance(data, dict):  # multipart: let requests build the body
+                files = [(k, (v[1], v[0].getvalue())) for k, v in data.items() if isinstance(v, tuple)]
+                fields = {k: v for k, v in data.items() if not isinstance(v, tuple)}
+                r = requests.post(f"{base}/predict", files=files or None, data=fields or None,
+                                  params=kwargs.get("query_string"), timeout=30)
+                if not files:  # a multipart body without files
+                    r = requests.post(f"{base}/predict", files={"field": (None, "value")}, timeout=30)
+            else:
+                headers = {"Content-Type": ctype} if ctype else {}
+                r = requests.post(f"{base}/predict", data=data, headers=headers, params=kwargs.get("query_string"),
+                                  timeout=30)
+            assert r.status_code == status, (case, r.text[:300])
+            assert "error" in r.json() and (not code or r.json()["error"]["code"] == code), case
+            assert requests.get(f"{base}/healthz", timeout=5).status_code == 200, case
+        assert sorted(c.pid for c in psutil.Process(proc.pid).children()) == workers
+    finally:
+        stop(proc)

@@ -1,0 +1,257 @@
+"""Load tool: N concurrent HTTP clients for T seconds against a torchferry server, beside the same predictor
+called in-process, as ratios.
+
+    python bench/load.py --url http://127.0.0.1:8080 --images DIR --clients 4 --seconds 10   # a running server
+    python bench/load.py --suite [--quick]     # starts gunicorn itself: smallcnn and resnet18, 1/4/16 clients,
+                                               # with and without micro-batching; writes bench/results/*.json
+
+Each client is a thread with its own keep-alive session posting one real image file per request (raw
+image/* body), bounded by time and by request count. Reported: requests/s and p50/p95/p99 latency. The
+in-process figure runs the same decode + preprocess + ONNX Runtime path with the same number of threads,
+without HTTP; the ratio server/in-process is what HTTP, Flask and gunicorn cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MAX_REQUESTS_PER_CLIENT = 100_000
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def drive(call: Callable[[bytes], bool], images: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    """Run `clients` threads calling `call(image)` until `seconds` pass; latency percentiles and rate."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        n = i
+        while time.perf_counter() < stop_at and n < MAX_REQUESTS_PER_CLIENT * clients:
+            t = time.perf_counter()
+            ok = call(images[n % len(images)])
+            latencies[i].append(time.perf_counter() - t)
+            errors[i] += 0 if ok else 1
+            n += clients
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = [x for lat in latencies for x in lat]
+    return {"clients": clients, "seconds": round(elapsed, 3), "requests": len(flat), "errors": sum(errors),
+            "req_s": len(flat) / elapsed, "p50_ms": 1000 * percentile(flat, 50), "p95_ms": 1000 * percentile(flat, 95),
+            "p99_ms": 1000 * percentile(flat, 99)}
+
+
+def http_caller(url: str) -> Callable[[bytes], bool]:
+    import requests
+
+    local = threading.local()
+
+    def call(data: bytes) -> bool:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        r = session.post(f"{url}/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        return r.status_code == 200
+
+    return call
+
+
+def inprocess_caller(model: str, threads: int) -> Callable[[bytes], bool]:
+    from serve.images import decode, preprocess
+    from serve.predictor import Predictor
+
+    predictor = Predictor(model, threads)
+    spec = predictor.info.preprocess
+
+    def call(data: bytes) -> bool:
+        predictor.top_k(predictor.run(preprocess(decode(data, 40_000_000), spec)[None]), 5)
+        return True
+
+    return call
+
+
+def load_images(folder: str) -> list[bytes]:
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise SystemExit(f"no .jpg/.png images under {folder}")
+    return [p.read_bytes() for p in paths[:64]]
+
+
+# ------------------------------------------------------------------------------------------------
+# the suite: models made here, gunicorn started here
+
+
+def make_images(folder: Path, n: int = 16) -> list[bytes]:
+    """Photo-sized JPEGs (320×240) with smooth structure and noise, as clients send."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:240, 0:320]
+    out = []
+    for i in range(n):
+        base = np.stack([(xx * (i + 1)) % 256, (yy * (i + 2)) % 256, (xx + yy) % 256], -1)
+        img = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:02d}.jpg", quality=90)
+        out.append((folder / f"{i:02d}.jpg").read_bytes())
+    return out
+
+
+def make_model(arch: str, folder: Path) -> str:
+    """A random-weight checkpoint of `arch` exported (and verified) with torchferry's own exporter."""
+    import torch
+
+    from distributed import checkpoint as ckpt
+    from distributed.config import TrainConfig, resolve_defaults
+    from distributed.models import build_model
+    from distributed.presets import preprocess_spec
+    from export.onnx import export_checkpoint
+
+    small = arch == "smallcnn"
+    cfg = resolve_defaults(TrainConfig(data="digits" if small else str(folder), model=arch, name="bench",
+                                       image_size=32 if small else 224))
+    torch.manual_seed(0)
+    model = build_model(arch, 10, channels=int(cfg.channels or 3))
+    path = folder / f"{arch}.pth"
+    ckpt.save_checkpoint({"format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": 10,
+                          "classes": [str(i) for i in range(10)], "preprocess": preprocess_spec(cfg),
+                          "state_dict": ckpt.clean_state_dict(model), "epoch": 0,
+                          "metrics": {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0},
+                          "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path))
+    report = export_checkpoint(str(path), str(folder / f"{arch}.onnx"), use_real=False)
+    assert report["passed"], report
+    return str(folder / f"{arch}.onnx")
+
+
+def start_gunicorn(model: str, port: int, window_ms: float, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
+           "TORCHFERRY_BATCH_WINDOW_MS": str(window_ms), "TORCHFERRY_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
+                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    import requests
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not get ready; see {log}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def suite(quick: bool) -> dict[str, Any]:
+    seconds = 4.0 if quick else 10.0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        images = make_images(tmp / "images")
+        for arch in ("smallcnn", "resnet18"):
+            model = make_model(arch, tmp)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            for clients in (1, 4, 16):
+                r = drive(inprocess_caller(model, cores), images, clients, seconds)
+                rows.append({"model": arch, "mode": "in-process", "batch_window_ms": 0, **r})
+                print(f"{arch:<9} in-process     clients {clients:>2}: {r['req_s']:7.1f} req/s  "
+                      f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms", flush=True)
+            for window in (0.0, 5.0):
+                port = _free_port()
+                proc = start_gunicorn(model, port, window, tmp / f"{arch}-{window}.log")
+                try:
+                    call = http_caller(f"http://127.0.0.1:{port}")
+                    drive(call, images, 2, 1.0)  # warm connections and code paths
+                    for clients in (1, 4, 16):
+                        r = drive(call, images, clients, seconds)
+                        rows.append({"model": arch, "mode": "server", "batch_window_ms": window, **r})
+                        print(f"{arch:<9} server win {window:>3.0f}ms clients {clients:>2}: {r['req_s']:7.1f} req/s  "
+                              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
+                              flush=True)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+    ratios = []
+    for arch in ("smallcnn", "resnet18"):
+        base = {r["clients"]: r for r in rows if r["model"] == arch and r["mode"] == "in-process"}
+        for r in rows:
+            if r["model"] == arch and r["mode"] == "server":
+                b = base[r["clients"]]
+                ratios.append({"model": arch, "batch_window_ms": r["batch_window_ms"], "clients": r["clients"],
+                               "throughput_server_over_inprocess": r["req_s"] / b["req_s"],
+                               "p50_server_over_inprocess": r["p50_ms"] / b["p50_ms"]})
+    return {"rows": rows, "ratios": ratios, "seconds_per_point": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
+    p.add_argument("--images", help="folder of .jpg/.png files to send")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default: 4)")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration (default: 10)")
+    p.add_argument("--model", help="also run the same model in-process for the ratio")
+    p.add_argument("--suite", action="store_true", help="start servers here and measure the standard grid")
+    p.add_argument("--quick", action="store_true", help="with --suite: shorter runs")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-load.json)")
+    args = p.parse_args(argv)
+    if args.suite:
+        result: dict[str, Any] = suite(args.quick)
+    else:
+        if not (args.url and args.images):
+            p.error("give --url and --images, or --suite")
+        host = args.url.split("//", 1)[-1].split(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            p.error("load is only sent to a server on this machine (127.0.0.1)")
+        images = load_images(args.images)
+        result = {"rows": [{"mode": "server", **drive(http_caller(args.url), images, args.clients, args.seconds)}]}
+        if args.model:
+            result["rows"].append({"mode": "in-process",
+                                   **drive(inprocess_caller(args.model, 0), images, args.clients, args.seconds)})
+        for row in result["rows"]:
+            print(json.dumps(row))
+    result.update({"benchmark": "load", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
+                   "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                               "python": platform.python_version()},
+                   "method": "threads with keep-alive sessions, one JPEG per request (raw image/jpeg body), "
+                             "client and server on the same machine; in-process = decode + preprocess + ORT "
+                             "with the same thread count, no HTTP"})
+    out = Path(args.out or REPO / "bench" / "results" / f"{result['date']}-{result['host']}-load.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
