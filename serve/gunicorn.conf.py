@@ -18,6 +18,8 @@ worker_class = "gthread"
 graceful_timeout = int(os.environ.get("TORCHFERRY_GRACEFUL_TIMEOUT", "30"))
 timeout = int(os.environ.get("TORCHFERRY_TIMEOUT", "60"))
 keepalive = 5
+# Heartbeat files in memory: works with a read-only root filesystem and never stalls on a slow disk.
+worker_tmp_dir = os.environ.get("TORCHFERRY_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
 preload_app = False  # each worker builds its own ONNX Runtime session after the fork
 limit_request_line = 4094
 limit_request_fields = 50

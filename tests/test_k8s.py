@@ -1,0 +1,229 @@
+"""The container and Kubernetes files, checked the ways this machine allows: real schemas and linters,
+the restricted Pod Security fields on every pod spec, and the serve image's dependency set run for real."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+K8S_VERSION = "1.30.0"
+
+
+def documents() -> list[tuple[Path, dict]]:
+    """Every YAML document under k8s/ except kustomizations."""
+    docs = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+CORE = [(p, d) for p, d in documents() if not d["apiVersion"].startswith("ray.io/")]
+RAYJOBS = [(p, d) for p, d in documents() if d["kind"] == "RayJob"]
+
+
+@pytest.mark.parametrize("path,doc", CORE, ids=[f"{p.parent.name}/{p.name}" for p, _ in CORE])
+def test_core_manifest_passes_strict_validation(path: Path, doc: dict) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_catches_a_misspelt_field() -> None:
+    deployment = copy.deepcopy(next(d for _, d in CORE if d["kind"] == "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema with unknown properties refused wherever it lists properties (as `kubectl --validate=strict`)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def rayjob_schema() -> dict:
+    if not (SCHEMAS / "ray.io_rayjobs.yaml").is_file():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}; the RayJob cannot be validated offline")
+    crd = yaml.safe_load((SCHEMAS / "ray.io_rayjobs.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def test_rayjob_validates_against_kuberay_schema() -> None:
+    assert RAYJOBS, "k8s/train has a RayJob"
+    schema = rayjob_schema()
+    for _, doc in RAYJOBS:
+        jsonschema.validate(doc, schema)
+        assert doc["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+        assert "--address auto" in doc["spec"]["entrypoint"] and "--gpus 2" in doc["spec"]["entrypoint"]
+
+
+def test_rayjob_schema_check_catches_a_misspelt_field() -> None:
+    schema = rayjob_schema()
+    doc = copy.deepcopy(RAYJOBS[0][1])
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
+
+
+def pod_specs() -> Iterator[tuple[str, dict]]:
+    """Every pod spec in k8s/: Deployments, Jobs, and the RayJob's head, workers and submitter."""
+    for path, doc in documents():
+        where = f"{path.relative_to(REPO)}:{doc['kind']}"
+        if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield where, doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "RayJob":
+            spec = doc["spec"]
+            yield f"{where}:submitter", spec["submitterPodTemplate"]["spec"]
+            yield f"{where}:head", spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+            for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+                yield f"{where}:{group['groupName']}", group["template"]["spec"]
+
+
+def restricted_problems(pod: dict) -> list[str]:
+    """What keeps a pod spec from the restricted profile plus our read-only root filesystem rule."""
+    problems = []
+    psc = pod.get("securityContext", {})
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        problems.append("host namespaces")
+    for vol in pod.get("volumes", []):
+        if "hostPath" in vol:
+            problems.append(f"hostPath volume {vol['name']}")
+    for c in pod.get("initContainers", []) + pod.get("containers", []):
+        sc = c.get("securityContext", {})
+
+        def field(name: str) -> Any:
+            return sc.get(name, psc.get(name))
+
+        name = c["name"]
+        if field("runAsNonRoot") is not True:
+            problems.append(f"{name}: runAsNonRoot")
+        if not isinstance(field("runAsUser"), int) or field("runAsUser") == 0:
+            problems.append(f"{name}: non-zero runAsUser")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation false")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []) or sc.get("capabilities", {}).get("add"):
+            problems.append(f"{name}: capabilities drop ALL")
+        if (field("seccompProfile") or {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: seccompProfile RuntimeDefault")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem")
+        if sc.get("privileged"):
+            problems.append(f"{name}: privileged")
+    return problems
+
+
+SPECS = list(pod_specs())
+
+
+@pytest.mark.parametrize("where,pod", SPECS, ids=[w for w, _ in SPECS])
+def test_every_pod_meets_the_restricted_profile(where: str, pod: dict) -> None:
+    assert restricted_problems(pod) == []
+
+
+def test_the_check_notices_a_missing_field() -> None:
+    pod = copy.deepcopy(SPECS[0][1])
+    del pod["containers"][0]["securityContext"]["capabilities"]
+    assert restricted_problems(pod) == [f"{pod['containers'][0]['name']}: capabilities drop ALL"]
+
+
+def test_namespace_enforces_restricted_and_ray_stays_inside_it() -> None:
+    ns = next(d for _, d in documents() if d["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    policies = {d["metadata"]["name"]: d for _, d in documents() if d["kind"] == "NetworkPolicy"}
+    ray = policies["torchferry-ray"]
+    assert ray["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]  # same namespace only
+    assert policies["torchferry-serve"]["spec"]["egress"] == []
+
+
+def test_model_reaches_the_server_read_only_and_nothing_loads_models_over_http() -> None:
+    deployment = next(d for _, d in documents() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models")
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
+    routes = (REPO / "serve" / "app.py").read_text()
+    assert "@app.post(\"/predict\")" in routes and routes.count("@app.post(") == 1  # the only write route
+
+
+def test_kustomizations_name_existing_files() -> None:
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
+
+
+def test_hadolint_reports_no_error() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    proc = subprocess.run([hadolint, "--failure-threshold", "error", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def serve_requirements() -> list[str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+
+
+def test_serve_requirements_are_pinned_and_torch_free() -> None:
+    reqs = serve_requirements()
+    assert all("==" in r for r in reqs), reqs
+    names = {r.split("==")[0].lower() for r in reqs}
+    assert not names & {"torch", "torchvision", "ray", "onnx", "onnxscript"}
+    assert {"onnxruntime", "flask", "gunicorn", "pillow", "numpy", "prometheus-client", "werkzeug"} <= names
+
+
+@pytest.mark.slow
+def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, tmp_path: Path) -> None:
+    """The closest thing to running the serve image here: a fresh venv with only the pinned [serve] list,
+    the serve/ folder, gunicorn on 127.0.0.1 against an exported model."""
+    import requests
+
+    from test_serve_live import free_port, stop, wait_ready
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *serve_requirements()],
+                   check=True, timeout=900)
+    no_torch = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    assert not [ln for ln in listed.lower().splitlines() if ln.startswith(("torch", "nvidia-", "triton"))]
+    app_dir = tmp_path / "app"
+    shutil.copytree(REPO / "serve", app_dir / "serve")  # as the image does: serve/ alone
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"TORCHFERRY_MODEL": str(exported_model["model"]), "TORCHFERRY_BIND": f"127.0.0.1:{port}",
+                "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"})
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([py, "-m", "gunicorn", "-c", str(app_dir / "serve" / "gunicorn.conf.py")], cwd=app_dir,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = tmp_path / "server.log"  # type: ignore[attr-defined]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        image = next((exported_model["data"] / "val" / "red").glob("*.png")).read_bytes()
+        r = requests.post(f"{base}/predict", data=image, headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "red"
+    finally:
+        stop(proc)
