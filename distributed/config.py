@@ -65,6 +65,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     unfreeze_at_epoch: int | None = None
     finetune_lr: float | None = None
+    init_from: str | None = None
     # optimisation
     epochs: int = 30
     batch_size: int = 128
@@ -82,6 +83,7 @@ class TrainConfig:
     lr_min: float = 0.0
     plateau_patience: int = 3
     amp: bool = False
+    compile: bool = False
     channels_last: bool | None = None
     seed: int = 0
     # cluster and run
@@ -95,6 +97,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     resource_check: bool = True
+    resume: bool = False
     progress: str = "auto"
     verbose: bool = False
     debug: bool = False
@@ -116,6 +119,13 @@ class TrainConfig:
     def num_workers_total(self) -> int:
         """Ray Train workers: one per GPU with --gpus N, else --workers CPU workers."""
         return self.gpus if self.gpus > 0 else self.workers
+
+    @property
+    def storage_path(self) -> str:
+        """Where Ray keeps checkpoints: --storage, else the output dir (so they sit in runs/<name>/)."""
+        if self.storage and "://" in self.storage:
+            return self.storage
+        return os.path.abspath(os.path.expanduser(self.storage or self.output_dir))
 
     @property
     def run_dir(self) -> str:
@@ -204,6 +214,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-lr", type=float, default=None, help="learning rate after --unfreeze-at-epoch "
                    "(default: --lr / 10)")
 
+    g.add_argument("--init-from", default=None, help="start from another torchferry checkpoint's weights "
+                   "(fine-tuning; a new head when its classes differ). Not --resume: the schedule starts afresh "
+                   "(default: none)")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs to train (default: {d.epochs})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size, split evenly over "
@@ -232,6 +246,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"val_loss improvement before decaying (default: {d.plateau_patience})")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 with GradScaler "
                    "on GPUs without bf16), channels_last on GPU (default: off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model on each worker (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last "
                    "memory format for model and batches (default: on with --amp on GPU, else off)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed for the split, init and shuffling (default: {d.seed})")
@@ -255,6 +270,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"by restarting from the latest checkpoint (default: {d.max_failures})")
     g.add_argument("--no-resource-check", dest="resource_check", action="store_false", help="skip the check "
                    "that the cluster has the CPUs/GPUs asked for (for autoscaling clusters; default: check)")
+    g.add_argument("--resume", action="store_true", help="continue the run --name in --output-dir from its latest "
+                   "checkpoint, with the configuration it was started with (default: start a new run)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d.progress, help="progress bar on "
                    "rank 0 while an epoch runs; auto shows it on an interactive terminal (default: auto)")
     g.add_argument("--verbose", "-v", action="store_true", help="more log output, Ray's included")
@@ -295,6 +312,7 @@ def validate_flags(cfg: TrainConfig) -> None:
         (cfg.hflip is None or 0.0 <= cfg.hflip <= 1.0, f"--hflip is a probability, got {cfg.hflip}"),
         (cfg.crop_scale_min is None or 0.0 < cfg.crop_scale_min <= 1.0,
          f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}"),
+        (not (cfg.resume and not cfg.name), "--resume needs --name of the run to continue"),
         (cfg.unfreeze_at_epoch is None or cfg.freeze_backbone,
          "--unfreeze-at-epoch needs --freeze-backbone"),
         (cfg.unfreeze_at_epoch is None or 0 < cfg.unfreeze_at_epoch < cfg.epochs,

@@ -25,6 +25,14 @@ class TrainingFailed(Exception):
     """Training started but did not finish; the message says what happened and where checkpoints are."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) on the driver; carries the resolved config so the message can say how to resume."""
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(f"interrupted; the checkpoints written so far are kept. Continue with: "
+                         f"python -m distributed.launch --resume --name {cfg.name} --output-dir {cfg.output_dir}")
+
+
 def setup_logging(verbose: bool) -> None:
     """Our messages on stderr as plain lines; Ray's own logging stays at warnings unless --verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -41,6 +49,8 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     from distributed.models import build_model, check_arch, weights_preprocess
 
     validate_flags(cfg)
+    if cfg.resume:
+        cfg = resumed_config(cfg)
     check_arch(cfg.model)
     if cfg.lr_scheduler == "plateau" and cfg.lr_warmup_epochs:
         raise TorchferryError("--lr-warmup-epochs does not combine with --lr-scheduler plateau")
@@ -50,14 +60,38 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     split = discover(cfg)
     _logger.info("data: %s", split.describe())
     build_model(cfg.model, len(split.classes), cfg.pretrained, int(cfg.channels or 3))
+    if cfg.init_from:
+        from distributed.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.init_from)  # refused here, before Ray, if missing or damaged
     return cfg, split
+
+
+RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir")
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """--resume: the run's saved configuration, with this command's cluster and console flags."""
+    path = os.path.join(os.path.abspath(cfg.output_dir), str(cfg.name), "config.json")
+    if not os.path.isfile(path):
+        raise TorchferryError(f"--resume: {path} does not exist, so there is no run {cfg.name!r} to continue")
+    with open(path, encoding="utf-8") as f:
+        saved = TrainConfig.from_dict(json.load(f))
+    for key in RESUME_OVERRIDES:
+        setattr(saved, key, getattr(cfg, key))
+    saved.resume = True
+    return saved
 
 
 def _claim_run_dir(cfg: TrainConfig) -> None:
     run_dir = cfg.run_dir
-    if os.path.exists(os.path.join(run_dir, "best.pth")) or os.path.exists(os.path.join(run_dir, "metrics.csv")):
-        raise TorchferryError(f"run directory {run_dir} already holds a run; choose another --name "
-                              "(nothing there was changed)")
+    if cfg.resume:
+        return
+    ray_state = os.path.join(storage_path(cfg), str(cfg.name), "checkpoint_manager_snapshot.json")
+    if any(os.path.exists(p) for p in (os.path.join(run_dir, "best.pth"), os.path.join(run_dir, "metrics.csv"),
+                                       ray_state)):
+        raise TorchferryError(f"run directory {run_dir} already holds a run; continue it with --resume --name "
+                              f"{cfg.name}, or choose another --name (nothing there was changed)")
     os.makedirs(run_dir, exist_ok=True)
     ckpt.atomic_write_bytes(os.path.join(run_dir, "config.json"),
                             (json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n").encode())
@@ -161,9 +195,11 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
     console.start()
     try:
         return trainer.fit()
+    except SystemExit:
+        # Ray Train's own SIGINT handler aborts the run gracefully (checkpoints stay) and then exits.
+        raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"training failed: {_first_line(exc)}; checkpoints so far are under "
-                             f"{os.path.join(storage_path(cfg), str(cfg.name))}") from exc
+        raise TrainingFailed(f"training failed: {describe_failure(exc)}; {latest_checkpoint_note(cfg)}") from exc
     finally:
         console.stop()
 
@@ -222,35 +258,77 @@ class Console(threading.Thread):
         self.join(timeout=10)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """Which worker failed and how, in one line (Ray's WorkerGroupError maps ranks to their errors)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return _first_line(exc)
+    parts = []
+    for rank, error in sorted(failures.items()):
+        text = str(error)
+        if "worker process has died" in text or "actor is dead" in text.lower():
+            what = "its process died (killed, out of memory, or crashed)"
+        else:
+            what = _first_line(error)
+        parts.append(f"worker rank {rank}: {what}")
+    return "; ".join(parts)
+
+
+def latest_checkpoint_note(cfg: TrainConfig) -> str:
+    """Where the newest checkpoint of the run is, and how to continue from it."""
+    run_storage = os.path.join(storage_path(cfg), str(cfg.name))
+    latest = None
+    if os.path.isdir(run_storage):
+        dirs = sorted(d for d in os.listdir(run_storage)
+                      if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_storage, d)))
+        latest = os.path.join(run_storage, dirs[-1]) if dirs else None
+    if latest is None:
+        return f"no checkpoint was written (storage: {run_storage})"
+    return (f"the last checkpoint is {latest}; continue with --resume --name {cfg.name} "
+            f"(--max-failures N retries automatically)")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    """Where Ray keeps checkpoints: --storage, else the output dir (so they sit in runs/<name>/)."""
-    if cfg.storage and "://" in cfg.storage:
-        return cfg.storage
-    return os.path.abspath(os.path.expanduser(cfg.storage or cfg.output_dir))
+    """Where Ray keeps checkpoints (TrainConfig.storage_path)."""
+    return cfg.storage_path
 
 
 def finish(cfg: TrainConfig, result: Any) -> dict[str, Any]:
-    """Copy the best checkpoint to runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv."""
-    best = result.get_best_checkpoint(metric="val_acc", mode="max") or result.checkpoint
-    if best is None:
-        raise TrainingFailed("training finished without reporting a checkpoint")
-    run_dir = cfg.run_dir
-    best_path = os.path.join(run_dir, "best.pth")
-    with best.as_directory() as d:
+    """Copy the best usable checkpoint to runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv.
+
+    Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
+    over with a warning, so best.pth is always a checkpoint that loads.
+    """
+    kept = list(result.best_checkpoints or [])
+    if not kept and result.checkpoint is not None:
+        kept = [(result.checkpoint, {})]
+    usable = []
+    for checkpoint, metrics in kept:
+        with checkpoint.as_directory() as d:
+            path = os.path.join(d, ckpt.CHECKPOINT_FILE)
+            try:
+                loaded = ckpt.load_checkpoint(path)
+            except ckpt.CheckpointError as exc:
+                _logger.warning("passing over a damaged checkpoint: %s", exc)
+                continue
+            usable.append((loaded["metrics"]["val_acc"], loaded["epoch"], checkpoint, loaded))
+    if not usable:
+        raise TrainingFailed(f"training finished without a usable checkpoint; {latest_checkpoint_note(cfg)}")
+    best = max(usable, key=lambda u: (u[0], -u[1]))  # highest val_acc, the earliest epoch among equals
+    latest = max(usable, key=lambda u: u[1])
+    best_path = os.path.join(cfg.run_dir, "best.pth")
+    with best[2].as_directory() as d:
         ckpt.copy_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE), best_path)
-    best_ckpt = ckpt.load_checkpoint(best_path)
-    latest = result.checkpoint or best
-    with latest.as_directory() as d:
-        latest_ckpt = ckpt.load_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE))
+    ckpt.load_checkpoint(best_path)
     # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
-    ckpt.write_metrics_csv(os.path.join(run_dir, "metrics.csv"), latest_ckpt.get("history", []))
-    return {"best": best_path, "epoch": best_ckpt["epoch"], "val_acc": best_ckpt["metrics"]["val_acc"]}
+    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), latest[3].get("history", []))
+    return {"best": best_path, "epoch": best[3]["epoch"], "val_acc": best[3]["metrics"]["val_acc"]}
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -264,7 +342,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resource_check:
             check_resources(cfg)
         t0 = time.perf_counter()
-        result = fit(cfg, split.bad_images)
+        try:
+            result = fit(cfg, split.bad_images)
+        except KeyboardInterrupt:
+            raise Interrupted(cfg) from None
         summary = finish(cfg, result)
         summary["seconds"] = time.perf_counter() - t0
         return summary
@@ -289,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are kept", file=sys.stderr)
+        print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
     print(f"best val_acc {summary['val_acc']:.4f} at epoch {summary['epoch'] + 1}: {summary['best']}")
     return 0

@@ -7,6 +7,7 @@ are sums all-reduced over every worker, so the figures describe the whole data s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -249,6 +250,64 @@ def format_epoch(row: dict[str, Any], epochs: int) -> str:
             f"  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
 
 
+def _stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
+    """Epochs the current stage's schedule spans: head-only until unfreezing, then the rest."""
+    if cfg.freeze_backbone and cfg.unfreeze_at_epoch is not None:
+        return cfg.unfreeze_at_epoch if frozen else cfg.epochs - cfg.unfreeze_at_epoch
+    return cfg.epochs
+
+
+def restore_latest(events: "EventSink", cfg: TrainConfig) -> dict[str, Any] | None:
+    """The latest usable checkpoint of this run (after a worker failure, or with --resume), checked.
+
+    Ray hands over its latest checkpoint; when it has none but --resume was asked (Ray's own record of the
+    run was never written, e.g. the driver died first), the run's checkpoint folders on local or shared
+    storage are used. A damaged checkpoint is refused by `load_checkpoint` and the one before it is used
+    instead; the driver is told either way.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    run_storage = os.path.join(cfg.storage_path, str(cfg.name))
+    if checkpoint is None and not (cfg.resume and os.path.isdir(run_storage)):
+        return None
+    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)) as latest:
+        candidates = [latest] if latest else []
+        skip = os.path.abspath(checkpoint.path) if checkpoint is not None else None
+        parent = os.path.dirname(skip) if skip else run_storage
+        if os.path.isdir(parent):  # local or shared storage: the run's other kept checkpoints, newest first
+            others = [os.path.join(parent, d) for d in os.listdir(parent)
+                      if d.startswith("checkpoint_") and os.path.isdir(os.path.join(parent, d))]
+            candidates += sorted((d for d in others if os.path.abspath(d) != skip), reverse=True)
+        if not candidates:
+            return None
+        for directory in candidates:
+            try:
+                restored = ckpt.load_checkpoint(os.path.join(directory, ckpt.CHECKPOINT_FILE))
+            except ckpt.CheckpointError as exc:
+                message = f"checkpoint {directory} is unusable ({exc}); trying the one before it"
+                _logger.warning(message)
+                events.send("info", message=message)
+                continue
+            message = f"resuming after epoch {int(restored['epoch']) + 1} from {directory}"
+            _logger.info(message)
+            events.send("info", message=message)
+            return restored
+    raise ckpt.CheckpointError("no usable checkpoint to resume from: every kept checkpoint is damaged")
+
+
+def init_from_checkpoint(model: nn.Module, path: str, head: list[str], classes: list[str]) -> None:
+    """--init-from: start from another torchferry checkpoint's weights; a new head when the classes differ."""
+    source = ckpt.load_checkpoint(path)
+    state = dict(source["state_dict"])
+    if list(source["classes"]) != list(classes):
+        state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in head)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    foreign = [k for k in missing if not any(k.startswith(h + ".") for h in head)]
+    if foreign or unexpected:
+        raise ckpt.CheckpointError(f"--init-from {path}: its {source['arch']} weights do not fit this model "
+                                   f"(missing {foreign[:3]}, unexpected {unexpected[:3]})")
+    _logger.info("initialised from %s%s", path, "" if not missing else " with a new head for these classes")
+
+
 class _Stage:
     """Model, optimizer and schedule of the current training stage (frozen backbone, then all)."""
 
@@ -256,6 +315,8 @@ class _Stage:
         set_backbone_trainable(bare, head, not frozen)
         self.frozen = frozen
         self.model = ray.train.torch.prepare_model(bare)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
         lr = cfg.lr if frozen or cfg.unfreeze_at_epoch is None else cfg.finetune_lr
         assert lr is not None
         self.optimizer = build_optimizer(bare.parameters(), cfg, lr)
@@ -274,7 +335,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     else:
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
     split = discover(TrainConfig.from_dict({**loop_config["cfg"], "check_images": "none"}))
     bad = {p for p, _ in loop_config.get("bad_images", [])}
@@ -285,30 +346,44 @@ def train_func(loop_config: dict[str, Any]) -> None:
     num_classes = len(split.classes)
     bare = build_model(cfg.model, num_classes, cfg.pretrained, int(cfg.channels or 3))
     head = find_head(bare, num_classes)
-    # Same initial weights on every rank (DDP broadcasts rank 0's anyway); different augmentation per rank.
-    torch.manual_seed(cfg.seed * 1000 + rank)
+    restored = restore_latest(events, cfg)
+    if restored is None and cfg.init_from:
+        init_from_checkpoint(bare, cfg.init_from, head, split.classes)
+    elif restored is not None:
+        bare.load_state_dict(restored["state_dict"])
     if cfg.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
-    frozen = cfg.freeze_backbone
-    stage = _Stage(bare, head, cfg, frozen, cfg.unfreeze_at_epoch if frozen and cfg.unfreeze_at_epoch else cfg.epochs)
+    frozen = bool(restored["backbone_frozen"]) if restored is not None else cfg.freeze_backbone
+    stage = _Stage(bare, head, cfg, frozen, _stage_epochs(cfg, frozen))
     use_amp = cfg.amp
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype(device) == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_criterion = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     best_acc = -math.inf
+    start_epoch = 0
+    if restored is not None:
+        stage.optimizer.load_state_dict(restored["optimizer"])
+        stage.scheduler.load_state_dict(restored["scheduler"])
+        scaler.load_state_dict(restored["scaler"])
+        history = [dict(r) for r in restored.get("history", []) if r["epoch"] <= restored["epoch"]]
+        best_acc = float(restored.get("best_val_acc", -math.inf))
+        start_epoch = int(restored["epoch"]) + 1
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss()
     writer = None
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(cfg.run_dir, exist_ok=True)
-        writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"))
+        writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"), purge_step=start_epoch + 1 if start_epoch else None)
         message = (f"training {cfg.model} on {num_classes} classes: {world} worker(s) × batch "
                    f"{cfg.batch_size // world} = global batch {(cfg.batch_size // world) * world}, device {device.type}")
         _logger.info(message)
         events.send("info", message=message)
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
+        # The random streams depend on (seed, rank, epoch) only, so a resumed run draws what an
+        # uninterrupted one would have drawn.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
         if frozen and cfg.unfreeze_at_epoch is not None and epoch == cfg.unfreeze_at_epoch:
             frozen = False
             stage = _Stage(ckpt.unwrap(stage.model), head, cfg, False, cfg.epochs - epoch)
@@ -352,7 +427,7 @@ def _report(row: dict[str, Any], history: list[dict[str, Any]], best_acc: float,
     checkpoint = make_checkpoint(stage, scaler, split, cfg, row, history, best_acc)
     tmp = tempfile.mkdtemp(prefix="torchferry-ckpt-")
     try:
-        ckpt.save_checkpoint(checkpoint, os.path.join(tmp, ckpt.CHECKPOINT_FILE))
+        ckpt.save_checkpoint(checkpoint, os.path.join(tmp, ckpt.CHECKPOINT_FILE), sidecar=True)
         ray.train.report(dict(row), checkpoint=ray.train.Checkpoint.from_directory(tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""Training that survives: SIGINT then --resume, a SIGKILLed worker, damaged checkpoints, --init-from."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import FAST_FLAGS
+from distributed import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 300
+# The built-in digits: epochs of a few seconds, long enough to interrupt or kill a worker mid-run.
+DIGITS = ["--gpus", "0", "--workers", "2", "--num-workers", "0"]
+
+
+def epochs_in(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def launch(args: list[str], tmp: Path, log: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "distributed.launch", *args], cwd=tmp, env=env,
+                            stdout=open(tmp / f"{log}.out", "w"), stderr=open(tmp / f"{log}.err", "w"))
+
+
+def wait_for_epochs(run_dir: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while len(epochs_in(run_dir)) < n:
+        assert proc.poll() is None, f"run ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.05)
+
+
+def best_val_acc(run_dir: Path) -> float:
+    return ckpt.load_checkpoint(str(run_dir / "best.pth"))["metrics"]["val_acc"]
+
+
+def train_workers(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
+
+
+def test_sigint_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    flags = [*DIGITS, "--epochs", "4", "--output-dir", str(tmp_path)]
+    proc = launch([*flags, "--name", "cut"], tmp_path, "cut")
+    wait_for_epochs(tmp_path / "cut", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=WAIT_S) == 130
+    err = (tmp_path / "cut.err").read_text()
+    assert "--resume --name cut" in err
+    done_before = epochs_in(tmp_path / "cut")
+    assert 1 <= len(done_before) < 4
+    resumed = launch(["--resume", "--name", "cut", "--output-dir", str(tmp_path)], tmp_path, "resumed")
+    assert resumed.wait(timeout=WAIT_S) == 0, (tmp_path / "resumed.err").read_text()
+    assert f"resuming after epoch {len(done_before)}" in (tmp_path / "resumed.err").read_text()
+    assert epochs_in(tmp_path / "cut") == list(range(4))  # every epoch exactly once
+    whole = launch([*flags, "--name", "whole"], tmp_path, "whole")
+    assert whole.wait(timeout=WAIT_S) == 0
+    assert abs(best_val_acc(tmp_path / "cut") - best_val_acc(tmp_path / "whole")) <= 0.15
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
+    proc = launch([*DIGITS, "--epochs", "5", "--max-failures", "2", "--output-dir", str(tmp_path), "--name", "kill"],
+                  tmp_path, "kill")
+    wait_for_epochs(tmp_path / "kill", 2, proc)
+    victims = train_workers(proc.pid)
+    assert len(victims) == 2, victims
+    victims[-1].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=WAIT_S) == 0, (tmp_path / "kill.err").read_text()
+    err = (tmp_path / "kill.err").read_text()
+    resumed_after = int(err.split("resuming after epoch ", 1)[1].split()[0])
+    assert resumed_after >= 1  # restored from the last registered checkpoint, not from epoch 0
+    assert epochs_in(tmp_path / "kill") == list(range(5))
+    ckpt.load_checkpoint(str(tmp_path / "kill" / "best.pth"))
+
+
+def test_killed_worker_without_retries_fails_with_one_clear_error(tmp_path: Path) -> None:
+    proc = launch([*DIGITS, "--epochs", "5", "--max-failures", "0", "--output-dir", str(tmp_path), "--name", "dead"],
+                  tmp_path, "dead")
+    wait_for_epochs(tmp_path / "dead", 2, proc)
+    train_workers(proc.pid)[-1].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=WAIT_S) == 1
+    errors = [ln for ln in (tmp_path / "dead.err").read_text().splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert "worker rank 1: its process died" in errors[0] and f"last checkpoint is {tmp_path / 'dead'}" in errors[0]
+    kept = sorted((tmp_path / "dead").glob("checkpoint_*/checkpoint.pth"))
+    assert kept and all(ckpt.load_checkpoint(str(p)) for p in kept)  # intact
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(trained_run: dict, tmp_path: Path) -> None:
+    args = [*FAST_FLAGS, "--epochs", "3", "--keep-checkpoints", "3", "--data", str(trained_run["data"]),
+            "--output-dir", str(tmp_path), "--name", "dmg"]
+    assert launch(args, tmp_path, "first").wait(timeout=WAIT_S) == 0
+    latest = max(p for p in (tmp_path / "dmg").glob("checkpoint_*") if p.is_dir())
+    data = (latest / "checkpoint.pth").read_bytes()
+    (latest / "checkpoint.pth").write_bytes(data[: len(data) // 3])
+    proc = launch(["--resume", "--name", "dmg", "--output-dir", str(tmp_path)], tmp_path, "again")
+    assert proc.wait(timeout=WAIT_S) == 0, (tmp_path / "again.err").read_text()
+    err = (tmp_path / "again.err").read_text()
+    assert f"checkpoint {latest} is unusable" in err and "resuming after epoch 2" in err
+    assert epochs_in(tmp_path / "dmg") == [0, 1, 2]
+
+
+def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "distributed.launch", "--resume", "--name", "ghost",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "no run 'ghost' to continue" in proc.stderr
+
+
+def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    from distributed import launch as launcher
+
+    code = launcher.main([*FAST_FLAGS, "--epochs", "1", "--lr", "0.0001", "--data", str(trained_run["data"]),
+                          "--init-from", str(trained_run["run_dir"] / "best.pth"),
+                          "--output-dir", str(tmp_path), "--name", "ft"])
+    assert code == 0, capsys.readouterr().err
+    assert best_val_acc(tmp_path / "ft") >= 0.8  # one epoch at a tiny lr: the weights came from the checkpoint
