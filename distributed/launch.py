@@ -259,19 +259,21 @@ class Console(threading.Thread):
 
 
 def describe_failure(exc: BaseException) -> str:
-    """Which worker failed and how, in one line (Ray's WorkerGroupError maps ranks to their errors)."""
+    """Which worker failed and how, in one line (Ray's WorkerGroupError maps ranks to their errors).
+
+    When a worker process died, the others fail next in a collective that lost its peer; the dead ranks
+    are what the user needs to know, so they are named and the rest summarised.
+    """
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
         return _first_line(exc)
-    parts = []
-    for rank, error in sorted(failures.items()):
-        text = str(error)
-        if "worker process has died" in text or "actor is dead" in text.lower():
-            what = "its process died (killed, out of memory, or crashed)"
-        else:
-            what = _first_line(error)
-        parts.append(f"worker rank {rank}: {what}")
-    return "; ".join(parts)
+    died = sorted(rank for rank, error in failures.items()
+                  if "process has died" in str(error) or "actor is dead" in str(error).lower())
+    if died:
+        others = sorted(set(failures) - set(died))
+        return (", ".join(f"worker rank {r}" for r in died) + ": its process died (killed, out of memory or "
+                "crashed)" + (f"; rank(s) {', '.join(map(str, others))} then failed with it" if others else ""))
+    return "; ".join(f"worker rank {rank}: {_first_line(error)}" for rank, error in sorted(failures.items()))
 
 
 def latest_checkpoint_note(cfg: TrainConfig) -> str:
@@ -299,7 +301,7 @@ def storage_path(cfg: TrainConfig) -> str:
     return cfg.storage_path
 
 
-def finish(cfg: TrainConfig, result: Any) -> dict[str, Any]:
+def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     """Copy the best usable checkpoint to runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv.
 
     Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
@@ -327,8 +329,25 @@ def finish(cfg: TrainConfig, result: Any) -> dict[str, Any]:
         ckpt.copy_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE), best_path)
     ckpt.load_checkpoint(best_path)
     # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
-    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), latest[3].get("history", []))
+    history = latest[3].get("history", [])
+    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history)
+    if split is not None:
+        _pictures(cfg, best[3], history, split)
     return {"best": best_path, "epoch": best[3]["epoch"], "val_acc": best[3]["metrics"]["val_acc"]}
+
+
+def _pictures(cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
+    """curves.png and val_predictions.png; a failure here is reported but never fails a finished run."""
+    from distributed.data import build_datasets
+    from distributed.presets import build_eval_transform
+    from distributed.report import run_pictures
+
+    try:
+        _, val = build_datasets(split, int(best["preprocess"]["channels"]), None,
+                                build_eval_transform(best["preprocess"]))
+        run_pictures(cfg.run_dir, best, history, val)
+    except Exception as exc:  # noqa: BLE001 - pictures are a convenience; the checkpoint is what matters
+        _logger.warning("could not draw curves.png / val_predictions.png: %s", exc)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -346,7 +365,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             result = fit(cfg, split.bad_images)
         except KeyboardInterrupt:
             raise Interrupted(cfg) from None
-        summary = finish(cfg, result)
+        summary = finish(cfg, result, split)
         summary["seconds"] = time.perf_counter() - t0
         return summary
     finally:

@@ -28,7 +28,8 @@ from distributed import TorchferryError
 from distributed.checkpoint import (atomic_write_bytes, default_file_mode, load_checkpoint, model_from_checkpoint,
                                    sha256_file)
 from export import metadata as meta
-from export.verify import DEFAULT_ATOL, DEFAULT_MIN_TOP1, MAX_REAL_IMAGES, format_report, verify_parity, write_report
+from export.verify import (DEFAULT_ATOL, DEFAULT_MIN_TOP1, MAX_REAL_IMAGES, add_parity_arguments, format_report,
+                           verify_parity, write_report)
 
 _logger = logging.getLogger(__name__)
 
@@ -183,14 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
     p.add_argument("--output", "-o", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own, 18+)")
-    p.add_argument("--data", default=None, help="validation data for the real-image check and INT8 calibration "
-                   "(default: the checkpoint's recorded --data, when reachable)")
-    p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"largest allowed abs error (default: {DEFAULT_ATOL})")
-    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1, help="smallest allowed top-1 "
-                   f"agreement on real images (default: {DEFAULT_MIN_TOP1})")
-    p.add_argument("--max-images", type=int, default=MAX_REAL_IMAGES, help="validation images to compare and "
-                   f"to measure INT8 accuracy on (default: {MAX_REAL_IMAGES})")
+    add_parity_arguments(p)
     p.add_argument("--optimize", action="store_true", help="also save an ORT graph-optimised model.opt.onnx")
     p.add_argument("--quantize", choices=("int8",), default=None, help="also save model.int8.onnx: static INT8 "
                    "calibrated on training images (dynamic where no data is reachable), with its top-1 "

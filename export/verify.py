@@ -155,20 +155,25 @@ def write_report(report: dict[str, Any], path: str) -> None:
     atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
+def add_parity_arguments(p: argparse.ArgumentParser) -> None:
+    """The verification flags `python -m export.onnx` and `python -m export.verify` share."""
+    p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration) "
+                   "(default: the checkpoint's recorded --data, when reachable)")
+    p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"largest allowed abs error (default: {DEFAULT_ATOL})")
+    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1, help="smallest allowed top-1 "
+                   f"agreement on real images (default: {DEFAULT_MIN_TOP1})")
+    p.add_argument("--max-images", type=int, default=MAX_REAL_IMAGES, help="validation images to compare (and to "
+                   f"measure INT8 accuracy on) (default: {MAX_REAL_IMAGES})")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """`python -m export.verify` command line."""
     p = argparse.ArgumentParser(prog="python -m export.verify", description="Check that an ONNX model computes "
                                 "what its torchferry checkpoint computes (ONNX Runtime vs PyTorch, CPU).")
     p.add_argument("model", help="the .onnx file")
     p.add_argument("checkpoint", help="the torchferry checkpoint (.pth) it was exported from")
-    p.add_argument("--data", default=None, help="validation data to compare on (default: the checkpoint's "
-                   "recorded --data, when reachable)")
-    p.add_argument("--no-real-images", action="store_true", help="compare on random inputs only")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"largest allowed abs error (default: {DEFAULT_ATOL})")
-    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1, help="smallest allowed top-1 "
-                   f"agreement on real images (default: {DEFAULT_MIN_TOP1})")
-    p.add_argument("--max-images", type=int, default=MAX_REAL_IMAGES, help="validation images to compare "
-                   f"(default: {MAX_REAL_IMAGES})")
+    add_parity_arguments(p)
     p.add_argument("--report", default=None, help="where to write the JSON report (default: MODEL.verify.json)")
     p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     return p
