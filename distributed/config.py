@@ -90,6 +90,7 @@ class TrainConfig:
     gpus: int = 0
     workers: int = 2
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     address: str | None = None
     storage: str | None = None
     name: str | None = None
@@ -257,6 +258,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=d.workers, help=f"CPU workers when --gpus 0 (default: {d.workers})")
     g.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker, help="CPUs reserved per worker; "
                    f"also its torch thread count (default: {d.cpus_per_worker:g})")
+    g.add_argument("--placement-strategy", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   default=d.placement_strategy, help="how Ray places the workers on nodes; STRICT_SPREAD puts each "
+                   f"on its own node (default: {d.placement_strategy})")
     g.add_argument("--address", default=None, help="join a running Ray cluster: auto, HOST:6379 or "
                    "ray://HOST:10001 (default: $RAY_ADDRESS, else start a local Ray bound to 127.0.0.1)")
     g.add_argument("--storage", default=None, help="where Ray keeps checkpoints: a local dir, s3:// or gs://; "

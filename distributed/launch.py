@@ -134,7 +134,8 @@ def start_ray(cfg: TrainConfig) -> bool:
     # Loopback only, no dashboard and so no job API: Ray's job API runs any command for whoever reaches it
     # (CVE-2023-48022). Worker output stays in Ray's log files unless --verbose: the driver prints rank 0's
     # epoch lines itself.
-    ray.init(include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
+    # address="local": always a fresh local instance, never a cluster some other program left running here.
+    ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
              num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
     return True
 
@@ -154,7 +155,9 @@ def check_resources(cfg: TrainConfig) -> None:
             problems.append(f"{per_worker * workers:g} {kind} ({workers} worker(s) × {per_worker:g}) but the Ray "
                             f"cluster has {have:g} {kind}")
     if not problems and nodes:
-        slots = sum(min(int(n.get(k, 0.0) // v) for k, v in need.items()) for n in nodes)
+        per_node = [min(int(n.get(k, 0.0) // v) for k, v in need.items()) for n in nodes]
+        slots = (sum(1 for p in per_node if p > 0) if cfg.placement_strategy == "STRICT_SPREAD"
+                 else max(per_node) if cfg.placement_strategy == "STRICT_PACK" else sum(per_node))
         if slots < workers:
             problems.append(f"{workers} worker(s) of {need} each, but the {len(nodes)} node(s) can place only {slots}")
     if problems:
@@ -172,7 +175,7 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
 
     from ray.util.queue import Queue
 
-    events = Queue(maxsize=10_000)
+    events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     use_gpu = cfg.gpus > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -180,7 +183,8 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
         train_loop_config={"cfg": cfg.to_dict(), "bad_images": bad_images, "events": events},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers_total, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=storage_path(cfg),

@@ -250,6 +250,25 @@ def format_epoch(row: dict[str, Any], epochs: int) -> str:
             f"  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
 
 
+def record_placement(cfg: TrainConfig, rank: int, world: int, events: "EventSink") -> None:
+    """Which node each worker runs on: gathered on rank 0 into runs/<name>/cluster.json and told to the driver."""
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+          "pid": os.getpid()}
+    everyone: list[Any] = [None] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(everyone, me)
+    else:
+        everyone = [me]
+    if rank == 0:
+        import json
+
+        ckpt.atomic_write_bytes(os.path.join(cfg.run_dir, "cluster.json"),
+                                (json.dumps({"workers": everyone}, indent=2) + "\n").encode())
+        nodes = sorted({w["node_id"] for w in everyone})
+        events.send("info", message=f"{world} worker(s) on {len(nodes)} node(s): " + ", ".join(
+            f"rank {w['rank']}@{w['ip']}/{w['node_id'][:8]}" for w in everyone))
+
+
 def _stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
     """Epochs the current stage's schedule spans: head-only until unfreezing, then the rest."""
     if cfg.freeze_backbone and cfg.unfreeze_at_epoch is not None:
@@ -337,6 +356,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
+    record_placement(cfg, rank, world, events)
     split = discover(TrainConfig.from_dict({**loop_config["cfg"], "check_images": "none"}))
     bad = {p for p, _ in loop_config.get("bad_images", [])}
     split.train = [s for s in split.train if s[0] not in bad]

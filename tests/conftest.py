@@ -144,7 +144,7 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
     from distributed.launch import _keep_ray_on_loopback
 
     _keep_ray_on_loopback()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -199,3 +199,62 @@ def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def ray_two_nodes(tmp_path: Path):
+    """A real two-node Ray cluster on loopback addresses: a head (`ray start --head`) and a second node
+    (`ray start --address`), each with one CPU, token auth on; torn down afterwards.
+
+    The nodes take 127.0.0.3 and 127.0.0.2 (Ray rewrites the literal 127.0.0.1 to the machine's routable
+    address when nodes join), so every connection stays on the loopback range.
+    """
+    import secrets
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A cluster of several nodes: Ray's single-machine switch (set by the launcher's local mode) must be off.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--block"]
+    head = subprocess.Popen([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.3", "--port", str(port),
+                             "--include-dashboard=false", *common], env=env,
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    address = f"127.0.0.3:{port}"
+    procs = [head]
+    try:
+        time.sleep(5)
+        procs.append(subprocess.Popen([ray_bin, "start", "--address", address, "--node-ip-address", "127.0.0.2",
+                                       *common], env=env, stdout=open(tmp_path / "second.log", "w"),
+                                      stderr=subprocess.STDOUT))
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                 "print(sum(1 for n in ray.nodes() if n['Alive']))")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), (tmp_path / "head.log").read_text()[-2000:]
+            out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+            if out.endswith("2"):
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the second node did not join")
+        yield {"address": address, "env": env}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        marker = Path("/tmp/ray/ray_current_cluster")
+        if marker.is_file() and marker.read_text().strip() == address:
+            marker.unlink()  # what `ray stop` would remove; our own cluster's only

@@ -131,3 +131,24 @@ def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Pa
                           "--output-dir", str(tmp_path), "--name", "ft"])
     assert code == 0, capsys.readouterr().err
     assert best_val_acc(tmp_path / "ft") >= 0.8  # one epoch at a tiny lr: the weights came from the checkpoint
+
+
+def test_two_node_cluster_runs_one_worker_per_node(ray_two_nodes: dict, trained_run: dict, tmp_path: Path) -> None:
+    """--address joins a running cluster of two nodes; STRICT_SPREAD places one worker on each; both node
+    ids show up among the workers; checkpoints go to a shared --storage."""
+    import json
+
+    shared = tmp_path / "shared"
+    env = {**ray_two_nodes["env"], "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "distributed.launch", *FAST_FLAGS, "--epochs", "2",
+                           "--data", str(trained_run["data"]), "--address", ray_two_nodes["address"],
+                           "--placement-strategy", "STRICT_SPREAD", "--storage", str(shared),
+                           "--output-dir", str(tmp_path / "runs"), "--name", "two"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workers = json.loads((tmp_path / "runs" / "two" / "cluster.json").read_text())["workers"]
+    assert len({w["node_id"] for w in workers}) == 2 and {w["ip"] for w in workers} == {"127.0.0.2", "127.0.0.3"}
+    assert "2 worker(s) on 2 node(s)" in proc.stderr
+    assert list((shared / "two").glob("checkpoint_*/checkpoint.pth"))  # Ray's checkpoints on the shared storage
+    assert epochs_in(tmp_path / "runs" / "two") == [0, 1]
+    ckpt.load_checkpoint(str(tmp_path / "runs" / "two" / "best.pth"))
