@@ -12,7 +12,8 @@ import io
 import os
 import re
 import tempfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torchvision

@@ -108,7 +108,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild from `to_dict` output; unknown keys are an error so a typo fails where it is made."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

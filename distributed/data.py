@@ -16,9 +16,10 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps

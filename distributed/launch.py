@@ -170,10 +170,9 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
     """Run TorchTrainer and return its Result; raises TrainingFailed when training did not finish."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
     from distributed.loop import train_func
-
-    from ray.util.queue import Queue
 
     events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     use_gpu = cfg.gpus > 0

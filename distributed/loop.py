@@ -15,9 +15,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -220,7 +221,7 @@ class EventSink:
         except Exception:  # noqa: BLE001 - a full or gone queue must not stop training
             _logger.debug("dropped %s event for the driver", kind)
 
-    def start_epoch(self, epoch: int, total: int) -> "EventSink":
+    def start_epoch(self, epoch: int, total: int) -> EventSink:
         self.epoch, self.total, self.done = epoch, total, 0
         self.every = max(1, total // 20)
         if self.progress:
@@ -250,7 +251,7 @@ def format_epoch(row: dict[str, Any], epochs: int) -> str:
             f"  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
 
 
-def record_placement(cfg: TrainConfig, rank: int, world: int, events: "EventSink") -> None:
+def record_placement(cfg: TrainConfig, rank: int, world: int, events: EventSink) -> None:
     """Which node each worker runs on: gathered on rank 0 into runs/<name>/cluster.json and told to the driver."""
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
           "pid": os.getpid()}
@@ -276,7 +277,7 @@ def _stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
     return cfg.epochs
 
 
-def restore_latest(events: "EventSink", cfg: TrainConfig) -> dict[str, Any] | None:
+def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None:
     """The latest usable checkpoint of this run (after a worker failure, or with --resume), checked.
 
     Ray hands over its latest checkpoint; when it has none but --resume was asked (Ray's own record of the

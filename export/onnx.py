@@ -25,11 +25,23 @@ from torch import nn
 
 import distributed
 from distributed import TorchferryError
-from distributed.checkpoint import (atomic_write_bytes, default_file_mode, load_checkpoint, model_from_checkpoint,
-                                   sha256_file)
+from distributed.checkpoint import (
+    atomic_write_bytes,
+    default_file_mode,
+    load_checkpoint,
+    model_from_checkpoint,
+    sha256_file,
+)
 from export import metadata as meta
-from export.verify import (DEFAULT_ATOL, DEFAULT_MIN_TOP1, MAX_REAL_IMAGES, add_parity_arguments, format_report,
-                           verify_parity, write_report)
+from export.verify import (
+    DEFAULT_ATOL,
+    DEFAULT_MIN_TOP1,
+    MAX_REAL_IMAGES,
+    add_parity_arguments,
+    format_report,
+    verify_parity,
+    write_report,
+)
 
 _logger = logging.getLogger(__name__)
 

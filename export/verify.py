@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import write_checkpoint, write_class_tree
+
 from distributed import checkpoint as ckpt
 from export import metadata as meta
 from export import onnx as export_onnx

@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,6 @@ def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, t
     """The closest thing to running the serve image here: a fresh venv with only the pinned [serve] list,
     the serve/ folder, gunicorn on 127.0.0.1 against an exported model."""
     import requests
-
     from test_serve_live import free_port, stop, wait_ready
 
     venv = tmp_path / "venv"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_FLAGS
+
 from distributed import checkpoint as ckpt
 from distributed import launch
 from distributed.config import TrainConfig

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import FAST_FLAGS
+
 from distributed import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import png_bomb
 from PIL import Image
 
-from conftest import png_bomb
 from serve.app import create_app, settings_from_env
 from serve.batcher import MicroBatcher
 

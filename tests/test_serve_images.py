@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_bomb
 from PIL import Image
 
-from conftest import png_bomb
 from distributed.data import load_image
 from distributed.presets import build_eval_transform
 from serve.images import ImageError, decode, preprocess

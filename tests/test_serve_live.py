@@ -225,7 +225,6 @@ def test_slow_client_does_not_block_others(exported_model: dict, tmp_path: Path)
 def test_bad_inputs_never_take_a_gunicorn_worker_down(exported_model: dict, tmp_path: Path) -> None:
     """The documented bad inputs against the real server: each its 4xx, /healthz 200 after, same worker pids."""
     import psutil
-
     from test_serve_app import _bad_requests
 
     port = free_port()
