@@ -94,13 +94,17 @@ def _folder_split(cfg: TrainConfig) -> DataSplit:
     if not os.path.isdir(root):
         raise TorchferryError(f"--data {cfg.data!r} is neither a directory nor an annotation file")
     train_dir = os.path.join(root, "train")
-    val_dir = cfg.val_data and _expand(cfg.val_data)
-    if val_dir is None:
-        for name in ("val", "validation"):
-            if os.path.isdir(os.path.join(root, name)):
-                val_dir = os.path.join(root, name)
-    if os.path.isdir(train_dir) and val_dir:
-        return _folder_pair(train_dir, val_dir)
+    val_dir = _expand(cfg.val_data) if cfg.val_data else None
+    found_val = [os.path.join(root, n) for n in ("val", "validation") if os.path.isdir(os.path.join(root, n))]
+    if os.path.isdir(train_dir):
+        val_dir = val_dir or (found_val[0] if found_val else None)
+        if val_dir:
+            return _folder_pair(train_dir, val_dir)
+        return _split_folder(train_dir, cfg)
+    if found_val and not val_dir:
+        # DIR/<class>/* beside DIR/val/: "val" would become a class holding the validation images.
+        raise TorchferryError(f"{root!r} has a {os.path.basename(found_val[0])}/ folder but no train/ folder; move "
+                              "the training classes under train/, or pass --val-data")
     if val_dir:
         return _folder_pair(root, val_dir)
     return _split_folder(root, cfg)
@@ -126,7 +130,8 @@ def _scan_folder(directory: str, classes: list[str]) -> list[Sample]:
 
 
 def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
-    classes = _find_classes(train_dir)
+    # A --val-data folder inside the training tree is not a class.
+    classes = [c for c in _find_classes(train_dir) if os.path.abspath(os.path.join(train_dir, c)) != val_dir]
     val_classes = _find_classes(val_dir)
     extra = sorted(set(val_classes) - set(classes))
     if extra:
@@ -305,6 +310,14 @@ def materialize_digits(cache_dir: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def require_explicit_torchvision_root(recorded: str, given: str | None) -> None:
+    """A data path read from a checkpoint is untrusted: torchvision's CIFAR reader unpickles the files it names,
+    so such a root is only used when the user names it again (--data)."""
+    if not given and data_set_key(recorded) in TORCHVISION_SETS:
+        raise TorchferryError(f"the checkpoint names the torchvision data set {recorded!r}; pass --data to use it "
+                              "(its files are read with pickle, so a checkpoint alone does not choose them)")
 
 
 def _torchvision_dataset(name: str, root: str, train: bool, download: bool) -> Any:

@@ -21,7 +21,7 @@ import torch
 from distributed import TorchferryError
 from distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from distributed.config import TrainConfig
-from distributed.data import build_datasets, discover
+from distributed.data import build_datasets, discover, require_explicit_torchvision_root
 from distributed.presets import build_eval_transform
 from distributed.report import plot_confusion
 
@@ -45,6 +45,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
 
     checkpoint = load_checkpoint(path)
     cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
+    require_explicit_torchvision_root(cfg.data, data)
     cfg = dataclasses.replace(cfg, data=data or cfg.data, val_data=None if data else cfg.val_data,
                               check_images="none", download=False)
     split = discover(cfg)

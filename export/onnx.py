@@ -172,12 +172,15 @@ def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset:
         write_report(report, output + ".verify.json")
         if not report["passed"]:
             return report
+        digest = sha256_file(tmp)
+        # An old sidecar must never sit beside the new model: drop it, swap the model in, write the new one.
+        if os.path.exists(output + ".sha256"):
+            os.unlink(output + ".sha256")
         os.replace(tmp, output)
+        atomic_write_bytes(output + ".sha256", f"{digest}  {os.path.basename(output)}\n".encode())
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    digest = sha256_file(output)
-    atomic_write_bytes(output + ".sha256", f"{digest}  {os.path.basename(output)}\n".encode())
     report["sha256"] = digest
     stem = output[:-5] if output.endswith(".onnx") else output
     if optimize:

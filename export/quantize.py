@@ -41,10 +41,11 @@ class _ImageReader(CalibrationDataReader):
 
 def _datasets(checkpoint: dict[str, Any], data: str | None) -> tuple[Any, Any]:
     from distributed.config import TrainConfig
-    from distributed.data import build_datasets, discover
+    from distributed.data import build_datasets, discover, require_explicit_torchvision_root
     from distributed.presets import build_eval_transform
 
     cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
+    require_explicit_torchvision_root(cfg.data, data)
     cfg = dataclasses.replace(cfg, data=data or cfg.data, check_images="none", download=False)
     split = discover(cfg)
     eval_tf = build_eval_transform(checkpoint["preprocess"])

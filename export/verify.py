@@ -56,10 +56,11 @@ def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tu
     Raises TorchferryError when the data cannot be reached.
     """
     from distributed.config import TrainConfig
-    from distributed.data import build_datasets, discover
+    from distributed.data import build_datasets, discover, require_explicit_torchvision_root
     from distributed.presets import build_eval_transform
 
     cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
+    require_explicit_torchvision_root(cfg.data, data)
     if data:
         cfg = dataclasses.replace(cfg, data=data)
     cfg = dataclasses.replace(cfg, check_images="none", download=False)

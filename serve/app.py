@@ -171,6 +171,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         MAX_FORM_PARTS=int(app.config["MAX_IMAGES"]) + 8, MAX_FORM_MEMORY_SIZE=64 * 1024,
     )
     app.debug = False
+    # Pillow's own bomb check runs inside Image.open, before ours: give it our cap (never below its default).
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max(int(app.config["MAX_PIXELS"]), Image.MAX_IMAGE_PIXELS or 0)
     state = ServingState(app.config)
     metrics = _metrics(app)
     app.extensions["torchferry"] = state

@@ -38,7 +38,7 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
         except UnidentifiedImageError:
             raise ImageError(400, "not_an_image", f"{name}: not a recognised image (accepted: "
                              f"{', '.join(ALLOWED_FORMATS)})") from None
-        except Image.DecompressionBombError as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(413, "too_many_pixels", f"{name}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any failure to parse a header is the client's bad image
             raise ImageError(400, "not_an_image", f"{name}: cannot read image header ({type(exc).__name__})") from None

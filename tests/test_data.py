@@ -153,3 +153,31 @@ def test_unreadable_images_are_counted_and_skippable(flat_folder: Path) -> None:
         discover(cfg_for(str(flat_folder)))
     split = discover(cfg_for(str(flat_folder), skip_bad_images=True))
     assert len(split.bad_images) == 2 and len(split.train) + len(split.val) == 60
+
+
+def test_val_folder_without_train_folder_is_refused_not_learned(flat_folder: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(flat_folder / "val", 3)
+    with pytest.raises(TorchferryError, match="has a val/ folder but no train/ folder"):
+        discover(cfg_for(str(flat_folder)))
+
+
+def test_train_folder_without_val_is_split(tmp_path: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(tmp_path / "ds" / "train", 10)
+    split = discover(cfg_for(str(tmp_path / "ds"), val_split=0.2))
+    assert split.classes == ["blue", "green", "red"] and len(split.train) + len(split.val) == 30
+
+
+def test_checkpoint_named_torchvision_root_needs_explicit_data(cifar10_root: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint is untrusted: it cannot make the tools unpickle files from a root it names."""
+    from conftest import write_checkpoint
+    from distributed import evaluate
+
+    path = write_checkpoint(tmp_path / "c.pth", "smallcnn", f"cifar10:{cifar10_root}", size=32)
+    assert evaluate.main([str(path), "--output-dir", str(tmp_path)]) == 2
+    assert "pass --data to use it" in capsys.readouterr().err
+    assert evaluate.main([str(path), "--data", f"cifar10:{cifar10_root}", "--output-dir", str(tmp_path)]) == 0

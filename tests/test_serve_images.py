@@ -89,6 +89,7 @@ def test_exif_rotation_and_first_frame() -> None:
      "corrupt_image"),
     (png_bomb(), 413, "too_many_pixels"),
     (png_bomb(5000, 5000), 413, "too_many_pixels"),
+    (png_bomb(10000, 10000), 413, "too_many_pixels"),  # between Pillow's warning and error limits
     (b"%PDF-1.4 not an image", 400, "not_an_image"),
 ])
 def test_bad_images_are_refused_before_decoding(data: bytes, status: int, code: str) -> None:
