@@ -175,6 +175,7 @@ def test_checkpoint_named_torchvision_root_needs_explicit_data(cifar10_root: Pat
                                                                capsys: pytest.CaptureFixture) -> None:
     """A checkpoint is untrusted: it cannot make the tools unpickle files from a root it names."""
     from conftest import write_checkpoint
+
     from distributed import evaluate
 
     path = write_checkpoint(tmp_path / "c.pth", "smallcnn", f"cifar10:{cifar10_root}", size=32)
