@@ -77,6 +77,10 @@ def _autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> Any:
     return torch.autocast(device.type, dtype=dtype) if enabled else nullcontext()
 
 
+def _zeros(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64, device=device)
+
+
 def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -110,7 +114,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
     """One pass over this worker's shard; returns loss/accuracy summed over all workers."""
     model.train()
     dtype = amp_dtype(device)
-    loss_sum, correct, count = 0.0, 0.0, 0
+    # Sums stay on the device: a `.item()` per step would make the CPU wait for the GPU every step.
+    loss_sum, correct = _zeros(device), _zeros(device)
+    count = 0
     start = time.perf_counter()
     for images, target in loader:
         images, target = _to_device(images, target, device, channels_last)
@@ -125,13 +131,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
             loss.backward()
             optimizer.step()
         n = target.shape[0]
-        loss_sum += loss.detach().float().item() * n
-        correct += (logits.detach().argmax(1) == target).sum().item()
+        loss_sum += loss.detach().double() * n
+        correct += (logits.detach().argmax(1) == target).sum()
         count += n
         if progress is not None:
             progress.update(1)
+    local = torch.stack([loss_sum, correct]).tolist()  # the epoch's one wait for the device
     seconds = time.perf_counter() - start
-    loss_sum, correct, count, seconds = _all_reduce_sums([loss_sum, correct, count, seconds], device)
+    loss_sum, correct, count, seconds = _all_reduce_sums([*local, count, seconds], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return PhaseStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds / world)
 
@@ -142,7 +149,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
     """Loss and accuracy over every worker's validation shard, summed with all-reduce."""
     model.eval()
     dtype = amp_dtype(device)
-    loss_sum, correct, count = 0.0, 0.0, 0
+    loss_sum, correct = _zeros(device), _zeros(device)
+    count = 0
     start = time.perf_counter()
     for images, target in loader:
         images, target = _to_device(images, target, device, channels_last)
@@ -150,11 +158,12 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
             logits = model(images)
             loss = criterion(logits.float(), target)
         n = target.shape[0]
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == target).sum().item()
+        loss_sum += loss.double() * n
+        correct += (logits.argmax(1) == target).sum()
         count += n
+    local = torch.stack([loss_sum, correct]).tolist()
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = _all_reduce_sums([loss_sum, correct, count], device)
+    loss_sum, correct, count = _all_reduce_sums([*local, count], device)
     return PhaseStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds)
 
 
