@@ -2,7 +2,8 @@
 
 Off by default (`--batch-window-ms 0`). With a window, the first request to arrive waits at most that
 long for others, up to `max_batch` images, then one ORT call answers all of them; each caller gets its
-own rows back.
+own rows back. A closed batcher (its model was swapped out) answers later callers directly, so a
+request that picked the old model just before the swap still gets its answer.
 """
 
 from __future__ import annotations
@@ -21,18 +22,27 @@ class MicroBatcher:
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], window_ms: float, max_batch: int):
         self.run_fn, self.window, self.max_batch = run, window_ms / 1000.0, max_batch
         self.requests: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
+        self._closed = False
+        self._close_lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="torchferry-batcher", daemon=True)
         self.thread.start()
 
     def submit(self, batch: np.ndarray) -> np.ndarray:
         """Logits for `batch`, computed together with whatever else arrives within the window."""
         future: Future = Future()
-        self.requests.put((batch, future))
+        with self._close_lock:  # nothing is queued behind the stop marker, where no one would answer it
+            if self._closed:
+                return self.run_fn(batch)
+            self.requests.put((batch, future))
         return future.result()
 
     def close(self) -> None:
-        """Stop the worker thread after the requests already queued."""
-        self.requests.put(None)
+        """Stop the worker thread after the requests already queued; later callers are answered directly."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.requests.put(None)
         self.thread.join(timeout=5)
 
     def _loop(self) -> None:

@@ -89,6 +89,7 @@ class Predictor:
             if key not in meta:
                 raise ModelRefused(f"{model_path} lacks the '{key}' metadata of a torchferry export")
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
         self.info = ModelInfo(path=os.path.abspath(model_path), sha256=digest, classes=list(meta["classes"]),
                               preprocess=dict(meta["preprocess"]), metadata=meta)
         self._lock = threading.Lock()
