@@ -3,8 +3,11 @@
 Configuration comes from defaults, then environment variables (TORCHFERRY_*), then the `config` mapping.
 Nothing happens at import; the model loads in a background thread so that `/healthz` answers at once and
 `/readyz` turns 200 only after the model loaded, matched its sha256 and reproduced its golden outputs.
-Every client error is JSON `{"error": {"code", "message"}}` with a 4xx status; nothing reaches a client
-as a stack trace, and the app never runs in debug mode.
+The same thread later swaps in newer versions (serve/repository.py) when asked (SIGHUP) or on a poll.
+`/predict` and the Open Inference Protocol routes under `/v2` (serve/v2.py) answer from the same model.
+Every client error is JSON with a 4xx status: `{"error": {"code", "message"}}`, or the protocol's
+`{"error": "..."}` under `/v2`; nothing reaches a client as a stack trace, and the app never runs in
+debug mode. With a token configured (serve/auth.py) every route but the probes needs it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -20,9 +22,10 @@ import numpy as np
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from serve.batcher import MicroBatcher
+from serve.auth import EXEMPT_PATHS, BearerAuth
 from serve.images import ImageError, decode, preprocess
-from serve.predictor import ModelRefused, Predictor
+from serve.repository import ModelRepository, Served
+from serve.v2 import Limits, V2Error, v2_blueprint
 
 _logger = logging.getLogger("serve")
 _access = logging.getLogger("serve.access")
@@ -30,6 +33,11 @@ _access = logging.getLogger("serve.access")
 # name: (environment variable, type, default)
 SETTINGS: dict[str, tuple[str, type, Any]] = {
     "MODEL": ("TORCHFERRY_MODEL", str, None),
+    "MODEL_DIR": ("TORCHFERRY_MODEL_DIR", str, None),
+    "MODEL_NAME": ("TORCHFERRY_MODEL_NAME", str, None),
+    "POLL_SECONDS": ("TORCHFERRY_POLL_SECONDS", float, 0.0),
+    "AUTH_TOKEN": ("TORCHFERRY_AUTH_TOKEN", str, None),
+    "AUTH_TOKEN_FILE": ("TORCHFERRY_AUTH_TOKEN_FILE", str, None),
     "MAX_UPLOAD_BYTES": ("TORCHFERRY_MAX_UPLOAD_BYTES", int, 16 * 1024 * 1024),
     "MAX_IMAGES": ("TORCHFERRY_MAX_IMAGES", int, 16),
     "MAX_PIXELS": ("TORCHFERRY_MAX_PIXELS", int, 40_000_000),
@@ -56,49 +64,6 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-class ServingState:
-    """The predictor of this process, its readiness, and the micro-batcher when enabled."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.predictor: Predictor | None = None
-        self.batcher: MicroBatcher | None = None
-        self.ready = False
-        self.reason = "loading the model"
-        self.proof: dict[str, Any] = {}
-
-    def load(self) -> None:
-        """Load, check and prove the model; on failure stay not-ready with the reason (logged)."""
-        path = self.config.get("MODEL")
-        try:
-            if not path:
-                raise ModelRefused("no model configured: set TORCHFERRY_MODEL or pass --model")
-            t0 = time.perf_counter()
-            predictor = Predictor(path, int(self.config["ORT_THREADS"]))
-            diff = predictor.prove()  # also the warm-up inference
-            self.proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3)}
-            self.predictor = predictor
-            if float(self.config["BATCH_WINDOW_MS"]) > 0:
-                self.batcher = MicroBatcher(predictor.run, float(self.config["BATCH_WINDOW_MS"]),
-                                            int(self.config["MAX_BATCH"]))
-            self.ready, self.reason = True, "ready"
-            _logger.info(json.dumps({"event": "model_ready", "model": predictor.info.path,
-                                     "sha256": predictor.info.sha256, **self.proof}))
-        except ModelRefused as exc:
-            self.reason = str(exc)
-            _logger.error(json.dumps({"event": "model_refused", "model": path, "reason": self.reason}))
-        except Exception as exc:  # noqa: BLE001 - any load failure keeps the pod not-ready, with the reason
-            self.reason = f"cannot load the model: {type(exc).__name__}: {exc}"
-            _logger.exception("model load failed")
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits, through the micro-batcher when enabled."""
-        assert self.predictor is not None
-        if self.batcher is not None:
-            return self.batcher.submit(batch)
-        return self.predictor.run(batch)
-
-
 class ClientError(Exception):
     """A request the server refuses with a JSON 4xx."""
 
@@ -108,8 +73,18 @@ class ClientError(Exception):
 
 
 def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
-    """The one error shape: {"error": {"code", "message"}}."""
+    """The error shape: {"error": {"code", "message"}}; under /v2 the protocol's {"error": "message"}."""
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        return jsonify({"error": message}), status
     return jsonify({"error": {"code": code, "message": message}}), status
+
+
+def serving(repo: ModelRepository) -> Served:
+    """The model that answers this request (read once: a swap mid-request does not touch it), or a 503."""
+    served = repo.active
+    if served is None:
+        raise ClientError(503, "not_ready", repo.reason)
+    return served
 
 
 def _metrics(app: Flask) -> dict[str, Any]:
@@ -175,18 +150,32 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = max(int(app.config["MAX_PIXELS"]), Image.MAX_IMAGE_PIXELS or 0)
-    state = ServingState(app.config)
+    repo = ModelRepository(app.config)
+    auth = BearerAuth(app.config.get("AUTH_TOKEN"), app.config.get("AUTH_TOKEN_FILE"))
     metrics = _metrics(app)
-    app.extensions["torchferry"] = state
+    app.extensions["torchferry"] = repo
     if app.config.get("LOAD_SYNC"):
-        state.load()
+        repo.refresh()
+        if float(app.config["POLL_SECONDS"]) > 0:
+            repo.start(initial_load=False)
     else:
-        threading.Thread(target=state.load, name="torchferry-load", daemon=True).start()
+        repo.start()
 
     @app.before_request
     def _start_timer() -> None:
         g.start = time.perf_counter()
         g.images = 0
+
+    @app.before_request
+    def _authenticate() -> tuple[Response, int] | None:
+        if not auth.enabled or request.path in EXEMPT_PATHS:
+            return None
+        problem = auth.check(request.headers.get("Authorization"))
+        if problem is None:
+            return None
+        response, status = error_response(401, "unauthorized", problem[1])
+        response.headers["WWW-Authenticate"] = auth.challenge(problem[0])
+        return response, status
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -202,6 +191,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @app.errorhandler(ClientError)
     def _client_error(exc: ClientError):
         return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(V2Error)
+    def _v2_error(exc: V2Error):
+        return error_response(exc.status, "bad_request", exc.message)
 
     @app.errorhandler(ImageError)
     def _image_error(exc: ImageError):
@@ -223,30 +216,31 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz():
-        metrics["ready"].set(1 if state.ready else 0)
-        if state.ready:
-            return jsonify({"status": "ready", **state.proof})
-        return jsonify({"status": "not_ready", "reason": state.reason}), 503
+        served = repo.active
+        metrics["ready"].set(1 if served else 0)
+        if served:
+            return jsonify({"status": "ready", "model": served.name, "version": served.version, **served.proof})
+        return jsonify({"status": "not_ready", "reason": repo.reason}), 503
 
     @app.get("/metadata")
     def metadata():
-        if state.predictor is None:
-            raise ClientError(503, "not_ready", state.reason)
-        info = state.predictor.info
+        served = serving(repo)
+        info = served.predictor.info
         meta = info.metadata
-        return jsonify({"classes": info.classes, "input_shape": info.input_shape, "input": "input",
-                        "output": "logits", "preprocess": info.preprocess, "sha256": info.sha256,
+        return jsonify({"name": served.name, "version": served.version, "model_versions": repo.versions,
+                        "classes": info.classes, "input_shape": info.input_shape, "input": served.predictor.input_name,
+                        "output": served.predictor.output_name, "preprocess": info.preprocess, "sha256": info.sha256,
                         "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),
                         "checkpoint_sha256": meta.get("checkpoint_sha256"), "exporter": meta.get("exporter"),
                         "versions": {**(meta.get("versions") or {}),
                                      "torchferry": meta.get("torchferry_version")},
-                        "ready": state.ready, "proof": state.proof})
+                        "ready": True, "proof": served.proof})
 
     @app.get("/metrics")
     def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-        metrics["ready"].set(1 if state.ready else 0)
+        metrics["ready"].set(1 if repo.ready else 0)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
@@ -256,19 +250,25 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.post("/predict")
     def predict():
-        if not state.ready or state.predictor is None:
-            raise ClientError(503, "not_ready", state.reason)
-        predictor = state.predictor
+        served = serving(repo)
+        predictor = served.predictor
         k = _top_k(int(app.config["TOP_K"]), len(predictor.info.classes))
         images = _collect_images(int(app.config["MAX_IMAGES"]))
         spec, max_pixels = predictor.info.preprocess, int(app.config["MAX_PIXELS"])
         batch = np.stack([preprocess(decode(data, max_pixels, name), spec) for name, data in images])
         g.images = len(images)
-        logits = state.run(batch)
-        metrics["images"].inc(len(images))
-        metrics["batch"].observe(len(images))
+        logits = served.run(batch)
+        count_images(len(images))
         return jsonify({"predictions": predictor.top_k(logits, k),
-                        "model": {"sha256": predictor.info.sha256, "arch": predictor.info.metadata.get("arch"),
-                                  "classes": len(predictor.info.classes)}})
+                        "model": {"name": served.name, "version": served.version, "sha256": predictor.info.sha256,
+                                  "arch": predictor.info.metadata.get("arch"), "classes": len(predictor.info.classes)}})
 
+    def count_images(n: int) -> None:
+        g.images = n
+        metrics["images"].inc(n)
+        metrics["batch"].observe(n)
+
+    limits = Limits(max_images=int(app.config["MAX_IMAGES"]), max_pixels=int(app.config["MAX_PIXELS"]),
+                    max_body=int(app.config["MAX_UPLOAD_BYTES"]))
+    app.register_blueprint(v2_blueprint(repo, limits, count_images))
     return app

@@ -5,9 +5,16 @@ Environment: TORCHFERRY_BIND (default 127.0.0.1:8080; the container sets 0.0.0.0
 Runtime intra-op threads per process; default: the cores divided among the workers, so workers × ORT
 threads never oversubscribe the machine), TORCHFERRY_GRACEFUL_TIMEOUT (seconds in-flight requests get
 after SIGTERM, default 30). PROMETHEUS_MULTIPROC_DIR turns on prometheus_client's multiprocess mode.
+
+SIGHUP to the master means what it means to `python -m serve`: every worker looks for a new model version,
+loads and proves it in the background while it keeps answering with the old one, then swaps (serve/repository.py).
+gunicorn's own SIGHUP (start new workers, stop the old ones at once) would send requests to workers whose model
+is still loading (503s); here it is replaced by forwarding the signal to the workers. To restart the workers,
+restart the server (a rolling update in Kubernetes).
 """
 
 import os
+import signal
 
 wsgi_app = "serve.app:create_app()"
 bind = os.environ.get("TORCHFERRY_BIND", "127.0.0.1:8080")
@@ -40,6 +47,23 @@ def on_starting(server):
         for name in os.listdir(folder):
             if name.endswith(".db"):
                 os.unlink(os.path.join(folder, name))
+
+
+def when_ready(server):
+    """Master: SIGHUP re-checks the model in place in every worker instead of replacing the workers."""
+
+    def forward_hup():
+        server.log.info("SIGHUP: every worker looks for a new model version and swaps it in once proven")
+        server.kill_workers(signal.SIGHUP)
+
+    server.handle_hup = forward_hup
+
+
+def post_worker_init(worker):
+    """Worker: SIGHUP (forwarded by the master) wakes the app's model watcher; by default it would kill the worker."""
+    repo = worker.wsgi.extensions["torchferry"]
+    signal.signal(signal.SIGHUP, lambda signum, frame: repo.request_reload())
+    signal.siginterrupt(signal.SIGHUP, False)
 
 
 def post_fork(server, worker):

@@ -62,18 +62,24 @@ def _log(tmp: Path, name: str):
     return open(tmp / f"{name}.log", "w")  # a file, not an unread pipe that could fill and stall the server
 
 
-def start_dev(model: Path, port: int, tmp: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, stdout=_log(tmp, "dev"), stderr=subprocess.STDOUT)
+def start_dev(model: Path, port: int, tmp: Path, args: list[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m serve` on 127.0.0.1:port; `args` replace `--model MODEL` (e.g. `--model-dir DIR`)."""
+    source = args if args is not None else ["--model", str(model)]
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *source, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env={**os.environ, **(env or {})}, stdout=_log(tmp, "dev"),
+                            stderr=subprocess.STDOUT)
     proc.log_path = tmp / "dev.log"  # type: ignore[attr-defined]
     return proc
 
 
-def start_gunicorn(model: Path, port: int, tmp: Path, workers: int = 2, threads: int = 4,
-                   graceful: int = 20) -> subprocess.Popen:
-    env = {**os.environ, "TORCHFERRY_MODEL": str(model), "TORCHFERRY_BIND": f"127.0.0.1:{port}",
+def start_gunicorn(model: Path | None, port: int, tmp: Path, workers: int = 2, threads: int = 4,
+                   graceful: int = 20, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """gunicorn with serve/gunicorn.conf.py on 127.0.0.1:port; `env` adds TORCHFERRY_* settings."""
+    env = {**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
            "TORCHFERRY_WORKERS": str(workers), "TORCHFERRY_THREADS": str(threads),
-           "TORCHFERRY_GRACEFUL_TIMEOUT": str(graceful), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom")}
+           "TORCHFERRY_GRACEFUL_TIMEOUT": str(graceful), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom"),
+           **({"TORCHFERRY_MODEL": str(model)} if model else {}), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
                             cwd=REPO, env=env, stdout=_log(tmp, "gunicorn"), stderr=subprocess.STDOUT)
     proc.log_path = tmp / "gunicorn.log"  # type: ignore[attr-defined]

@@ -1,0 +1,275 @@
+"""Which model this process serves, and swapping it for a newer one without dropping a request.
+
+Two sources: one file (`--model model.onnx`, served as version 1), or a folder in Triton's repository layout
+(`--model-dir DIR`: `DIR/<name>/<version>/model.onnx`, versions are positive integers). From a folder the
+highest version that passes its start-up proof (sha256 sidecar when present, golden outputs reproduced) is
+served. `refresh()` looks again: a new version is loaded, warmed and proven while the current one keeps
+answering, and only then swapped in (one attribute assignment, atomic for the threads that read it); a
+version that fails is logged as one JSON line with its reason, reported, and never served; removing the
+served version's folder falls back to the highest good one left. Request handlers read `active` once and
+use that `Served` to the end, so a request never mixes two models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve.batcher import MicroBatcher
+from serve.predictor import ModelRefused, Predictor
+
+_logger = logging.getLogger("serve")
+
+MODEL_FILE = "model.onnx"
+
+
+def fingerprint(path: str) -> tuple:
+    """What changes when the model file or its sidecar is replaced or rewritten: (inode, size, mtime) of both."""
+    out = []
+    for p in (path, path + ".sha256"):
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One proven model version, as requests see it."""
+
+    name: str
+    version: str
+    predictor: Predictor
+    batcher: MicroBatcher | None
+    proof: dict[str, Any]
+    fingerprint: tuple = field(repr=False)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits, through the micro-batcher when enabled."""
+        if self.batcher is not None:
+            return self.batcher.submit(batch)
+        return self.predictor.run(batch)
+
+    def retire(self) -> None:
+        """Stop the batcher thread; requests that still hold this model are answered directly."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def find_versions(model_dir: str, name: str | None) -> tuple[str, dict[int, str]]:
+    """(model name, {version: path of its model.onnx}) in a Triton-layout folder; ModelRefused when none fits."""
+    if not os.path.isdir(model_dir):
+        raise ModelRefused(f"model folder {model_dir!r} does not exist")
+    if name is None:
+        names = sorted(
+            d for d in os.listdir(model_dir) if not d.startswith(".") and os.path.isdir(os.path.join(model_dir, d))
+        )
+        if not names:
+            raise ModelRefused(f"no model in {model_dir}: expected {model_dir}/<name>/<version>/{MODEL_FILE}")
+        if len(names) > 1:
+            raise ModelRefused(
+                f"{model_dir} holds several models ({', '.join(names)}); choose one with --name "
+                "or TORCHFERRY_MODEL_NAME"
+            )
+        name = names[0]
+    folder = os.path.join(model_dir, name)
+    if not os.path.isdir(folder):
+        raise ModelRefused(f"no model {name!r} in {model_dir}: expected {folder}/<version>/{MODEL_FILE}")
+    versions = {
+        int(d): os.path.join(folder, d, MODEL_FILE)
+        for d in os.listdir(folder)
+        if d.isdigit() and int(d) > 0 and os.path.isdir(os.path.join(folder, d))
+    }
+    if not versions:
+        raise ModelRefused(
+            f"model {name!r} has no version folders: expected {folder}/<version>/{MODEL_FILE} with "
+            "a positive integer version"
+        )
+    return name, versions
+
+
+class ModelRepository:
+    """The served model of this process, its versions' states, and the background re-check that swaps it."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.model_file: str | None = config.get("MODEL") or None
+        self.model_dir: str | None = config.get("MODEL_DIR") or None
+        self.name_override: str | None = config.get("MODEL_NAME") or None
+        self.threads = int(config.get("ORT_THREADS") or 0)
+        self.batch_window_ms = float(config.get("BATCH_WINDOW_MS") or 0)
+        self.max_batch = int(config.get("MAX_BATCH") or 32)
+        self.poll_seconds = float(config.get("POLL_SECONDS") or 0)
+        self.active: Served | None = None
+        self.reason = "loading the model"
+        self.name: str | None = self.name_override
+        self.versions: dict[str, dict[str, str]] = {}  # version -> {"state": ..., "reason": ...} for reports
+        self._refused: dict[int, tuple[tuple, str]] = {}  # version -> (fingerprint, reason): not retried unchanged
+        self._scan_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once a proven model answers."""
+        return self.active is not None
+
+    def request_reload(self) -> None:
+        """Ask the watcher thread to look for new versions now (safe from a signal handler: it only sets a flag)."""
+        self._wake.set()
+
+    def start(self, initial_load: bool = True) -> None:
+        """Start the watcher thread: the first load (unless done already), then a re-check per request or poll."""
+        self._watcher = threading.Thread(
+            target=self._watch, args=(initial_load,), name="torchferry-models", daemon=True
+        )
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """End the watcher thread (tests; a server process simply exits)."""
+        self._stop = True
+        self._wake.set()
+
+    def _watch(self, initial_load: bool) -> None:
+        if initial_load:
+            self.refresh()
+        while not self._stop:
+            self._wake.wait(timeout=self.poll_seconds if self.poll_seconds > 0 else None)
+            self._wake.clear()
+            if not self._stop:
+                self.refresh()
+
+    def refresh(self) -> None:
+        """Look at the model source once; swap in a newer proven version, or the best one left. Never raises."""
+        with self._scan_lock:
+            try:
+                self._refresh()
+            except Exception as exc:  # the watcher survives anything; the old model keeps serving
+                _logger.exception("model re-check failed")
+                if self.active is None:
+                    self.reason = f"cannot load the model: {type(exc).__name__}: {exc}"
+
+    def _candidates(self) -> tuple[str | None, dict[int, str]]:
+        if self.model_file and self.model_dir:
+            raise ModelRefused(
+                "set either a model file (--model, TORCHFERRY_MODEL) or a model folder (--model-dir, "
+                "TORCHFERRY_MODEL_DIR), not both"
+            )
+        if self.model_dir:
+            return find_versions(self.model_dir, self.name_override)
+        if self.model_file:
+            return self.name_override, {1: self.model_file}
+        raise ModelRefused(
+            "no model configured: set TORCHFERRY_MODEL or pass --model (one file), or "
+            "TORCHFERRY_MODEL_DIR / --model-dir (versioned folder)"
+        )
+
+    def _refresh(self) -> None:
+        try:
+            name, found = self._candidates()
+        except ModelRefused as exc:
+            self._log_refused(self.name_override, None, str(exc))
+            if self.active is None:
+                self.reason = str(exc)
+            self.versions = {}
+            return
+        active, chosen, states = self.active, None, {}
+        for version in sorted(found, reverse=True):
+            path, fp = found[version], fingerprint(found[version])
+            if active is not None and active.version == str(version) and active.fingerprint == fp:
+                chosen = active
+                break
+            prior = self._refused.get(version)
+            if prior is not None and prior[0] == fp:
+                states[str(version)] = {"state": "refused", "reason": prior[1]}
+                continue
+            try:
+                chosen = self._load(name, version, path, fp)
+                break
+            except ModelRefused as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001 - any failure to load refuses this version only
+                reason = f"cannot load {path}: {type(exc).__name__}: {exc}"
+            self._refused[version] = (fp, reason)
+            states[str(version)] = {"state": "refused", "reason": reason}
+            self._log_refused(name, version, reason, path)
+        for version in found:
+            prior = self._refused.get(version)
+            if prior is not None and prior[0] == fingerprint(found[version]):
+                states.setdefault(str(version), {"state": "refused", "reason": prior[1]})
+            states.setdefault(str(version), {"state": "available", "reason": "a higher version is served"})
+        self._refused = {v: r for v, r in self._refused.items() if v in found}
+        if chosen is not None:
+            states[chosen.version] = {"state": "serving", "reason": "proven at load"}
+            self.name = chosen.name
+        self.versions = dict(sorted(states.items(), key=lambda kv: -int(kv[0])))
+        if chosen is None:
+            reasons = "; ".join(f"version {v}: {s['reason']}" for v, s in self.versions.items())
+            if active is None:
+                self.reason = reasons if self.model_dir else next(iter(self.versions.values()))["reason"]
+            else:  # nothing on disk proves itself: keep answering with the model in memory, and say so
+                self.versions[active.version] = {
+                    "state": "serving",
+                    "reason": "kept in memory: no version on disk passes its proof",
+                }
+                _logger.error(
+                    json.dumps(
+                        {"event": "no_servable_version", "model": name, "serving": active.version, "reason": reasons}
+                    )
+                )
+            return
+        if chosen is not active:
+            self.active = chosen  # the swap: requests that already hold `active` finish on it
+            self.reason = "ready"
+            _logger.info(
+                json.dumps(
+                    {
+                        "event": "model_swapped" if active else "model_ready",
+                        "model": chosen.name,
+                        "version": chosen.version,
+                        "from_version": active.version if active else None,
+                        "path": chosen.predictor.info.path,
+                        "sha256": chosen.predictor.info.sha256,
+                        **chosen.proof,
+                    }
+                )
+            )
+            if active is not None:
+                active.retire()
+
+    def _load(self, name: str | None, version: int, path: str, fp: tuple) -> Served:
+        t0 = time.perf_counter()
+        predictor = Predictor(path, self.threads)
+        diff = predictor.prove()  # also the warm-up inference
+        proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3)}
+        meta = predictor.info.metadata
+        name = name or str(meta.get("name") or meta.get("arch") or "model")
+        batcher = (
+            MicroBatcher(predictor.run, self.batch_window_ms, self.max_batch) if self.batch_window_ms > 0 else None
+        )
+        return Served(
+            name=name, version=str(version), predictor=predictor, batcher=batcher, proof=proof, fingerprint=fp
+        )
+
+    @staticmethod
+    def _log_refused(name: str | None, version: int | None, reason: str, path: str | None = None) -> None:
+        _logger.error(
+            json.dumps(
+                {
+                    "event": "model_refused",
+                    "model": name,
+                    "version": None if version is None else str(version),
+                    "path": path,
+                    "reason": reason,
+                }
+            )
+        )
