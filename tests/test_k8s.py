@@ -168,6 +168,23 @@ def test_model_reaches_the_server_read_only_and_nothing_loads_models_over_http()
     assert "@app.post(\"/predict\")" in routes and routes.count("@app.post(") == 1  # the only write route
 
 
+def test_auth_token_comes_from_a_secret_mounted_as_a_file_and_none_is_committed() -> None:
+    deployment = next(d for _, d in documents() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert "TORCHFERRY_AUTH_TOKEN" not in env  # never the token itself in the manifest
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "auth-token")
+    volume = next(v for v in pod["volumes"] if v["name"] == "auth-token")
+    assert mount["readOnly"] is True and "subPath" not in mount  # subPath mounts never see a rotated Secret
+    assert volume["secret"]["secretName"] == "torchferry-serve-auth" and volume["secret"]["defaultMode"] == 0o440
+    path = env["TORCHFERRY_AUTH_TOKEN_FILE"]["value"]
+    assert path == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert not [d for _, d in documents() if d["kind"] == "Secret"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # probes stay unauthenticated
+        assert container[probe]["httpGet"]["path"] in ("/healthz", "/readyz")
+
+
 def test_kustomizations_name_existing_files() -> None:
     for kustomization in K8S.rglob("kustomization.yaml"):
         for resource in yaml.safe_load(kustomization.read_text())["resources"]:
