@@ -388,7 +388,9 @@ def _served(repo: ModelRepository, name: str, version: str | None) -> Served:
     return served
 
 
-_NOT_A_TENSOR_BODY = ("multipart/", "image/", "application/x-www-form-urlencoded", "text/")
+# Bodies meant for /predict. Any other type is read as the JSON request, as Triton does: `curl -d` labels
+# JSON application/x-www-form-urlencoded, and tritonclient sends no type at all.
+_NOT_A_TENSOR_BODY = ("multipart/", "image/")
 
 
 def v2_blueprint(repo: ModelRepository, limits: Limits, count_images: Callable[[int], None]) -> Blueprint:

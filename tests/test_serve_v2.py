@@ -165,6 +165,14 @@ def test_bytes_images_in_binary_and_base64_are_classified_like_predict(client) -
     assert strings == out["data"]
 
 
+def test_json_labelled_as_a_form_is_read_as_json_as_curl_sends_it(client) -> None:
+    body = json.dumps(_images([base64.b64encode(BLUE).decode()]))
+    r = client.post(f"/v2/models/{NAME}/infer", data=body, content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 200 and r.json["outputs"][0]["shape"] == [1, 3]
+    r = client.post(f"/v2/models/{NAME}/infer", data=RED, content_type="image/png")
+    assert r.status_code == 415 and "/predict" in r.json["error"]
+
+
 def test_gzip_request_body_is_accepted(client) -> None:
     body = json.dumps(
         {
