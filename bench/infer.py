@@ -1,6 +1,6 @@
-"""CPU inference: ONNX Runtime against PyTorch eager, side by side in one run, as ratios.
+"""CPU inference: ONNX Runtime (fp32 and INT8) against PyTorch eager, side by side in one run, as ratios.
 
-    python bench/infer.py [--quick] [--threads N] [--models smallcnn,resnet18,resnet50]
+    python bench/infer.py [--quick] [--threads N] [--models smallcnn,resnet18,resnet50] [--checkpoint best.pth]
 
 For each model (random weights, exported with torchferry's own exporter) and batch size 1 and 32: the
 median latency over repetitions for torch eager (inference_mode) and ONNX Runtime (CPU provider, all
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.models import build_model  # noqa: E402
-from export.onnx import export_model, save_checked  # noqa: E402
+from distributed.models import build_model
+from export.onnx import export_model, save_checked
 
 MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
 
@@ -44,8 +44,16 @@ def _median_seconds(fn, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(arch: str, threads: int, quick: bool) -> list[dict]:
-    """Rows for batch 1 and 32 of one model."""
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list[dict]:
+    """Rows for batch 1 and 32 of one model: torch eager, ORT fp32 and (with `int8`) ORT static INT8."""
     channels, size = MODELS[arch]
     torch.manual_seed(0)
     model = build_model(arch, 10, channels=channels).eval()
@@ -54,11 +62,14 @@ def bench_model(arch: str, threads: int, quick: bool) -> list[dict]:
         path = os.path.join(tmp, "m.onnx")
         proto, exporter = export_model(model, example)
         save_checked(proto, path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = _session(path, threads)
+        int8_session = None
+        if int8:
+            # Speed does not depend on what calibration sees; accuracy is measured on a trained model instead.
+            rng = np.random.default_rng(0)
+            calibration = [rng.standard_normal((8, channels, size, size), dtype=np.float32) for _ in range(4)]
+            quantize_static_qdq(path, os.path.join(tmp, "m.int8.onnx"), calibration)
+            int8_session = _session(os.path.join(tmp, "m.int8.onnx"), threads)
         rows = []
         for batch in (1, 32):
             x = torch.randn(batch, channels, size, size)
@@ -66,17 +77,37 @@ def bench_model(arch: str, threads: int, quick: bool) -> list[dict]:
             heavy = batch * size * size > 32 * 64 * 64
             reps = (3 if heavy else 10) if quick else (7 if heavy else 30)
             with torch.inference_mode():
-                t_torch = _median_seconds(lambda: model(x), reps, 2)
+                t_torch = _median_seconds(lambda x=x: model(x), reps, 2)
                 diff = float(np.abs(model(x).numpy() - session.run(None, {"input": xn})[0]).max())
-            t_ort = _median_seconds(lambda: session.run(None, {"input": xn}), reps, 2)
-            rows.append({"model": arch, "input": [channels, size, size], "batch": batch, "threads": threads,
-                         "exporter": exporter, "reps": reps,
-                         "torch_ms": 1000 * t_torch, "ort_ms": 1000 * t_ort,
-                         "torch_img_s": batch / t_torch, "ort_img_s": batch / t_ort,
-                         "ort_over_torch": t_torch / t_ort, "max_abs_diff": diff})
-            print(f"{arch:<10} batch {batch:>2}: torch {1000 * t_torch:8.2f} ms  ort {1000 * t_ort:8.2f} ms  "
-                  f"ORT/eager {t_torch / t_ort:5.2f}x  (max abs diff {diff:.1e})", flush=True)
+            t_ort = _median_seconds(lambda xn=xn: session.run(None, {"input": xn}), reps, 2)
+            row = {"model": arch, "input": [channels, size, size], "batch": batch, "threads": threads,
+                   "exporter": exporter, "reps": reps,
+                   "torch_ms": 1000 * t_torch, "ort_ms": 1000 * t_ort,
+                   "torch_img_s": batch / t_torch, "ort_img_s": batch / t_ort,
+                   "ort_over_torch": t_torch / t_ort, "max_abs_diff": diff}
+            line = (f"{arch:<10} batch {batch:>2}: torch {1000 * t_torch:8.2f} ms  ort {1000 * t_ort:8.2f} ms  "
+                    f"ORT/eager {t_torch / t_ort:5.2f}x")
+            if int8_session is not None:
+                t_int8 = _median_seconds(lambda xn=xn: int8_session.run(None, {"input": xn}), reps, 2)
+                row.update({"ort_int8_ms": 1000 * t_int8, "ort_int8_img_s": batch / t_int8,
+                            "int8_over_ort": t_ort / t_int8})
+                line += f"  int8 {1000 * t_int8:8.2f} ms  INT8/fp32 {t_ort / t_int8:5.2f}x"
+            rows.append(row)
+            print(f"{line}  (max abs diff {diff:.1e})", flush=True)
     return rows
+
+
+def int8_accuracy(checkpoint: str, data: str | None) -> dict:
+    """Top-1 of a trained checkpoint's fp32 and INT8 ONNX models on its validation images (export --quantize)."""
+    from export.onnx import export_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_checkpoint(checkpoint, os.path.join(tmp, "model.onnx"), quantize="int8", data=data)
+    q = report["int8"]
+    print(f"INT8 accuracy ({report.get('arch', '?')}, {q.get('validation_images')} validation images): "
+          f"fp32 {q.get('fp32_top1', float('nan')):.4f}  int8 {q.get('int8_top1', float('nan')):.4f}  "
+          f"delta {q.get('top1_delta_pp', float('nan')):+.2f} pp", flush=True)
+    return {"checkpoint": checkpoint, **{k: v for k, v in q.items() if k != "path"}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,17 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both (default: all cores)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default: {','.join(MODELS)})")
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 models")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                   help="a trained best.pth whose fp32 vs INT8 top-1 on its validation images is measured "
+                        "(repeatable)")
+    p.add_argument("--data", default=None, help="the data set of --checkpoint when not where it was trained")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-infer.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [r for arch in args.models.split(",") for r in bench_model(arch, args.threads, args.quick)]
+    rows = [r for arch in args.models.split(",") for r in bench_model(arch, args.threads, args.quick,
+                                                                          not args.no_int8)]
+    accuracy = [int8_accuracy(path, args.data) for path in args.checkpoint]
     result = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version(), "torch": str(torch.__version__),
                           "onnxruntime": ort.__version__},
               "method": "median latency over reps after 2 warm-up runs; same thread count for torch eager "
-                        "(inference_mode) and ONNX Runtime (CPU, ORT_ENABLE_ALL); random weights",
-              "rows": rows}
+                        "(inference_mode) and ONNX Runtime (CPU, ORT_ENABLE_ALL); random weights for speed; INT8 "
+                        "is onnxruntime's static QDQ (per-channel INT8 weights, UINT8 activations), its accuracy "
+                        "measured on trained checkpoints' validation images",
+              "rows": rows, "int8_accuracy": accuracy}
     out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{result['host']}-infer.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

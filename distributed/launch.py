@@ -35,7 +35,10 @@ class Interrupted(Exception):
 
 def setup_logging(verbose: bool) -> None:
     """Our messages on stderr as plain lines; Ray's own logging stays at warnings unless --verbose."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # --verbose: our own debug lines, not those of every library (matplotlib and PIL are very chatty).
+    for name in ("distributed", "export"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:

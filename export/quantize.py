@@ -70,6 +70,15 @@ def top1(path: str, batches: list[np.ndarray], labels: np.ndarray) -> float:
     return float(np.mean(preds == labels))
 
 
+def quantize_static_qdq(fp32_path: str, out_path: str, calibration: list[np.ndarray]) -> None:
+    """Static QDQ INT8: per-channel INT8 weights, UINT8 activations calibrated on `calibration` batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, out_path, _ImageReader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 def quantize_int8(fp32_path: str, out_path: str, checkpoint: dict[str, Any], *, data: str | None = None,
                   max_images: int = 512) -> dict[str, Any]:
     """Write an INT8 model and return how it was made and its top-1 accuracy next to the fp32 model's."""
@@ -81,11 +90,7 @@ def quantize_int8(fp32_path: str, out_path: str, checkpoint: dict[str, Any], *, 
         _copy_metadata(fp32_path, out_path, "dynamic")
         return {"path": out_path, "method": "dynamic", "note": "accuracy not measured: no data reachable"}
     calibration, _ = _stack(train, CALIBRATION_IMAGES)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = os.path.join(tmp, "prepared.onnx")
-        quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, out_path, _ImageReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static_qdq(fp32_path, out_path, calibration)
     _copy_metadata(fp32_path, out_path, "static")
     val_batches, labels = _stack(val, max_images)
     fp32, int8 = top1(fp32_path, val_batches, labels), top1(out_path, val_batches, labels)

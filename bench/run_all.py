@@ -1,0 +1,266 @@
+"""Every CPU benchmark in one run, one JSON, and bench/RESULTS.md regenerated from it.
+
+    python bench/run_all.py [--quick] [--only train,infer,load]
+    python bench/run_all.py --render bench/results/<date>-<host>.json     # rewrite RESULTS.md only
+
+Runs bench/train_throughput.py, trains a small resnet18 with torchferry for the INT8 accuracy check,
+runs bench/infer.py (with that checkpoint) and bench/load.py --suite, each as its own process, and
+merges their JSON into bench/results/<date>-<host>.json with the targets checked. The GPU section of
+RESULTS.md comes from the newest bench/results/*-gpu-train.json (bench/gpu_train.py on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+# The bar each figure is held to, and where it is read from the merged JSON.
+TARGETS = [
+    ("torchferry on Ray, 2 workers, vs torchrun, 2 processes (smallcnn/digits)", 0.975,
+     lambda r: _train(r, "smallcnn", "N=2")),
+    ("torchferry on Ray, 2 workers, vs torchrun, 2 processes (resnet18, 64 px)", 0.975,
+     lambda r: _train(r, "resnet18", "N=2")),
+    ("ORT fp32 vs torch eager, resnet18, batch 1", 1.8, lambda r: _infer(r, "resnet18", 1, "ort_over_torch")),
+    ("ORT INT8 vs ORT fp32, resnet18, batch 1", 1.8, lambda r: _infer(r, "resnet18", 1, "int8_over_ort")),
+    ("ORT INT8 vs ORT fp32, resnet18, batch 32", 1.8, lambda r: _infer(r, "resnet18", 32, "int8_over_ort")),
+    ("server vs in-process throughput, 4 clients (resnet18)", 0.8,
+     lambda r: _load(r, "resnet18", 4, "throughput_server_over_inprocess")),
+    ("server vs in-process throughput, 4 clients (smallcnn)", 0.8,
+     lambda r: _load(r, "smallcnn", 4, "throughput_server_over_inprocess")),
+]
+# Lower is better for these: (name, ceiling, getter).
+CEILINGS = [
+    ("INT8 top-1 loss in percentage points (resnet18 trained on digits)", 0.5,
+     lambda r: -min((a["top1_delta_pp"] for a in r.get("infer", {}).get("int8_accuracy", [])
+                     if "top1_delta_pp" in a), default=float("nan"))),
+    ("server p50 latency vs in-process, 1 client (resnet18)", 1.10,
+     lambda r: _load(r, "resnet18", 1, "p50_server_over_inprocess")),
+    ("server p50 latency vs in-process, 1 client (smallcnn)", 1.10,
+     lambda r: _load(r, "smallcnn", 1, "p50_server_over_inprocess")),
+]
+
+
+def _train(r: dict[str, Any], model: str, n: str) -> float:
+    for m in r.get("train", {}).get("models", []):
+        if m["model"] == model and n in m["summary"]:
+            return m["summary"][n]["torchferry_over_torchrun"]
+    return float("nan")
+
+
+def _infer(r: dict[str, Any], model: str, batch: int, key: str) -> float:
+    for row in r.get("infer", {}).get("rows", []):
+        if row["model"] == model and row["batch"] == batch and key in row:
+            return row[key]
+    return float("nan")
+
+
+def _load(r: dict[str, Any], model: str, clients: int, key: str) -> float:
+    for row in r.get("load", {}).get("ratios", []):
+        if row["model"] == model and row["clients"] == clients and row["batch_window_ms"] == 0:
+            return row[key]
+    return float("nan")
+
+
+def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for name, floor, get in TARGETS:
+        value = get(result)
+        checks.append({"target": name, "bar": f">= {floor:g}x", "measured": value,
+                       "met": value >= floor if value == value else None,
+                       "short_by": None if value != value or value >= floor else f"{100 * (1 - value / floor):.1f} %"})
+    for name, ceiling, get in CEILINGS:
+        value = get(result)
+        unit = " pp" if "pp" in name else "x"
+        checks.append({"target": name, "bar": f"<= {ceiling:g}{unit}", "measured": value,
+                       "met": value <= ceiling if value == value else None,
+                       "short_by": None if value != value or value <= ceiling else f"{value - ceiling:.2f}{unit} over"})
+    return checks
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("$ " + " ".join("python" if c == sys.executable else c for c in cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def train_accuracy_model(tmp: str, quick: bool, env: dict[str, str]) -> str:
+    """resnet18 trained by torchferry on digits (32 px, 3 channels): the model INT8 accuracy is measured on."""
+    epochs = "8" if quick else "15"
+    _run([sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", "2", "--model", "resnet18",
+          "--image-size", "32", "--channels", "3", "--epochs", epochs, "--batch-size", "128", "--lr", "0.1",
+          "--num-workers", "1", "--output-dir", os.path.join(tmp, "runs"), "--name", "r18-digits", "--progress", "off"],
+         env)
+    return os.path.join(tmp, "runs", "r18-digits", "best.pth")
+
+
+def newest_gpu_results() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def newest(pattern: str) -> dict[str, Any] | None:
+        files = sorted(glob.glob(str(RESULTS / pattern)))
+        return json.loads(Path(files[-1]).read_text()) if files else None
+
+    return newest("*-gpu-train.json"), newest("*-gpu-launch.json")
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return f"{x:,.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def render(result: dict[str, Any], source: str) -> str:
+    m = result["machine"]
+    out = ["# Benchmark results", "",
+           f"Generated by `python bench/run_all.py{' --quick' if result.get('quick') else ''}` from `{source}` "
+           f"on {result['date']}. Every ratio compares two things measured side by side in the same run on the "
+           "same machine; nothing here is copied from elsewhere.", "",
+           f"**Machine:** {m['cpus']} CPU cores ({m['processor']}), Python {m['python']}, torch {m['torch']}, "
+           f"onnxruntime {m.get('onnxruntime', '?')}, ray {m.get('ray', '?')}. No GPU on this machine; the GPU "
+           "section below was measured separately on the machine it names.", "",
+           "**Repeat:** `python bench/run_all.py --quick` (about 10 minutes on 2 cores) or without `--quick` "
+           "(more epochs, repetitions and seconds per point). Each part alone: `python bench/train_throughput.py`, "
+           "`python bench/infer.py`, `python bench/load.py --suite`, and on a GPU `bench/gpu_check.sh`.", ""]
+    out += ["## Targets", "", "| target | bar | measured | met |", "| --- | --- | --- | --- |"]
+    for c in result["targets"]:
+        met = "yes" if c["met"] else ("no data" if c["met"] is None else f"**no** (short by {c['short_by']})")
+        unit = " pp" if "pp" in c["bar"] else "x"
+        out.append(f"| {c['target']} | {c['bar']} | {_fmt(c['measured'], 3)}{unit} | {met} |")
+    out.append("")
+    if "train" in result:
+        t = result["train"]
+        out += ["## Training throughput (CPU)", "", t["method"] + ".", "",
+                "| model | data | runner | N | threads/process | steady img/s | start-up s | vs torchrun | vs plain |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for mdl in t["models"]:
+            plain = mdl["plain_img_s"]
+            for run in mdl["runs"]:
+                n = f"N={run['workers']}"
+                s = mdl["summary"].get(n, {})
+                vs_tr = (run["img_s"] / s["torchrun_img_s"]) if "torchferry" in run["runner"] and s else None
+                out.append(f"| {mdl['model']} | {mdl['data']} | {run['runner']} | {run['workers']} | {run['threads']} | "
+                           f"{_fmt(run['img_s'])} | {_fmt(run['startup_s'])} | {_fmt(vs_tr, 3)} | "
+                           f"{_fmt(run['img_s'] / plain, 3)} |")
+        out += ["", "Batch per worker 64, DataLoader processes per worker "
+                f"{t['models'][0]['loader_workers'] if t['models'] else '?'}, SGD momentum. Commands (relative to the "
+                "repository root) are in the JSON beside each run.", ""]
+    if "infer" in result:
+        i = result["infer"]
+        out += ["## Inference (CPU)", "", i["method"] + ".", "",
+                "| model | input | batch | torch eager img/s | ORT fp32 img/s | ORT/eager | ORT INT8 img/s | INT8/fp32 |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in i["rows"]:
+            out.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['batch']} | {_fmt(r['torch_img_s'])} | "
+                       f"{_fmt(r['ort_img_s'])} | {_fmt(r['ort_over_torch'], 2)} | {_fmt(r.get('ort_int8_img_s'))} | "
+                       f"{_fmt(r.get('int8_over_ort'), 2)} |")
+        for a in i.get("int8_accuracy", []):
+            out += ["", f"INT8 accuracy: {a.get('arch', 'resnet18')} trained by torchferry on digits, "
+                    f"{a.get('validation_images', '?')} validation images: fp32 top-1 {_fmt(a.get('fp32_top1'), 4)}, "
+                    f"INT8 top-1 {_fmt(a.get('int8_top1'), 4)} ({_fmt(a.get('top1_delta_pp'), 2)} pp; "
+                    f"{a.get('method', '?')} quantization, {a.get('calibration_images', '?')} calibration images)."]
+        out.append("")
+    if "load" in result:
+        ld = result["load"]
+        out += ["## Serving (CPU)", "", ld.get("method", "") + f" {ld['seconds_per_point']:g} s per point.", "",
+                "| model | batch window | clients | in-process req/s | server req/s | ratio | p50 in-process ms | "
+                "p50 server ms | p50 ratio | p99 server ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows = ld["rows"]
+        for ratio in ld["ratios"]:
+            srv = next(r for r in rows if r["model"] == ratio["model"] and r["mode"] == "server"
+                       and r["batch_window_ms"] == ratio["batch_window_ms"] and r["clients"] == ratio["clients"])
+            inp = next(r for r in rows if r["model"] == ratio["model"] and r["mode"] == "in-process"
+                       and r["clients"] == ratio["clients"])
+            out.append(f"| {ratio['model']} | {ratio['batch_window_ms']:g} ms | {ratio['clients']} | {_fmt(inp['req_s'])} | "
+                       f"{_fmt(srv['req_s'])} | {_fmt(ratio['throughput_server_over_inprocess'], 2)} | "
+                       f"{_fmt(inp['p50_ms'], 2)} | {_fmt(srv['p50_ms'], 2)} | {_fmt(ratio['p50_server_over_inprocess'], 2)} | "
+                       f"{_fmt(srv['p99_ms'], 2)} |")
+        out.append("")
+    gpu, launch = newest_gpu_results()
+    out += ["## GPU", ""]
+    if gpu is None:
+        out += ["No GPU results yet: run `bench/gpu_check.sh` on a machine with a CUDA GPU.", ""]
+    else:
+        g = gpu["machine"]
+        out += [f"Measured on {g['gpu']} ({g['cpus']} CPU cores), torch {g['torch']}, CUDA {g['cuda']}, "
+                f"{gpu['date']}, by `bench/gpu_check.sh`. {gpu['method']}. {gpu['model']} at {gpu['image_size']} px, "
+                f"batch {gpu['batch_size']}: {_fmt(gpu['train_gflop_per_image'])} GFLOP per image per training step; "
+                f"dense bf16 peak {_fmt(gpu['dense_bf16_peak_tflop_s'], 0)} TFLOP/s (data sheet), "
+                f"{_fmt(gpu['measured_bf16_matmul_tflop_s'], 0)} TFLOP/s measured on an 8192³ bf16 matmul.", "",
+                "| data | mode | img/s | TFLOP/s | of dense bf16 peak | start-up incl. warm-up s |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for r in gpu["rows"]:
+            frac = r.get("fraction_of_dense_bf16_peak")
+            out.append(f"| {r['data']} | {r['mode']} | {_fmt(r['img_s'], 0)} | {_fmt(r.get('tflop_s'))} | "
+                       f"{_fmt(100 * frac if frac else None)}{' %' if frac else ''} | {_fmt(r.get('startup_s'))} |")
+        if launch:
+            rates = [e["images_per_s"] for e in launch["epochs"]]
+            out += ["", f"End to end, `{launch['command']}` ({launch['data']}): "
+                    f"{', '.join(_fmt(x, 0) for x in rates)} img/s in epochs 1..{len(rates)} "
+                    f"(epoch 1 includes cuDNN autotuning and DataLoader start-up). {launch.get('gpu_tests', '')}."]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the short suite (under 10 minutes on 2 cores)")
+    p.add_argument("--only", default="train,infer,load", help="which parts (default: train,infer,load)")
+    p.add_argument("--render", metavar="JSON", help="only regenerate bench/RESULTS.md from this merged JSON")
+    p.add_argument("--out", default=None, help="merged JSON (default: bench/results/<date>-<host>.json)")
+    args = p.parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        (ROOT / "bench" / "RESULTS.md").write_text(render(result, os.path.relpath(args.render, ROOT)) + "\n")
+        print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
+        return 0
+    parts = set(args.only.split(","))
+    quick = ["--quick"] if args.quick else []
+    started = time.perf_counter()
+    import onnxruntime
+    import ray
+    import torch
+
+    result: dict[str, Any] = {
+        "benchmark": "all", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(), "quick": args.quick,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": str(torch.__version__),
+                    "onnxruntime": onnxruntime.__version__, "ray": ray.__version__}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory(prefix="tf-run-all-") as tmp:
+        env.setdefault("TORCHFERRY_CACHE", os.path.join(tmp, "cache"))
+        if "train" in parts:
+            _run([sys.executable, "bench/train_throughput.py", *quick, "--out", os.path.join(tmp, "train.json")], env)
+            result["train"] = json.loads(Path(tmp, "train.json").read_text())
+        if "infer" in parts:
+            checkpoint = train_accuracy_model(tmp, args.quick, env)
+            models = ["--models", "smallcnn,resnet18"] if args.quick else []
+            _run([sys.executable, "bench/infer.py", *quick, *models, "--checkpoint", checkpoint,
+                  "--out", os.path.join(tmp, "infer.json")], env)
+            result["infer"] = json.loads(Path(tmp, "infer.json").read_text())
+        if "load" in parts:
+            _run([sys.executable, "bench/load.py", "--suite", *quick, "--out", os.path.join(tmp, "load.json")], env)
+            result["load"] = json.loads(Path(tmp, "load.json").read_text())
+    result["targets"] = check_targets(result)
+    result["wall_s"] = time.perf_counter() - started
+    out = Path(args.out or RESULTS / f"{result['date']}-{result['host']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    (ROOT / "bench" / "RESULTS.md").write_text(render(result, os.path.relpath(out, ROOT)) + "\n")
+    for c in result["targets"]:
+        print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {_fmt(c['measured'], 3)} (bar {c['bar']})")
+    print(f"wrote {out} and bench/RESULTS.md in {result['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
