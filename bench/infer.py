@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.models import build_model
 from export.onnx import export_model, save_checked
+from export.quantize import quantize_static_qdq
 
 MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import platform
 import socket
@@ -78,15 +79,17 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     checks = []
     for name, floor, get in TARGETS:
         value = get(result)
+        missing = math.isnan(value)
         checks.append({"target": name, "bar": f">= {floor:g}x", "measured": value,
-                       "met": value >= floor if value == value else None,
-                       "short_by": None if value != value or value >= floor else f"{100 * (1 - value / floor):.1f} %"})
+                       "met": None if missing else value >= floor,
+                       "short_by": None if missing or value >= floor else f"{100 * (1 - value / floor):.1f} %"})
     for name, ceiling, get in CEILINGS:
         value = get(result)
         unit = " pp" if "pp" in name else "x"
+        missing = math.isnan(value)
         checks.append({"target": name, "bar": f"<= {ceiling:g}{unit}", "measured": value,
-                       "met": value <= ceiling if value == value else None,
-                       "short_by": None if value != value or value <= ceiling else f"{value - ceiling:.2f}{unit} over"})
+                       "met": None if missing else value <= ceiling,
+                       "short_by": None if missing or value <= ceiling else f"{value - ceiling:.2f}{unit} over"})
     return checks
 
 
@@ -114,7 +117,7 @@ def newest_gpu_results() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
-    if x is None or (isinstance(x, float) and x != x):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return f"{x:,.{digits}f}" if isinstance(x, float) else str(x)
 
