@@ -131,46 +131,56 @@ def bench_synthetic(arch: str, size: int, batch: int, steps: int, warmup: int, r
     return rows, models
 
 
-def real_loader(root: str, size: int, batch: int, workers: int) -> Any:
+def real_loader(root: str, size: int, batch: int, workers: int, uint8: bool) -> tuple[Any, Any]:
+    """torchferry's training pipeline on JPEGs; `uint8`: workers stop at uint8, the GPU normalises."""
     from torch.utils.data import DataLoader
 
     from distributed.config import TrainConfig, resolve_defaults
     from distributed.data import build_datasets, discover
-    from distributed.presets import build_train_transform
+    from distributed.presets import DeviceNormalize, build_train_transform
 
     cfg = resolve_defaults(TrainConfig(data=root, image_size=size, check_images="none"))
     split = discover(cfg)
-    train_ds, _ = build_datasets(split, 3, build_train_transform(cfg), None)
-    return DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                      pin_memory=True, persistent_workers=True, prefetch_factor=4), len(split.classes)
+    train_ds, _ = build_datasets(split, 3, build_train_transform(cfg, normalize=not uint8), None)
+    loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=True, persistent_workers=True, prefetch_factor=4)
+    return loader, DeviceNormalize(list(cfg.mean or []), list(cfg.std or [])) if uint8 else None
 
 
 def bench_real(root: str, size: int, batch: int, steps: int, warmup: int, workers: int,
                models: dict[str, Any], device: str) -> list[dict[str, Any]]:
-    loader, _ = real_loader(root, size, batch, workers)
     rows = []
+    for uint8 in (False, True):
+        loader, normalize = real_loader(root, size, batch, workers, uint8)
+        label = f"JPEG, {workers} loader workers, " + ("uint8, normalised on the GPU" if uint8 else
+                                                         "float32, normalised by the workers")
 
-    def batches(n: int) -> Any:
-        return _cycle(loader, n)
+        def batches(n: int, loader: Any = loader) -> Any:
+            return _cycle(loader, n)
 
-    # The input pipeline alone: decode + augment in `workers` processes, pinned, copied to the GPU.
-    for _ in _cycle(loader, warmup):
-        pass
-    _sync()
-    t = time.perf_counter()
-    n = 0
-    for images, _target in batches(steps):
-        images.to(device, non_blocking=True)
-        n += images.shape[0]
-    _sync()
-    rate = n / (time.perf_counter() - t)
-    rows.append({"data": f"JPEG, {workers} loader workers", "mode": "loader only", "img_s": rate})
-    print(f"loader only ({workers} workers)  {rate:8.0f} img/s", flush=True)
-    for mode, (model, optimizer, kw) in models.items():
-        _timed(model, optimizer, batches(warmup), kw)
-        seconds, images = _timed(model, optimizer, batches(steps), kw)
-        rows.append({"data": f"JPEG, {workers} loader workers", "mode": mode, "img_s": images / seconds})
-        print(f"real data {mode:<16} {images / seconds:8.0f} img/s", flush=True)
+        # The input pipeline alone: decode + augment in `workers` processes, pinned, copied to the GPU.
+        for _ in batches(warmup):
+            pass
+        _sync()
+        t = time.perf_counter()
+        n = 0
+        for images, _target in batches(steps):
+            x = images.to(device, non_blocking=True)
+            if normalize is not None:
+                normalize(x)
+            n += images.shape[0]
+        _sync()
+        rate = n / (time.perf_counter() - t)
+        rows.append({"data": label, "mode": "loader only", "img_s": rate})
+        print(f"{label}: loader only {rate:8.0f} img/s", flush=True)
+        for mode, (model, optimizer, kw) in models.items():
+            if mode == "fp32" and uint8:
+                continue
+            _timed(model, optimizer, batches(warmup), {**kw, "normalize": normalize})
+            seconds, images = _timed(model, optimizer, batches(steps), {**kw, "normalize": normalize})
+            rows.append({"data": label, "mode": mode, "img_s": images / seconds})
+            print(f"{label}: {mode:<16} {images / seconds:8.0f} img/s", flush=True)
+        del loader
     return rows
 
 

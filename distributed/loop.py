@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,7 @@ from distributed import checkpoint as ckpt
 from distributed.config import TrainConfig
 from distributed.data import DataSplit, build_datasets, discover
 from distributed.models import build_model, find_head, set_backbone_trainable
-from distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
+from distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
 
 _logger = logging.getLogger(__name__)
 
@@ -100,9 +100,13 @@ def _loss_and_logits(output: Any, target: torch.Tensor, criterion: nn.Module) ->
     return loss, logits
 
 
-def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool,
+               normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        if normalize is None:
+            raise TypeError("uint8 images reached the model without a normalisation step")
+        images = normalize(images)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, target.to(device, non_blocking=True)
@@ -110,7 +114,8 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, *, amp: bool = False, scaler: torch.amp.GradScaler | None = None,
-                    channels_last: bool = False, progress: Any = None) -> PhaseStats:
+                    channels_last: bool = False, progress: Any = None,
+                    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PhaseStats:
     """One pass over this worker's shard; returns loss/accuracy summed over all workers."""
     model.train()
     dtype = amp_dtype(device)
@@ -119,7 +124,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
     count = 0
     start = time.perf_counter()
     for images, target in loader:
-        images, target = _to_device(images, target, device, channels_last)
+        images, target = _to_device(images, target, device, channels_last, normalize)
         with _autocast(device, amp, dtype):
             loss, logits = _loss_and_logits(model(images), target, criterion)
         optimizer.zero_grad(set_to_none=True)
@@ -170,7 +175,8 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
 def build_loaders(split: DataSplit, cfg: TrainConfig, rank: int, world: int,
                   use_cuda: bool) -> tuple[DataLoader, DataLoader]:
     """Sharded training loader (seeded DistributedSampler) and unpadded validation shard, via Ray."""
-    train_ds, val_ds = build_datasets(split, int(cfg.channels or 3), build_train_transform(cfg),
+    # On a GPU the training images travel as uint8 and are normalised there (DeviceNormalize).
+    train_ds, val_ds = build_datasets(split, int(cfg.channels or 3), build_train_transform(cfg, normalize=not use_cuda),
                                       build_eval_transform(preprocess_spec(cfg)))
     per_worker = cfg.batch_size // world
     common: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": use_cuda,
@@ -399,6 +405,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         start_epoch = int(restored["epoch"]) + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
+    normalize = DeviceNormalize(list(cfg.mean or []), list(cfg.std or [])) if device.type == "cuda" else None
     writer = None
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
@@ -425,7 +432,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         lr = stage.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(stage.model, train_loader, criterion, stage.optimizer, device, amp=use_amp,
                                 scaler=scaler, channels_last=bool(cfg.channels_last),
-                                progress=events.start_epoch(epoch, len(train_loader)))
+                                progress=events.start_epoch(epoch, len(train_loader)), normalize=normalize)
         val = evaluate(stage.model, val_loader, eval_criterion, device, amp=use_amp,
                        channels_last=bool(cfg.channels_last))
         if isinstance(stage.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -89,3 +89,29 @@ def test_amp_dtype_is_bf16_on_cpu() -> None:
 def test_amp_dtype_on_gpu_matches_the_hardware() -> None:
     want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert amp_dtype(torch.device("cuda")) == want
+
+
+def test_uint8_training_images_are_normalised_like_the_cpu_transform() -> None:
+    """The GPU path: workers stop at uint8, the loop normalises on the device; same tensors as on the CPU."""
+    import numpy as np
+    from PIL import Image
+
+    from distributed.config import resolve_defaults
+    from distributed.loop import train_one_epoch
+    from distributed.presets import DeviceNormalize, build_train_transform
+
+    cfg = resolve_defaults(TrainConfig(data="folder-x", image_size=16, hflip=0.0, crop_scale_min=1.0, channels=3))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    as_uint8 = build_train_transform(cfg, normalize=False)(img)
+    as_float = build_train_transform(cfg)(img)
+    assert as_uint8.dtype == torch.uint8 and as_float.dtype == torch.float32
+    normalize = DeviceNormalize(cfg.mean, cfg.std)
+    torch.testing.assert_close(normalize(as_uint8[None]), as_float[None], atol=1e-6, rtol=0)
+
+    loader = DataLoader(TensorDataset(as_uint8[None].repeat(4, 1, 1, 1), torch.zeros(4, dtype=torch.long)), batch_size=2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, loader, nn.CrossEntropyLoss(), sgd, torch.device("cpu"), normalize=normalize)
+    assert stats.images == 4
+    with pytest.raises(TypeError, match="without a normalisation step"):
+        train_one_epoch(model, loader, nn.CrossEntropyLoss(), sgd, torch.device("cpu"))
