@@ -30,6 +30,9 @@ from serve.v2 import Limits, V2Error, v2_blueprint
 _logger = logging.getLogger("serve")
 _access = logging.getLogger("serve.access")
 
+# Settings where an empty value is kept as "", not read as unset: an empty token must not turn auth off.
+KEEP_EMPTY = frozenset({"AUTH_TOKEN", "AUTH_TOKEN_FILE"})
+
 # name: (environment variable, type, default)
 SETTINGS: dict[str, tuple[str, type, Any]] = {
     "MODEL": ("TORCHFERRY_MODEL", str, None),
@@ -54,7 +57,7 @@ def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     out = {}
     for name, (var, kind, default) in SETTINGS.items():
         raw = env.get(var)
-        if raw is None or raw == "":
+        if raw is None or (raw == "" and name not in KEEP_EMPTY):
             out[name] = default
             continue
         try:

@@ -34,16 +34,24 @@ class BearerAuth:
     """Checks `Authorization: Bearer <token>` against the configured token; `enabled` is False without one."""
 
     def __init__(self, token: str | None = None, token_file: str | None = None):
-        if token and token_file:
+        # None means unset. An empty string is a setting that went wrong (a Secret key with no value, a
+        # compose file's ${TOKEN} with TOKEN unset): an error, never authentication silently off.
+        if token is not None and token_file is not None:
             raise ValueError("set TORCHFERRY_AUTH_TOKEN or TORCHFERRY_AUTH_TOKEN_FILE, not both")
-        self.token_file = token_file or None
+        if token_file is not None and not token_file.strip():
+            raise ValueError("TORCHFERRY_AUTH_TOKEN_FILE is set but empty; name the token file, or unset it to "
+                             "turn authentication off")
+        self.token_file = token_file
         self._digest: bytes | None = None
         self._stamp: tuple | None = None
         self._lock = threading.Lock()
-        if token:
+        if token is not None:
             self._digest = hashlib.sha256(_valid(token, "TORCHFERRY_AUTH_TOKEN").encode()).digest()
         elif self.token_file:
             self._reload(first=True)
+        if not self.enabled:
+            _logger.warning("authentication is off: every route answers without a token; set "
+                            "TORCHFERRY_AUTH_TOKEN or TORCHFERRY_AUTH_TOKEN_FILE to require one")
 
     @property
     def enabled(self) -> bool:

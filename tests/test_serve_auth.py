@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,9 +75,22 @@ def test_unknown_routes_are_401_before_404(client) -> None:
     assert client.get("/nope", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
 
 
-def test_auth_is_off_without_a_token(exported_model: dict) -> None:
+def test_auth_is_off_without_a_token(exported_model: dict, caplog: pytest.LogCaptureFixture) -> None:
     client = create_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True}).test_client()
     assert client.get("/metadata").status_code == 200
+    assert "authentication is off" in caplog.text  # said out loud, once per process
+
+
+@pytest.mark.parametrize("variable", ["TORCHFERRY_AUTH_TOKEN", "TORCHFERRY_AUTH_TOKEN_FILE"])
+def test_an_empty_token_setting_stops_the_server_instead_of_turning_auth_off(
+    exported_model: dict, variable: str
+) -> None:
+    # A Secret key with no value, or a compose file's ${TOKEN} with TOKEN unset, gives an empty variable.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHFERRY_AUTH_")} | {variable: ""}
+    done = subprocess.run([sys.executable, "-m", "serve", "--model", str(exported_model["model"]), "--port", "1"],
+                          cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2 and f"{variable} is" in done.stderr and "empty" in done.stderr, done.stderr[-500:]
 
 
 def test_token_file_is_read_and_a_rotated_secret_takes_effect(tmp_path: Path) -> None:
