@@ -103,8 +103,10 @@ def split_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
 
 
 def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):  # [] or 0 too: a client that sent something meant something
         raise V2Error(400, f"{where}: 'parameters' must be an object")
     if any(k in params for k in _SHM_KEYS):
         raise V2Error(400, f"{where}: shared memory is not supported by this server")
@@ -154,7 +156,10 @@ def _fp32(
             raise V2Error(400, f"input {name!r}: {len(values)} values for shape {shape}, which holds {count}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise V2Error(400, f"input {name!r}: FP32 data must be numbers")
-        x = np.asarray(values, dtype=np.float32).reshape(shape)
+        try:
+            x = np.asarray(values, dtype=np.float32).reshape(shape)
+        except OverflowError:  # a JSON integer beyond float's range (10**400) reaches numpy as a Python int
+            raise V2Error(400, f"input {name!r}: a value is too large for FP32") from None
     if not np.isfinite(x).all():
         raise V2Error(400, f"input {name!r}: the tensor holds NaN or infinite values")
     return x

@@ -224,6 +224,14 @@ def _bad_v2_requests() -> dict[str, tuple[dict, int]]:
         ),
         "too few values": ({"json": _fp32([1, 3, 16, 16], zeros[:-1])}, 400),
         "strings as FP32": ({"json": _fp32([1, 3, 16, 16], ["a"] * 768)}, 400),
+        # a JSON integer past float64's range reaches numpy as a Python int: OverflowError, not a 500
+        "integer too large for FP32": ({"data": json.dumps(_fp32([1, 3, 16, 16], [10**400] * 768)).encode(),
+                                        "content_type": "application/json"}, 400),
+        "parameters not an object": ({"json": {**_fp32([1, 3, 16, 16], zeros), "parameters": []}}, 400),
+        "input parameters not an object": (
+            {"json": {"inputs": [{**_fp32([1, 3, 16, 16], zeros)["inputs"][0], "parameters": 0}]}},
+            400,
+        ),
         "NaN": (
             {
                 "data": json.dumps(_fp32([1, 3, 16, 16], [float("nan")] * 768)).encode(),
@@ -326,6 +334,7 @@ def test_unknown_model_version_and_route_are_404_and_wrong_method_405(client) ->
         assert r.status_code == 404 and isinstance(r.json["error"], str), url
     r = client.get(f"/v2/models/{NAME}/infer")
     assert r.status_code == 405 and isinstance(r.json["error"], str)
+    assert "POST" in r.headers["Allow"] and r.mimetype == "application/json"  # RFC 9110: a 405 says what is allowed
 
 
 def test_not_ready_is_503_with_the_reason(tmp_path: Path) -> None:
