@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ from serve.predictor import ModelRefused, Predictor
 _logger = logging.getLogger("serve")
 
 MODEL_FILE = "model.onnx"
+# A version folder's name: a positive integer written plainly, at most 18 digits (fits Triton's int64). Not
+# str.isdigit(), which accepts "²" (int() then raises, and every re-check failed) and "٣"; not "03", which
+# would be a second folder for version 3; not 5000 digits, past int()'s limit. Other names are not versions.
+VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")
 
 
 def fingerprint(path: str) -> tuple:
@@ -87,7 +92,7 @@ def find_versions(model_dir: str, name: str | None) -> tuple[str, dict[int, str]
     versions = {
         int(d): os.path.join(folder, d, MODEL_FILE)
         for d in os.listdir(folder)
-        if d.isdigit() and int(d) > 0 and os.path.isdir(os.path.join(folder, d))
+        if VERSION_NAME.fullmatch(d) and os.path.isdir(os.path.join(folder, d))
     }
     if not versions:
         raise ModelRefused(
@@ -211,16 +216,18 @@ class ModelRepository:
         if chosen is not None:
             states[chosen.version] = {"state": "serving", "reason": "proven at load"}
             self.name = chosen.name
-        self.versions = dict(sorted(states.items(), key=lambda kv: -int(kv[0])))
+        ordered = sorted(states.items(), key=lambda kv: -int(kv[0]))
+        reasons = "; ".join(f"version {v}: {s['reason']}" for v, s in ordered)
+        if chosen is None and active is not None:  # nothing on disk proves itself: keep the one in memory
+            kept = "kept in memory: no version on disk passes its proof"
+            ordered = sorted({**states, active.version: {"state": "serving", "reason": kept}}.items(),
+                             key=lambda kv: -int(kv[0]))
+        # Published whole, never changed after: request threads serialise this dict while we work.
+        self.versions = dict(ordered)
         if chosen is None:
-            reasons = "; ".join(f"version {v}: {s['reason']}" for v, s in self.versions.items())
             if active is None:
                 self.reason = reasons if self.model_dir else next(iter(self.versions.values()))["reason"]
-            else:  # nothing on disk proves itself: keep answering with the model in memory, and say so
-                self.versions[active.version] = {
-                    "state": "serving",
-                    "reason": "kept in memory: no version on disk passes its proof",
-                }
+            else:
                 _logger.error(
                     json.dumps(
                         {"event": "no_servable_version", "model": name, "serving": active.version, "reason": reasons}

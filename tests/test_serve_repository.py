@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 
 from serve.app import create_app
 from serve.batcher import MicroBatcher
+from serve.repository import ModelRepository
 
 NAME = "colours"
 
@@ -126,16 +128,44 @@ def test_a_refused_version_is_retried_only_once_its_files_change(
     assert served_version(app.test_client()) == "2"
 
 
-def test_nothing_on_disk_proves_itself_keeps_the_model_in_memory(exported_model: dict, tmp_path: Path) -> None:
+class PublishedOnce(ModelRepository):
+    """A repository whose `versions`, once published, cannot change: requests read it while the watcher works."""
+
+    def __setattr__(self, key: str, value) -> None:
+        super().__setattr__(key, types.MappingProxyType(value) if key == "versions" else value)
+
+
+def test_nothing_on_disk_proves_itself_keeps_the_model_in_memory(
+    exported_model: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     place_version(tmp_path, 1, exported_model["model"])
     app = app_on(tmp_path)
     shutil.rmtree(tmp_path / NAME / "1")
     place_version(tmp_path, 4, exported_model["model"], broken=True)
-    app.extensions["torchferry"].refresh()
+    repo = app.extensions["torchferry"]
+    repo.__class__ = PublishedOnce  # the states are built, then published whole: never edited in place
+    repo.refresh()
+    assert "model re-check failed" not in caplog.text
+    assert repo.versions["4"]["state"] == "refused" and "kept in memory" in repo.versions["1"]["reason"]
+    repo.__class__, repo.versions = ModelRepository, dict(repo.versions)
     client = app.test_client()
     assert served_version(client) == "1"
     states = client.get("/metadata").json["model_versions"]
     assert states["4"]["state"] == "refused" and "kept in memory" in states["1"]["reason"]
+
+
+def test_folders_that_are_not_plain_version_numbers_are_ignored(exported_model: dict, tmp_path: Path) -> None:
+    place_version(tmp_path, 1, exported_model["model"])
+    place_version(tmp_path, 3, exported_model["model"], note="v3").rename(tmp_path / NAME / "03")
+    # "²".isdigit() is True and int("²") raises: such a folder used to fail every re-check, so nothing loaded.
+    for odd in ("²", "٣", "0", "9" * 40, "-2", "2.0"):
+        (tmp_path / NAME / odd).mkdir()
+    app = app_on(tmp_path)
+    client, repo = app.test_client(), app.extensions["torchferry"]
+    assert served_version(client) == "1" and set(repo.versions) == {"1"}
+    place_version(tmp_path, 2, exported_model["model"], note="v2")
+    repo.refresh()
+    assert served_version(client) == "2" and set(repo.versions) == {"1", "2"}
 
 
 @pytest.mark.parametrize(
