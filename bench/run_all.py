@@ -108,12 +108,14 @@ def train_accuracy_model(tmp: str, quick: bool, env: dict[str, str]) -> str:
     return os.path.join(tmp, "runs", "r18-digits", "best.pth")
 
 
-def newest_gpu_results() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    def newest(pattern: str) -> dict[str, Any] | None:
-        files = sorted(glob.glob(str(RESULTS / pattern)))
-        return json.loads(Path(files[-1]).read_text()) if files else None
-
-    return newest("*-gpu-train.json"), newest("*-gpu-launch.json")
+def newest_gpu_results() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every GPU result of the newest date that has any: gpu_train.py tables and end-to-end launch runs."""
+    files = sorted(glob.glob(str(RESULTS / "*-gpu-train*.json")) + glob.glob(str(RESULTS / "*-gpu-launch*.json")))
+    if not files:
+        return [], []
+    newest = max(Path(f).name[:10] for f in files)
+    chosen = [json.loads(Path(f).read_text()) for f in files if Path(f).name.startswith(newest)]
+    return ([d for d in chosen if d["benchmark"] == "gpu-train"], [d for d in chosen if d["benchmark"] == "gpu-launch"])
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -188,14 +190,14 @@ def render(result: dict[str, Any], source: str) -> str:
                        f"{_fmt(inp['p50_ms'], 2)} | {_fmt(srv['p50_ms'], 2)} | {_fmt(ratio['p50_server_over_inprocess'], 2)} | "
                        f"{_fmt(srv['p99_ms'], 2)} |")
         out.append("")
-    gpu, launch = newest_gpu_results()
+    gpus, launches = newest_gpu_results()
     out += ["## GPU", ""]
-    if gpu is None:
+    if not gpus:
         out += ["No GPU results yet: run `bench/gpu_check.sh` on a machine with a CUDA GPU.", ""]
-    else:
+    for gpu in gpus:
         g = gpu["machine"]
         out += [f"Measured on {g['gpu']} ({g['cpus']} CPU cores), torch {g['torch']}, CUDA {g['cuda']}, "
-                f"{gpu['date']}, by `bench/gpu_check.sh`. {gpu['method']}. {gpu['model']} at {gpu['image_size']} px, "
+                f"{gpu['date']}, by `bench/gpu_train.py`. {gpu['method']}. {gpu['model']} at {gpu['image_size']} px, "
                 f"batch {gpu['batch_size']}: {_fmt(gpu['train_gflop_per_image'])} GFLOP per image per training step; "
                 f"dense bf16 peak {_fmt(gpu['dense_bf16_peak_tflop_s'], 0)} TFLOP/s (data sheet), "
                 f"{_fmt(gpu['measured_bf16_matmul_tflop_s'], 0)} TFLOP/s measured on an 8192³ bf16 matmul.", "",
@@ -205,12 +207,12 @@ def render(result: dict[str, Any], source: str) -> str:
             frac = r.get("fraction_of_dense_bf16_peak")
             out.append(f"| {r['data']} | {r['mode']} | {_fmt(r['img_s'], 0)} | {_fmt(r.get('tflop_s'))} | "
                        f"{_fmt(100 * frac if frac else None)}{' %' if frac else ''} | {_fmt(r.get('startup_s'))} |")
-        if launch:
-            rates = [e["images_per_s"] for e in launch["epochs"]]
-            out += ["", f"End to end, `{launch['command']}` ({launch['data']}): "
-                    f"{', '.join(_fmt(x, 0) for x in rates)} img/s in epochs 1..{len(rates)} "
-                    f"(epoch 1 includes cuDNN autotuning and DataLoader start-up). {launch.get('gpu_tests', '')}."]
         out.append("")
+    for launch in launches:
+        rates = [e["images_per_s"] for e in launch["epochs"]]
+        out += [f"End to end{' (' + launch['code'] + ')' if launch.get('code') else ''}: `{launch['command']}` "
+                f"({launch['data']}): {', '.join(_fmt(x, 0) for x in rates)} img/s in epochs 1..{len(rates)}. "
+                f"{launch['method']}. GPU tests: {launch.get('gpu_tests', '–')}.", ""]
     return "\n".join(out)
 
 
