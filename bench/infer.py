@@ -104,8 +104,12 @@ def int8_accuracy(checkpoint: str, data: str | None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = export_checkpoint(checkpoint, os.path.join(tmp, "model.onnx"), quantize="int8", data=data)
-    q = report["int8"]
-    print(f"INT8 accuracy ({report.get('arch', '?')}, {q.get('validation_images')} validation images): "
+    from distributed.checkpoint import load_checkpoint
+
+    if "int8" not in report:
+        raise RuntimeError(f"export of {checkpoint} did not get as far as INT8: {json.dumps(report)[:500]}")
+    q = {"arch": load_checkpoint(checkpoint)["arch"], **report["int8"]}
+    print(f"INT8 accuracy ({q['arch']}, {q.get('validation_images')} validation images): "
           f"fp32 {q.get('fp32_top1', float('nan')):.4f}  int8 {q.get('int8_top1', float('nan')):.4f}  "
           f"delta {q.get('top1_delta_pp', float('nan')):+.2f} pp", flush=True)
     return {"checkpoint": checkpoint, **{k: v for k, v in q.items() if k != "path"}}

@@ -174,7 +174,7 @@ def _free_port() -> int:
 
 
 def suite(quick: bool) -> dict[str, Any]:
-    seconds = 4.0 if quick else 10.0
+    seconds = 3.0 if quick else 10.0
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -44,7 +44,7 @@ TARGETS = [
 ]
 # Lower is better for these: (name, ceiling, getter).
 CEILINGS = [
-    ("INT8 top-1 loss in percentage points (resnet18 trained on digits)", 0.5,
+    ("INT8 top-1 loss in percentage points (a model torchferry trained on digits)", 0.5,
      lambda r: -min((a["top1_delta_pp"] for a in r.get("infer", {}).get("int8_accuracy", [])
                      if "top1_delta_pp" in a), default=float("nan"))),
     ("server p50 latency vs in-process, 1 client (resnet18)", 1.10,
@@ -99,13 +99,16 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 
 
 def train_accuracy_model(tmp: str, quick: bool, env: dict[str, str]) -> str:
-    """resnet18 trained by torchferry on digits (32 px, 3 channels): the model INT8 accuracy is measured on."""
-    epochs = "8" if quick else "15"
-    _run([sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", "2", "--model", "resnet18",
-          "--image-size", "32", "--channels", "3", "--epochs", epochs, "--batch-size", "128", "--lr", "0.1",
-          "--num-workers", "1", "--output-dir", os.path.join(tmp, "runs"), "--name", "r18-digits", "--progress", "off"],
+    """A model trained by torchferry on digits for the INT8 accuracy check: smallcnn (quick) or resnet18 at 32 px."""
+    if quick:
+        flags = ["--model", "smallcnn", "--epochs", "12"]
+    else:
+        flags = ["--model", "resnet18", "--image-size", "32", "--channels", "3", "--epochs", "15", "--opt", "adamw",
+                 "--lr", "0.001"]
+    _run([sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", "2", *flags, "--batch-size", "128",
+          "--num-workers", "1", "--output-dir", os.path.join(tmp, "runs"), "--name", "int8-check", "--progress", "off"],
          env)
-    return os.path.join(tmp, "runs", "r18-digits", "best.pth")
+    return os.path.join(tmp, "runs", "int8-check", "best.pth")
 
 
 def newest_gpu_results() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -159,6 +162,25 @@ def render(result: dict[str, Any], source: str) -> str:
         out += ["", "Batch per worker 64, DataLoader processes per worker "
                 f"{t['models'][0]['loader_workers'] if t['models'] else '?'}, SGD momentum. Commands (relative to the "
                 "repository root) are in the JSON beside each run.", ""]
+    repeated = sorted(glob.glob(str(RESULTS / f"{result['date']}-*-train*.json")))
+    for path in repeated:
+        extra = json.loads(Path(path).read_text())
+        if extra.get("benchmark") != "train":
+            continue
+        out += [f"### Repeated: `{os.path.relpath(path, ROOT)}`", "",
+                f"`python bench/train_throughput.py` run on its own: {extra['method']}.", "",
+                "| model | data | N | runs each | epochs | torchrun img/s | torchferry img/s | torchferry/torchrun | "
+                "start-up torchrun s | start-up torchferry s | all runs torchrun / torchferry |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for mdl in extra["models"]:
+            for n, s in mdl["summary"].items():
+                world = int(n.split("=")[1])
+                each = [f"{r['img_s']:.0f}" for r in mdl["runs"] if r["workers"] == world and r["runner"] != "plain loop"]
+                out.append(f"| {mdl['model']} | {mdl['data']} | {world} | {mdl['reps']} | {mdl['epochs']} | "
+                           f"{_fmt(s['torchrun_img_s'])} | {_fmt(s['torchferry_img_s'])} | "
+                           f"{_fmt(s['torchferry_over_torchrun'], 3)} | {_fmt(s['torchrun_startup_s'])} | "
+                           f"{_fmt(s['torchferry_startup_s'])} | {' / '.join(each)} |")
+        out.append("")
     if "infer" in result:
         i = result["infer"]
         out += ["## Inference (CPU)", "", i["method"] + ".", "",
@@ -169,7 +191,7 @@ def render(result: dict[str, Any], source: str) -> str:
                        f"{_fmt(r['ort_img_s'])} | {_fmt(r['ort_over_torch'], 2)} | {_fmt(r.get('ort_int8_img_s'))} | "
                        f"{_fmt(r.get('int8_over_ort'), 2)} |")
         for a in i.get("int8_accuracy", []):
-            out += ["", f"INT8 accuracy: {a.get('arch', 'resnet18')} trained by torchferry on digits, "
+            out += ["", f"INT8 accuracy: {a.get('arch', '?')} trained by torchferry on digits, "
                     f"{a.get('validation_images', '?')} validation images: fp32 top-1 {_fmt(a.get('fp32_top1'), 4)}, "
                     f"INT8 top-1 {_fmt(a.get('int8_top1'), 4)} ({_fmt(a.get('top1_delta_pp'), 2)} pp; "
                     f"{a.get('method', '?')} quantization, {a.get('calibration_images', '?')} calibration images)."]

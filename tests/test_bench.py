@@ -41,7 +41,7 @@ def test_targets_say_met_missed_and_by_how_much() -> None:
     assert smallcnn["met"] is False and smallcnn["short_by"] == "7.7 %"
     assert checks["ORT fp32 vs torch eager, resnet18, batch 1"]["met"] is True
     assert checks["ORT INT8 vs ORT fp32, resnet18, batch 1"]["met"] is True
-    assert checks["INT8 top-1 loss in percentage points (resnet18 trained on digits)"]["met"] is False
+    assert checks["INT8 top-1 loss in percentage points (a model torchferry trained on digits)"]["met"] is False
     assert checks["server vs in-process throughput, 4 clients (resnet18)"]["met"] is None  # not measured
 
 
