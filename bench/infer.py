@@ -76,11 +76,11 @@ def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list
             x = torch.randn(batch, channels, size, size)
             xn = x.numpy()
             heavy = batch * size * size > 32 * 64 * 64
-            reps = (3 if heavy else 10) if quick else (7 if heavy else 30)
+            reps = (5 if heavy else 30) if quick else (9 if heavy else 60)
             with torch.inference_mode():
-                t_torch = _median_seconds(lambda x=x: model(x), reps, 2)
+                t_torch = _median_seconds(lambda x=x: model(x), reps, 5)
                 diff = float(np.abs(model(x).numpy() - session.run(None, {"input": xn})[0]).max())
-            t_ort = _median_seconds(lambda xn=xn: session.run(None, {"input": xn}), reps, 2)
+            t_ort = _median_seconds(lambda xn=xn: session.run(None, {"input": xn}), reps, 5)
             row = {"model": arch, "input": [channels, size, size], "batch": batch, "threads": threads,
                    "exporter": exporter, "reps": reps,
                    "torch_ms": 1000 * t_torch, "ort_ms": 1000 * t_ort,
@@ -89,7 +89,7 @@ def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list
             line = (f"{arch:<10} batch {batch:>2}: torch {1000 * t_torch:8.2f} ms  ort {1000 * t_ort:8.2f} ms  "
                     f"ORT/eager {t_torch / t_ort:5.2f}x")
             if int8_session is not None:
-                t_int8 = _median_seconds(lambda xn=xn: int8_session.run(None, {"input": xn}), reps, 2)
+                t_int8 = _median_seconds(lambda xn=xn: int8_session.run(None, {"input": xn}), reps, 5)
                 row.update({"ort_int8_ms": 1000 * t_int8, "ort_int8_img_s": batch / t_int8,
                             "int8_over_ort": t_ort / t_int8})
                 line += f"  int8 {1000 * t_int8:8.2f} ms  INT8/fp32 {t_ort / t_int8:5.2f}x"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version(), "torch": str(torch.__version__),
                           "onnxruntime": ort.__version__},
-              "method": "median latency over reps after 2 warm-up runs; same thread count for torch eager "
+              "method": "median latency over reps after 5 warm-up runs; same thread count for torch eager "
                         "(inference_mode) and ONNX Runtime (CPU, ORT_ENABLE_ALL); random weights for speed; INT8 "
                         "is onnxruntime's static QDQ (per-channel INT8 weights, UINT8 activations), its accuracy "
                         "measured on trained checkpoints' validation images",

@@ -45,13 +45,40 @@ TARGETS = [
 # Lower is better for these: (name, ceiling, getter).
 CEILINGS = [
     ("INT8 top-1 loss in percentage points (a model torchferry trained on digits)", 0.5,
-     lambda r: -min((a["top1_delta_pp"] for a in r.get("infer", {}).get("int8_accuracy", [])
-                     if "top1_delta_pp" in a), default=float("nan"))),
+     lambda r: _int8_loss(r)),
     ("server p50 latency vs in-process, 1 client (resnet18)", 1.10,
      lambda r: _load(r, "resnet18", 1, "p50_server_over_inprocess")),
     ("server p50 latency vs in-process, 1 client (smallcnn)", 1.10,
      lambda r: _load(r, "smallcnn", 1, "p50_server_over_inprocess")),
 ]
+
+
+# What a miss of each kind comes from on a 2-core machine, as far as the measurements here show.
+WHY = {
+    "vs torchrun, 2 processes (smallcnn": "not fully explained. The two cores are saturated by the 2 trainers and "
+    "their 2 DataLoader processes, so Ray's own processes (GCS, raylet, the Train controller, the event queue, the "
+    "placement-group cleaner: a few per cent of a core by psutil) come out of training; single runs of every "
+    "runner also spread by about ±15 % here (see the repeated runs below). The loop itself is not slower: "
+    "in one process torchferry's train_one_epoch and the plain loop run within 3 % of each other, and the 12-epoch "
+    "torchferry run of the INT8 check (same settings) reached 507-638 img/s from its third epoch. resnet18 shows "
+    "no gap.",
+    "vs torchrun, 2 processes (resnet18": "within the run-to-run spread (about ±15 %) of this machine; see the "
+    "repeated runs below.",
+    "server vs in-process throughput, 4 clients (smallcnn)": "smallcnn answers in 1.4 ms; HTTP parsing, Flask, "
+    "JSON and the load generator itself (on the same 2 cores) cost about 2 ms per request. For resnet18 (16 ms) "
+    "the same overhead is within the bar.",
+    "server p50 latency vs in-process, 1 client (smallcnn)": "the same fixed ~2 ms per request on a 1.4 ms model.",
+    "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
+    "model; run to run this ratio moves between 1.07 and 1.17 here.",
+    "ORT fp32 vs torch eager": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
+    "ORT INT8 vs ORT fp32": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
+}
+
+
+def _int8_loss(r: dict[str, Any]) -> float:
+    """The largest top-1 loss (pp) of INT8 against fp32 over the checked models; a gain counts as 0."""
+    deltas = [a["top1_delta_pp"] for a in r.get("infer", {}).get("int8_accuracy", []) if "top1_delta_pp" in a]
+    return max(0.0, -min(deltas)) if deltas else float("nan")
 
 
 def _train(r: dict[str, Any], model: str, n: str) -> float:
@@ -82,10 +109,10 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         missing = math.isnan(value)
         checks.append({"target": name, "bar": f">= {floor:g}x", "measured": value,
                        "met": None if missing else value >= floor,
-                       "short_by": None if missing or value >= floor else f"{100 * (1 - value / floor):.1f} %"})
+                       "short_by": None if missing or value >= floor else f"short by {100 * (1 - value / floor):.1f} %"})
     for name, ceiling, get in CEILINGS:
         value = get(result)
-        unit = " pp" if "pp" in name else "x"
+        unit = " pp" if "percentage points" in name else "x"
         missing = math.isnan(value)
         checks.append({"target": name, "bar": f"<= {ceiling:g}{unit}", "measured": value,
                        "met": None if missing else value <= ceiling,
@@ -141,9 +168,13 @@ def render(result: dict[str, Any], source: str) -> str:
            "`python bench/infer.py`, `python bench/load.py --suite`, and on a GPU `bench/gpu_check.sh`.", ""]
     out += ["## Targets", "", "| target | bar | measured | met |", "| --- | --- | --- | --- |"]
     for c in result["targets"]:
-        met = "yes" if c["met"] else ("no data" if c["met"] is None else f"**no** (short by {c['short_by']})")
+        met = "yes" if c["met"] else ("no data" if c["met"] is None else f"**no** ({c['short_by']})")
         unit = " pp" if "pp" in c["bar"] else "x"
         out.append(f"| {c['target']} | {c['bar']} | {_fmt(c['measured'], 3)}{unit} | {met} |")
+    missed = [c["target"] for c in result["targets"] if c["met"] is False]
+    reasons = [f"- {t}: {WHY[key]}" for t in missed for key in WHY if key in t]
+    if reasons:
+        out += ["", "Why the misses (see also the session notes):", "", *reasons]
     out.append("")
     if "train" in result:
         t = result["train"]
@@ -198,7 +229,7 @@ def render(result: dict[str, Any], source: str) -> str:
         out.append("")
     if "load" in result:
         ld = result["load"]
-        out += ["## Serving (CPU)", "", ld.get("method", "") + f" {ld['seconds_per_point']:g} s per point.", "",
+        out += ["## Serving (CPU)", "", f"{ld.get('method', '').rstrip('.')}; {ld['seconds_per_point']:g} s per point.", "",
                 "| model | batch window | clients | in-process req/s | server req/s | ratio | p50 in-process ms | "
                 "p50 server ms | p50 ratio | p99 server ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         rows = ld["rows"]

@@ -38,7 +38,7 @@ def test_targets_say_met_missed_and_by_how_much() -> None:
     run_all = _run_all()
     checks = {c["target"]: c for c in run_all.check_targets(_result())}
     smallcnn = checks["torchferry on Ray, 2 workers, vs torchrun, 2 processes (smallcnn/digits)"]
-    assert smallcnn["met"] is False and smallcnn["short_by"] == "7.7 %"
+    assert smallcnn["met"] is False and smallcnn["short_by"] == "short by 7.7 %"
     assert checks["ORT fp32 vs torch eager, resnet18, batch 1"]["met"] is True
     assert checks["ORT INT8 vs ORT fp32, resnet18, batch 1"]["met"] is True
     assert checks["INT8 top-1 loss in percentage points (a model torchferry trained on digits)"]["met"] is False
