@@ -16,7 +16,6 @@ the model reaches. Results go to bench/results/<date>-<gpu>-gpu-train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -35,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.loop import train_one_epoch
 from distributed.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+from bench_io import write_result
 
 MODES = {  # name: (amp, channels_last, compile)
     "fp32": (False, False, False),
@@ -277,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
     out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{slug}-gpu-train.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
     return 0
 
 

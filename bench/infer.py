@@ -31,6 +31,9 @@ from distributed.models import build_model
 from export.onnx import export_model, save_checked
 from export.quantize import quantize_static_qdq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+from bench_io import write_result
+
 MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
 
 
@@ -141,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         "measured on trained checkpoints' validation images",
               "rows": rows, "int8_accuracy": accuracy}
     out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{result['host']}-infer.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
     return 0
 
 

@@ -30,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+from bench_io import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -247,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                              "client and server on the same machine; in-process = decode + preprocess + ORT "
                              "with the same thread count, no HTTP"})
     out = Path(args.out or REPO / "bench" / "results" / f"{result['date']}-{result['host']}-load.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
     return 0
 
 

@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+from bench_io import write_result, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        (ROOT / "bench" / "RESULTS.md").write_text(render(result, os.path.relpath(args.render, ROOT)) + "\n")
+        write_text_atomic(ROOT / "bench" / "RESULTS.md", render(result, os.path.relpath(args.render, ROOT)) + "\n")
         print(f"wrote {ROOT / 'bench' / 'RESULTS.md'}")
         return 0
     parts = set(args.only.split(","))
@@ -311,9 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = check_targets(result)
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out or RESULTS / f"{result['date']}-{result['host']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    (ROOT / "bench" / "RESULTS.md").write_text(render(result, os.path.relpath(out, ROOT)) + "\n")
+    write_result(result, out)
+    write_text_atomic(ROOT / "bench" / "RESULTS.md", render(result, os.path.relpath(out, ROOT)) + "\n")
     for c in result["targets"]:
         print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {_fmt(c['measured'], 3)} (bar {c['bar']})")
     print(f"wrote {out} and bench/RESULTS.md in {result['wall_s'] / 60:.1f} min")

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
+from bench_io import write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {  # model: input flags common to every runner
     "smallcnn": [],
@@ -187,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         "worker, threads per process (cores / N) and DataLoader processes for every runner",
               "models": models}
     out = Path(args.out or ROOT / "bench" / "results" / f"{result['date']}-{result['host']}-train.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, out)
     return 0
 
 

@@ -258,3 +258,17 @@ def ray_two_nodes(tmp_path: Path):
         marker = Path("/tmp/ray/ray_current_cluster")
         if marker.is_file() and marker.read_text().strip() == address:
             marker.unlink()  # what `ray stop` would remove; our own cluster's only
+
+
+@pytest.fixture
+def app(exported_model: dict):
+    """The serving app on the trained smallcnn, model loaded before the first request."""
+    from serve.app import create_app
+
+    return create_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True})
+
+
+@pytest.fixture
+def client(app):
+    """Flask's test client for `app`."""
+    return app.test_client()

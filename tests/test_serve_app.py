@@ -22,18 +22,6 @@ from serve.batcher import MicroBatcher
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def app(exported_model: dict):
-    """The serving app on the trained smallcnn, model loaded before the first request."""
-    return create_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True})
-
-
-@pytest.fixture
-def client(app):
-    """Flask's test client for `app`."""
-    return app.test_client()
-
-
 def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")

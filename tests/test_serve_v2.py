@@ -21,18 +21,6 @@ from serve.images import decode, preprocess
 NAME = "smallcnn"  # a single model file is named by its metadata's architecture unless --name says otherwise
 
 
-@pytest.fixture
-def app(exported_model: dict):
-    """The serving app on the trained smallcnn, model loaded before the first request."""
-    return create_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True})
-
-
-@pytest.fixture
-def client(app):
-    """Flask's test client for `app`."""
-    return app.test_client()
-
-
 def png(rgb: tuple[int, int, int], size: int = 20) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), rgb).save(buf, "PNG")
