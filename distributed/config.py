@@ -334,12 +334,49 @@ def validate_flags(cfg: TrainConfig) -> None:
                               f"number of workers ({cfg.num_workers_total})")
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def is_weights_path(pretrained: str) -> bool:
+    """--pretrained names a local file (not a torchvision weights enum name such as DEFAULT)."""
+    return pretrained.endswith((".pth", ".pt", ".bin")) or os.sep in pretrained or os.path.exists(pretrained)
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Every local path in the config made absolute against this process's working directory.
+
+    The driver does this before the config leaves it: Ray Train runs the loop in its own session folder,
+    where a relative `data/shapes` or `runs` would name something else (issue 14).
+    """
+    r = dataclasses.replace(cfg)
+    key = data_set_key(r.data)
+    if key in ("folder", "annotations"):
+        r.data = _absolute(r.data)
+    elif key != "digits":
+        name, _, root = r.data.partition(":")
+        r.data = f"{name}:{_absolute(root)}"
+    for attr in ("val_data", "image_root", "init_from"):
+        if getattr(r, attr):
+            setattr(r, attr, _absolute(getattr(r, attr)))
+    r.cache_dir = _absolute(r.cache_dir)
+    r.output_dir = _absolute(r.output_dir)
+    if r.storage and "://" not in r.storage:
+        r.storage = _absolute(r.storage)
+    if r.pretrained and is_weights_path(r.pretrained):
+        r.pretrained = _absolute(r.pretrained)
+    return r
+
+
 def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None = None) -> TrainConfig:
-    """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights."""
+    """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights.
+
+    Paths come out absolute (`absolute_paths`), so the resolved config means the same on every worker.
+    """
     key = data_set_key(cfg.data)
     small = key in SMALL_IMAGE_SIZES
     w = weights_preprocess or {}
-    r = dataclasses.replace(cfg)
+    r = absolute_paths(cfg)
     if r.channels is None:
         r.channels = 1 if (key in GRAYSCALE_SETS and r.model == "smallcnn") else 3
     if r.image_size is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from distributed import TorchferryError
@@ -49,3 +51,24 @@ def test_dataset_dependent_defaults() -> None:
 def test_flag_combinations_that_cannot_work(kwargs: dict, message: str) -> None:
     with pytest.raises(TorchferryError, match=message):
         validate_flags(TrainConfig(**kwargs))
+
+
+def test_every_path_is_made_absolute_where_the_command_runs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray runs the loop in its own session folder: relative paths must not reach it (issue 14)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.csv").write_text("path,label\n")
+    cfg = resolve_defaults(TrainConfig(data="train.csv", val_data="val.csv", image_root="images", output_dir="runs",
+                                       storage="ckpts", init_from="old/best.pth", pretrained="w/resnet.pth",
+                                       cache_dir="~/cache", name="n"))
+    for attr, want in [("data", tmp_path / "train.csv"), ("val_data", tmp_path / "val.csv"),
+                       ("image_root", tmp_path / "images"), ("output_dir", tmp_path / "runs"),
+                       ("storage", tmp_path / "ckpts"), ("init_from", tmp_path / "old" / "best.pth"),
+                       ("pretrained", tmp_path / "w" / "resnet.pth")]:
+        assert getattr(cfg, attr) == str(want), attr
+    assert cfg.cache_dir == os.path.join(os.path.expanduser("~"), "cache")
+    assert cfg.run_dir == str(tmp_path / "runs" / "n")
+    named = resolve_defaults(TrainConfig(data="cifar10:data/c10", storage="s3://bucket/runs", pretrained="DEFAULT",
+                                         model="resnet18"))
+    assert (named.data, named.storage, named.pretrained) == (f"cifar10:{tmp_path}/data/c10", "s3://bucket/runs",
+                                                             "DEFAULT")
+    assert resolve_defaults(TrainConfig()).data == "digits"

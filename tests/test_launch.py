@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -268,3 +269,65 @@ def test_same_seed_repeats_the_run(trained_run: dict, capsys: pytest.CaptureFixt
     for a, b in zip(first, second, strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+# ------------------------------------------------------------------------------------------------
+# relative paths, run from another working directory (issue 14): Ray's workers run in its session folder
+
+
+def _launch_in(cwd: Path, args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "distributed.launch", *args], check=False, capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def _tb_scalar_tags(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_relative_paths_from_another_directory_reach_the_workers(tmp_path: Path) -> None:
+    """--data, --output-dir, --storage, --cache-dir, --init-from and a --pretrained file, all relative."""
+    from conftest import write_checkpoint, write_class_tree
+
+    from distributed.models import build_model
+
+    work = tmp_path / "work"
+    write_class_tree(work / "data" / "shapes" / "train", 12, seed=1)
+    write_class_tree(work / "data" / "shapes" / "val", 4, seed=2)
+    write_checkpoint(work / "old" / "best.pth", "smallcnn", work / "data" / "shapes", size=16)
+    torch.save(build_model("smallcnn", 3, channels=3).state_dict(), work / "weights.pth")
+    proc = _launch_in(work, [*FAST_FLAGS, "--epochs", "1", "--data", "data/shapes", "--output-dir", "runs",
+                             "--storage", "ckpts", "--cache-dir", "cache", "--init-from", "old/best.pth",
+                             "--pretrained", "weights.pth", "--name", "rel"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = work / "runs" / "rel"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"] == str(work / "data" / "shapes") and saved["cache_dir"] == str(work / "cache")
+    assert saved["init_from"] == str(work / "old" / "best.pth") and saved["pretrained"] == str(work / "weights.pth")
+    # rank 0's outputs land in the user's runs/<name>/, Ray's checkpoints under --storage
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0]
+    assert {"val_acc", "train_loss"} <= _tb_scalar_tags(run_dir / "tb")
+    assert json.loads((run_dir / "cluster.json").read_text())["workers"][0]["rank"] == 0
+    assert list((work / "ckpts" / "rel").glob("checkpoint_*/checkpoint.pth"))
+    assert (run_dir / "best.pth").is_file()
+
+
+@pytest.mark.slow
+def test_readme_csv_example_with_relative_image_root(annotation_files: dict[str, Path], tmp_path: Path) -> None:
+    """README: `--data train.csv --val-data val.csv --image-root ...`, from the folder the files are in."""
+    root = annotation_files["train.csv"].parent  # root/images/..., rows name images/train/<class>/<i>.png
+    lists = root / "lists"
+    lists.mkdir()
+    for name in ("train.csv", "val.csv"):
+        annotation_files[name].rename(lists / name)
+    proc = _launch_in(lists, [*FAST_FLAGS, "--epochs", "1", "--data", "train.csv", "--val-data", "val.csv",
+                              "--image-root", "..", "--name", "csv"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = lists
+    assert (folder / "runs" / "csv" / "best.pth").is_file()
+    assert [r["epoch"] for r in read_metrics(folder / "runs" / "csv")] == [0]
