@@ -1,25 +1,27 @@
-# syntax=docker/dockerfile:1.7
-# Two targets:
-#   docker build --target serve -t torchferry-serve .    # ONNX Runtime + Flask + gunicorn, no torch (~360 MB)
-#   docker build --target train -t torchferry-train .    # CUDA PyTorch + Ray Train, entrypoint distributed.launch
+# Two targets, both on the public Python image:
+#   docker build --target serve -t torchferry-serve .    # ONNX Runtime + Flask + gunicorn, no torch, no pip (~370 MB)
+#   docker build --target train -t torchferry-train .    # PyTorch (CUDA wheels) + Ray Train, entrypoint distributed.launch
+# Where no registry is reachable, `--build-arg PYTHON_IMAGE="$(scripts/local-base-image.sh)"` builds on a local base.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG TRAIN_BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve-deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /build
 COPY pyproject.toml ./
-# The [serve] extra is the pinned, torch-free list; install exactly it into a virtualenv we copy over.
+# The [serve] extra is the pinned, torch-free list; install exactly it into a virtualenv we copy over, then take
+# the installer itself out of it (pip and setuptools are not needed to serve).
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/python -c "import subprocess, sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']; subprocess.check_call([sys.executable, '-m', 'pip', 'install', '--no-cache-dir', *deps])" \
- && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+ && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
+ && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'ray', 'pip', 'setuptools')))"
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve
 LABEL org.opencontainers.image.title="torchferry-serve" \
       org.opencontainers.image.description="Flask on ONNX Runtime serving a torchferry model"
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
@@ -27,27 +29,36 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCHFERRY_BIND=0.0.0.0:8080 \
     TORCHFERRY_MODEL=/models/model.onnx \
     PROMETHEUS_MULTIPROC_DIR=/tmp/prometheus
+# The base's own pip, setuptools and wheel go too (a base without a system pip has none to remove).
+# The mount points exist in the image (the model volume, the auth token Secret of k8s/serve), so that nothing at all
+# is added to a container's filesystem when it runs.
+RUN if python -m pip --version >/dev/null 2>&1; then python -m pip uninstall --yes --no-cache-dir pip setuptools wheel; fi \
+ && mkdir -p /models /var/run/secrets/torchferry
 COPY --from=serve-deps /opt/venv /opt/venv
 WORKDIR /app
 COPY serve/ /app/serve/
 # A numeric non-root user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 8080
-HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+# Ready, not merely alive: /readyz where TORCHFERRY_BIND says the server listens (serve/healthcheck.py).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["python", "-m", "serve.healthcheck"]
 ENTRYPOINT ["python", "-m", "gunicorn", "-c", "/app/serve/gunicorn.conf.py"]
 
 # ---------------------------------------------------------------------------------------------------
-FROM ${TRAIN_BASE} AS train
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+FROM ${PYTHON_IMAGE} AS train
+# The pins are pyproject's [train-image] extra (torch, torchvision, ray ... ; k8s/train/rayjob.yaml's rayVersion
+# follows its ray pin). PyPI's Linux torch wheels carry CUDA; TORCH_INDEX adds another index (e.g.
+# https://download.pytorch.org/whl/cu128) only when set.
+ARG TORCH_INDEX=""
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/tmp TMPDIR=/tmp TORCHFERRY_CACHE=/tmp/torchferry-cache
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY distributed/ /app/distributed/
 COPY export/ /app/export/
 COPY serve/ /app/serve/
-# torch/torchvision come from the base image (or TORCH_INDEX where the base lacks them); ray[train] from PyPI.
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" /app
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/python -m pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "/app[train-image]"
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "distributed.launch"]

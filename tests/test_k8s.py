@@ -17,6 +17,8 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -200,6 +202,61 @@ def test_hadolint_reports_no_error() -> None:
 
 def serve_requirements() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+
+
+def pins(extra: str) -> dict[str, Requirement]:
+    """A pyproject extra as {normalised name: requirement}."""
+    reqs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    return {canonicalize_name(r.name): r for r in map(Requirement, reqs)}
+
+
+def dockerfile_stage(name: str) -> str:
+    """The Dockerfile's lines from `FROM ... AS name` to the next FROM."""
+    text = (REPO / "Dockerfile").read_text()
+    start = text.index(f" AS {name}\n")
+    end = text.find("\nFROM ", start)
+    return text[start:end if end >= 0 else None]
+
+
+def test_train_image_pins_every_dependency_within_its_range() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    train = pins("train-image")
+    for dep in map(Requirement, project["dependencies"]):
+        pin = train.get(canonicalize_name(dep.name))
+        assert pin is not None, f"[train-image] lacks {dep.name}"
+        (spec,) = pin.specifier
+        assert spec.operator == "==" and dep.specifier.contains(spec.version), (str(dep), str(pin))
+        assert dep.extras <= pin.extras, (str(dep), str(pin))
+    assert set(train) == {canonicalize_name(Requirement(d).name) for d in project["dependencies"]}
+
+
+def test_serve_and_train_images_pin_shared_packages_alike() -> None:
+    serve, train = pins("serve"), pins("train-image")
+    assert {name: str(serve[name].specifier) for name in serve.keys() & train.keys()} == \
+        {name: str(train[name].specifier) for name in serve.keys() & train.keys()}
+
+
+def test_dockerfile_and_rayjob_follow_the_train_pins() -> None:
+    stage = dockerfile_stage("train")
+    assert '"/app[train-image]"' in stage and "pip install" in stage
+    assert "FROM ${PYTHON_IMAGE} AS train" in (REPO / "Dockerfile").read_text()
+    (ray_pin,) = pins("train-image")["ray"].specifier
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for _, doc in RAYJOBS:
+        cluster = doc["spec"]["rayClusterSpec"]
+        assert cluster["rayVersion"] == ray_pin.version  # KubeRay speaks to the image's Ray by this version
+        templates = [doc["spec"]["submitterPodTemplate"], cluster["headGroupSpec"]["template"],
+                     *(g["template"] for g in cluster["workerGroupSpecs"])]
+        for template in templates:
+            for container in template["spec"]["containers"]:
+                assert container["image"].rsplit(":", 1)[1] == project["version"], container["image"]
+
+
+def test_serve_stage_installs_the_serve_extra_and_probes_readiness() -> None:
+    assert "['optional-dependencies']['serve']" in dockerfile_stage("serve-deps")
+    stage = dockerfile_stage("serve")
+    assert 'CMD ["python", "-m", "serve.healthcheck"]' in stage and "8080/healthz" not in stage
+    assert "syntax=" not in (REPO / "Dockerfile").read_text()  # no frontend image to fetch before building
 
 
 def test_serve_requirements_are_pinned_and_torch_free() -> None:
