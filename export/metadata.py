@@ -28,11 +28,13 @@ def golden_inputs(channels: int, height: int, width: int, seed: int = GOLDEN_SEE
     return np.random.RandomState(seed).uniform(low, high, size=(batch, channels, height, width)).astype(np.float32)
 
 
-def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float) -> dict[str, Any]:
-    """What the model's `golden` metadata holds: how to rebuild the inputs and the logits they gave."""
+def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
+    """What the model's `golden` metadata holds: how to rebuild the inputs, the logits they gave, and the bound
+    they were held to, |got - logits| <= atol + rtol * |logits| (a reader may hold them to a stricter one)."""
     return {"seed": GOLDEN_SEED, "range": list(GOLDEN_RANGE), "shape": [int(s) for s in shape],
             "generator": "numpy.random.RandomState(seed).uniform(low, high, shape).astype(float32)",
-            "logits": np.asarray(logits, dtype=np.float32).tolist(), "source": source, "atol": atol}
+            "logits": np.asarray(logits, dtype=np.float32).tolist(), "source": source, "atol": float(atol),
+            "rtol": float(rtol)}
 
 
 def set_metadata(model: onnx.ModelProto, values: dict[str, Any]) -> None:

@@ -3,7 +3,10 @@
 The model is exported with the dynamo exporter (the TorchScript exporter only where dynamo fails, with a
 warning), written under a temporary name, checked with `onnx.checker` and verified with ONNX Runtime
 against PyTorch; only then is it renamed to `model.onnx` with a sha256 sidecar. A model that fails
-verification is never left where the server would pick it up.
+verification is never left where the server would pick it up, and its report goes to
+`model.onnx.verify.failed.json`, beside (never over) the report of a good export. The optional variants
+(`model.opt.onnx`, `model.int8.onnx`) are written the same way: a temporary name, golden outputs, a
+sha256 sidecar, then the rename, so the server proves them as it proves `model.onnx`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import tempfile
 import warnings
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -36,9 +40,15 @@ from export import metadata as meta
 from export.verify import (
     DEFAULT_ATOL,
     DEFAULT_MIN_TOP1,
+    DEFAULT_RTOL,
     MAX_REAL_IMAGES,
     add_parity_arguments,
+    check_parity_arguments,
+    failure_message,
     format_report,
+    ort_session,
+    report_path,
+    tolerance_ratio,
     verify_parity,
     write_report,
 )
@@ -91,9 +101,10 @@ def export_model(model: nn.Module, example: torch.Tensor, opset: int | None = No
     return _export_torchscript(model, example, opset), "torchscript"
 
 
-def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Module,
-               opset: int | None = None) -> tuple[onnx.ModelProto, str]:
-    """Export and attach the metadata DESIGN.md lists, golden inputs and their PyTorch logits included."""
+def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Module, opset: int | None = None, *,
+               atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> tuple[onnx.ModelProto, str]:
+    """Export and attach the metadata DESIGN.md lists, golden inputs and their PyTorch logits included
+    (with the tolerance the export is held to)."""
     pre = checkpoint["preprocess"]
     c, (h, w) = int(pre["channels"]), (int(v) for v in pre["size"])
     golden = meta.golden_inputs(c, h, w)
@@ -112,7 +123,7 @@ def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Modul
         "torchferry_version": distributed.__version__,
         "exporter": exporter,
         "versions": {**checkpoint.get("versions", {}), "onnx": onnx.__version__},
-        "golden": meta.golden_record(logits, list(golden.shape), "pytorch", DEFAULT_ATOL),
+        "golden": meta.golden_record(logits, list(golden.shape), "pytorch", atol, rtol),
     })
     proto.producer_name = "torchferry"
     proto.producer_version = distributed.__version__
@@ -134,61 +145,105 @@ def save_checked(proto: onnx.ModelProto, path: str) -> None:
     onnx.checker.check_model(path, full_check=True)
 
 
+def _temp_model(directory: str, name: str) -> str:
+    """A fresh empty file for a model being made, hidden beside its final place (same filesystem)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp.onnx", dir=directory)
+    os.fchmod(fd, default_file_mode())
+    os.close(fd)
+    return tmp
+
+
+def install_model(tmp: str, path: str) -> str:
+    """Move a finished model from `tmp` to `path` with its sha256 sidecar; returns the hash.
+
+    An old sidecar never sits beside the new model: it is dropped, the model swapped in, the new one written.
+    """
+    digest = sha256_file(tmp)
+    if os.path.exists(path + ".sha256"):
+        os.unlink(path + ".sha256")
+    os.replace(tmp, path)
+    atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    return digest
+
+
 def _quantize(fp32_path: str, out_path: str, checkpoint: dict[str, Any], data: str | None,
               max_images: int) -> dict[str, Any]:
+    """model.int8.onnx (golden outputs of its own, sha256 sidecar), made under a temporary name."""
     from export.quantize import quantize_int8
 
-    return quantize_int8(fp32_path, out_path, checkpoint, data=data, max_images=max_images)
+    tmp = _temp_model(os.path.dirname(out_path), "int8")
+    try:
+        result = quantize_int8(fp32_path, tmp, checkpoint, data=data, max_images=max_images)
+        result.update({"path": out_path, "sha256": install_model(tmp, out_path)})
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return result
 
 
-def _optimize(src: str, dst: str) -> None:
-    """An ORT graph-optimised copy (extended level: fusions that stay portable across CPUs)."""
+def _optimize(src: str, dst: str, atol: float, rtol: float) -> dict[str, Any]:
+    """An ORT graph-optimised copy (extended level: fusions that stay portable across CPUs), kept only when it
+    reproduces the PyTorch golden logits it carries over from `src` within atol + rtol*|golden|."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = dst
-    ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    tmp = _temp_model(os.path.dirname(dst), "opt")
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = tmp
+        ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+        values = meta.read_metadata(onnx.load(src))
+        optimized = onnx.load(tmp)
+        meta.set_metadata(optimized, {**values, "optimization": "onnxruntime-extended"})
+        onnx.save(optimized, tmp)
+        golden = values["golden"]
+        x = meta.golden_inputs(*golden["shape"][1:])
+        got = ort_session(tmp).run(None, {meta.INPUT_NAME: x})[0]
+        ratio = tolerance_ratio(got, np.asarray(golden["logits"], dtype=np.float32), atol, rtol)
+        if not ratio <= 1.0:
+            raise TorchferryError(f"the optimised model does not reproduce PyTorch's golden logits within --atol "
+                                  f"{atol:g} / --rtol {rtol:g}; {dst} not written")
+        return {"path": dst, "sha256": install_model(tmp, dst)}
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset: int | None = None,
                       data: str | None = None, use_real: bool = True, atol: float = DEFAULT_ATOL,
-                      min_top1: float = DEFAULT_MIN_TOP1, optimize: bool = False, quantize: str | None = None,
+                      rtol: float = DEFAULT_RTOL, min_top1: float = DEFAULT_MIN_TOP1, optimize: bool = False,
+                      quantize: str | None = None,
                       max_images: int = MAX_REAL_IMAGES) -> dict[str, Any]:
     """Export, verify, and keep the model only if it passes; returns the verification report."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint)
     output = os.path.abspath(output or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "model.onnx"))
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    proto, exporter = build_onnx(checkpoint, checkpoint_path, model, opset)
+    proto, exporter = build_onnx(checkpoint, checkpoint_path, model, opset, atol=atol, rtol=rtol)
     fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=os.path.dirname(output))
     os.fchmod(fd, default_file_mode())
     os.close(fd)
     try:
         save_checked(proto, tmp)
-        report = verify_parity(tmp, model, checkpoint, data=data, use_real=use_real, atol=atol, min_top1=min_top1,
-                               max_images=max_images)
+        report = verify_parity(tmp, model, checkpoint, data=data, use_real=use_real, atol=atol, rtol=rtol,
+                               min_top1=min_top1, max_images=max_images)
         report.update({"model": output, "checkpoint": os.path.abspath(checkpoint_path), "exporter": exporter})
-        write_report(report, output + ".verify.json")
         if not report["passed"]:
+            # The proof of an earlier good export (its model.onnx and report) stays as it was.
+            report["report"] = report_path(output, False)
+            write_report(report, report["report"])
             return report
-        digest = sha256_file(tmp)
-        # An old sidecar must never sit beside the new model: drop it, swap the model in, write the new one.
-        if os.path.exists(output + ".sha256"):
-            os.unlink(output + ".sha256")
-        os.replace(tmp, output)
-        atomic_write_bytes(output + ".sha256", f"{digest}  {os.path.basename(output)}\n".encode())
+        report["sha256"] = install_model(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    report["sha256"] = digest
-    stem = output[:-5] if output.endswith(".onnx") else output
+    report["report"] = report_path(output, True)
+    stem = output.removesuffix(".onnx")
     if optimize:
-        _optimize(output, stem + ".opt.onnx")
-        report["optimized"] = stem + ".opt.onnx"
+        report["optimized"] = _optimize(output, stem + ".opt.onnx", atol, rtol)["path"]
     if quantize:
         report["int8"] = _quantize(output, stem + ".int8.onnx", checkpoint, data, max_images)
-    write_report(report, output + ".verify.json")
+    write_report(report, report["report"])
     return report
 
 
@@ -216,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export", "torch.fx"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
+        check_parity_arguments(args)
         report = export_checkpoint(args.checkpoint, args.output, opset=args.opset, data=args.data,
-                                   use_real=not args.no_real_images, atol=args.atol,
+                                   use_real=not args.no_real_images, atol=args.atol, rtol=args.rtol,
                                    min_top1=args.min_top1_agreement, optimize=args.optimize,
                                    quantize=args.quantize, max_images=args.max_images)
     except TorchferryError as exc:
@@ -227,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(report))
     if not report["passed"]:
-        print(f"error: ONNX Runtime does not match PyTorch within tolerance; nothing written as {report['model']} "
-              f"(report: {report['model']}.verify.json)", file=sys.stderr)
+        print(f"error: {failure_message(report)}; nothing written as {report['model']} "
+              f"(report: {report['report']})", file=sys.stderr)
         return 1
     if "int8" in report:
         q = report["int8"]

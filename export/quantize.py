@@ -26,6 +26,10 @@ from export.verify import ort_session
 _logger = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 128
+# The INT8 golden logits come from ONNX Runtime itself; another CPU's integer kernels may round differently,
+# so they are held to the server's own bound rather than the fp32 export's.
+INT8_GOLDEN_ATOL = 1e-3
+INT8_GOLDEN_RTOL = 1e-4
 
 
 class _ImageReader(CalibrationDataReader):
@@ -109,7 +113,8 @@ def _copy_metadata(src: str, dst: str, method: str) -> None:
     c, h, w = golden["shape"][1:]
     x = meta.golden_inputs(c, h, w)
     logits = ort_session(dst).run(None, {meta.INPUT_NAME: x})[0]
-    values["golden"] = meta.golden_record(logits, golden["shape"], f"onnxruntime-int8-{method}", 1e-3)
+    values["golden"] = meta.golden_record(logits, golden["shape"], f"onnxruntime-int8-{method}", INT8_GOLDEN_ATOL,
+                                          INT8_GOLDEN_RTOL)
     values["quantization"] = f"int8-{method}"
     meta.set_metadata(target, values)
     onnx.save(target, dst)

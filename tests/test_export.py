@@ -109,7 +109,7 @@ def test_verify_cli_passes_then_catches_altered_weights(exported: dict, tmp_path
     code, out, err = run(capsys, export_verify, [str(exported["model"]), str(tmp_path / "altered.pth"),
                                                  "--report", str(tmp_path / "bad.json")])
     assert code == 1 and "does not match PyTorch" in err
-    assert json.loads((tmp_path / "bad.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "bad.failed.json").read_text())["passed"] is False
 
 
 def test_verify_catches_altered_preprocess(exported: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -119,6 +119,7 @@ def test_verify_catches_altered_preprocess(exported: dict, tmp_path: Path, capsy
     code, out, _ = run(capsys, export_verify, [str(exported["model"]), str(tmp_path / "altered.pth"),
                                                "--no-real-images", "--report", str(tmp_path / "r.json")])
     assert code == 1 and "metadata mismatch: preprocess" in out
+    assert not (tmp_path / "r.json").exists() and (tmp_path / "r.failed.json").is_file()
 
 
 def test_a_wrong_export_is_never_left_as_model_onnx(tmp_path: Path, capsys: pytest.CaptureFixture,
@@ -132,7 +133,8 @@ def test_a_wrong_export_is_never_left_as_model_onnx(tmp_path: Path, capsys: pyte
     assert code == 1, err
     assert "nothing written as" in err
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.sha256").exists()
-    assert json.loads((tmp_path / "model.onnx.verify.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "model.onnx.verify.failed.json").read_text())["passed"] is False
+    assert not (tmp_path / "model.onnx.verify.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model-")]
 
 
@@ -201,3 +203,102 @@ def write_model_with_external_data(tmp: Path) -> Path:
     onnx.save_model(model, str(tmp / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
     return tmp / "ext.onnx"
+
+
+@pytest.fixture
+def small_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> dict:
+    """A random-weight smallcnn checkpoint with its data, exported by the CLI with --optimize --quantize int8."""
+    write_class_tree(tmp_path / "data", 4)
+    path = write_checkpoint(tmp_path / "best.pth", "smallcnn", tmp_path / "data", size=16)
+    code, _, err = run(capsys, export_onnx, [str(path), "--optimize", "--quantize", "int8"])
+    assert code == 0, err
+    return {"checkpoint": path, "data": tmp_path / "data", "dir": tmp_path}
+
+
+def test_verifying_the_wrong_checkpoint_keeps_the_proof_of_the_good_export(small_export: dict,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    d = small_export["dir"]
+    proof = (d / "model.onnx.verify.json").read_bytes()
+    assert json.loads(proof)["passed"] is True
+    other = write_checkpoint(d / "other.pth", "smallcnn", small_export["data"], size=16, seed=1)
+    code, _, err = run(capsys, export_verify, [str(d / "model.onnx"), str(other)])
+    assert code == 1 and "does not match PyTorch" in err and "model.onnx.verify.failed.json" in err
+    assert (d / "model.onnx.verify.json").read_bytes() == proof  # the good export's proof is untouched
+    assert json.loads((d / "model.onnx.verify.failed.json").read_text())["passed"] is False
+    code, _, err = run(capsys, export_verify, [str(d / "model.onnx"), str(small_export["checkpoint"])])
+    assert code == 0, err
+    assert json.loads((d / "model.onnx.verify.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.opt.onnx", "model.int8.onnx"])
+def test_every_exported_variant_has_a_sidecar_and_golden_outputs_the_server_proves(
+        small_export: dict, name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from serve.predictor import ModelRefused, Predictor
+
+    d = small_export["dir"]
+    path = d / name
+    assert Path(str(path) + ".sha256").read_text().split()[0] == ckpt.sha256_file(str(path))
+    golden = meta.read_metadata(onnx.load(str(path)))["golden"]
+    assert {"logits", "atol", "rtol", "seed", "shape"} <= set(golden)
+    Predictor(str(path)).prove()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temp files left
+    altered = tmp_path_factory.mktemp("altered") / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    altered.write_bytes(bytes(data))
+    (altered.parent / (name + ".sha256")).write_text(Path(str(path) + ".sha256").read_text())
+    with pytest.raises(ModelRefused, match="sidecar"):
+        Predictor(str(altered))
+
+
+def _huge_logits_checkpoint(tmp_path: Path) -> Path:
+    """A smallcnn whose final layer is scaled so that its logits are near ±1e8 (like inception_v3 after an epoch):
+    weights giving terms near 1e7 on top of biases of ±1e8, so float32 rounding differs in absolute terms but
+    never by much relative to any logit."""
+    write_class_tree(tmp_path / "data", 4)
+    path = write_checkpoint(tmp_path / "plain.pth", "smallcnn", tmp_path / "data", size=16)
+    c = ckpt.load_checkpoint(str(path))
+    model = ckpt.model_from_checkpoint(c)
+    with torch.inference_mode():
+        scale = 1e7 / float(model(torch.from_numpy(meta.golden_inputs(3, 16, 16))).abs().max())
+    c["state_dict"]["classifier.1.weight"] *= scale
+    bias = c["state_dict"]["classifier.1.bias"]
+    c["state_dict"]["classifier.1.bias"] = bias * scale + 1e8 * torch.tensor([(-1.0) ** i for i in range(len(bias))])
+    ckpt.save_checkpoint(c, str(tmp_path / "huge.pth"), sidecar=True)
+    return tmp_path / "huge.pth"
+
+
+def test_huge_logits_pass_by_rtol_and_fail_without_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _huge_logits_checkpoint(tmp_path)
+    code, _, err = run(capsys, export_onnx, [str(path), "--no-real-images", "-o", str(tmp_path / "a.onnx")])
+    assert code == 0, err
+    report = json.loads((tmp_path / "a.onnx.verify.json").read_text())
+    assert report["rtol"] == export_verify.DEFAULT_RTOL
+    assert max(c["max_abs"] for c in report["cases"]) > export_verify.DEFAULT_ATOL  # passes by rtol alone
+    golden = meta.read_metadata(onnx.load(str(tmp_path / "a.onnx")))["golden"]
+    assert golden["atol"] == export_verify.DEFAULT_ATOL and golden["rtol"] == export_verify.DEFAULT_RTOL
+    assert np.abs(np.asarray(golden["logits"])).max() > 1e7
+    code, _, err = run(capsys, export_onnx, [str(path), "--no-real-images", "--rtol", "0",
+                                               "-o", str(tmp_path / "b.onnx")])
+    assert code == 1
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--rtol 0" in errors[0] and "--atol" in errors[0] and "large logits" in errors[0]
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_tolerance_is_absolute_plus_relative_to_the_reference() -> None:
+    ref = np.array([[1e8, 0.0]], np.float32)
+    got = np.array([[1e8 + 512, 5e-5]], np.float32)
+    assert export_verify.tolerance_ratio(got, ref, atol=1e-4, rtol=1e-5) <= 1.0
+    assert export_verify.tolerance_ratio(got, ref, atol=1e-4, rtol=0.0) > 1.0
+    assert export_verify.tolerance_ratio(got, ref, atol=0.0, rtol=1e-5) == np.inf  # 5e-5 off a zero logit
+    assert export_verify.tolerance_ratio(ref, ref, atol=0.0, rtol=0.0) == 0.0
+
+
+@pytest.mark.parametrize("flags", [["--rtol", "-1"], ["--atol", "inf"], ["--rtol", "nan"]])
+def test_bad_tolerances_exit_2(flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_class_tree(tmp_path / "data", 4)
+    path = write_checkpoint(tmp_path / "best.pth", "smallcnn", tmp_path / "data", size=16)
+    code, _, err = run(capsys, export_onnx, [str(path), *flags])
+    assert code == 2 and err.startswith("error: --") and "Traceback" not in err
+    assert not (tmp_path / "model.onnx").exists()
