@@ -23,7 +23,7 @@ from distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_fr
 from distributed.config import TrainConfig
 from distributed.data import build_datasets, discover, require_explicit_torchvision_root
 from distributed.presets import build_eval_transform
-from distributed.report import plot_confusion
+from distributed.report import confusion_table, plot_confusion
 
 _logger = logging.getLogger(__name__)
 
@@ -83,11 +83,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{row['class']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.3f}"
                      f"  {row['support']:7d}")
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
-    cell = max(4, len(str(max(max(r) for r in report["confusion_matrix"]))) + 1)
     if len(classes) <= 30:
-        lines.append(" " * width + "".join(f"{i:>{cell}}" for i in range(len(classes))))
-        for i, row in enumerate(report["confusion_matrix"]):
-            lines.append(f"{classes[i]:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+        lines += confusion_table(report["confusion_matrix"], classes)
     lines += ["", "most confused (true -> predicted: count)"]
     lines += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in report["most_confused"][:5]] or ["  none"]
     return "\n".join(lines)

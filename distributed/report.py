@@ -34,9 +34,14 @@ def _save(fig: Any, path: str) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str) -> None:
-    """curves.png: train/val loss and accuracy by epoch."""
+def plot_curves(history: Sequence[dict[str, Any]], path: str) -> dict[str, Any]:
+    """curves.png: train/val loss and accuracy by epoch (whole epochs on the x axis).
+
+    Returns what was drawn: the epochs (1-based) and the x ticks of each panel.
+    """
     plt = _figure()
+    from matplotlib.ticker import MaxNLocator
+
     rows = sorted(history, key=lambda r: r["epoch"])
     epochs = [r["epoch"] + 1 for r in rows]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -47,9 +52,17 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str) -> None:
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    drawn = {"epochs": epochs, "xticks": [_visible_ticks(ax) for ax in (loss_ax, acc_ax)]}
     _save(fig, path)
+    return drawn
+
+
+def _visible_ticks(ax: Any) -> list[float]:
+    low, high = sorted(ax.get_xlim())
+    return [float(t) for t in ax.get_xticks() if low <= t <= high]
 
 
 def _denormalize(x: torch.Tensor, preprocess: dict[str, Any]) -> np.ndarray:
@@ -60,31 +73,76 @@ def _denormalize(x: torch.Tensor, preprocess: dict[str, Any]) -> np.ndarray:
 
 
 @torch.inference_mode()
-def prediction_grid(model: nn.Module, dataset: Any, classes: Sequence[str], preprocess: dict[str, Any],
-                    path: str, count: int = 16, writer: Any = None) -> float:
-    """val_predictions.png: `count` validation images titled predicted/true, green when right, red when wrong.
+def choose_examples(model: nn.Module, dataset: Any, count: int, scan: int = 1024,
+                    batch_size: int = 64) -> list[dict[str, Any]]:
+    """Up to `count` validation examples to show: the mistakes first, then correct predictions.
 
-    Returns the fraction right among them.
+    Up to `scan` images spread over the set are predicted; both groups keep that spread (every class tends to
+    appear), so a 99 % model still shows the few images it gets wrong.
+    """
+    model = model.eval()
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(scan, len(dataset))).astype(int)).tolist()
+    seen: list[dict[str, Any]] = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images, labels = zip(*(dataset[i] for i in chunk))
+        preds = model(torch.stack(list(images))).argmax(1).tolist()
+        seen += [{"index": i, "true": int(t), "predicted": int(p), "correct": int(p) == int(t)}
+                 for i, t, p in zip(chunk, labels, preds)]
+    wrong = [e for e in seen if not e["correct"]]
+    right = [e for e in seen if e["correct"]]
+    return (_spread(wrong, count) + _spread(right, count - min(count, len(wrong))))[:count]
+
+
+def _spread(items: list[Any], n: int) -> list[Any]:
+    """n items evenly spaced over `items` (all of them when there are no more than n)."""
+    if n <= 0 or not items:
+        return []
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).astype(int).tolist()]
+
+
+def prediction_grid(model: nn.Module, dataset: Any, classes: Sequence[str], preprocess: dict[str, Any],
+                    path: str, count: int = 16, writer: Any = None) -> list[dict[str, Any]]:
+    """val_predictions.png: validation images titled predicted/true, mistakes first (red), then right ones (green).
+
+    Returns what was drawn, in order: index, true and predicted class index, correct, and the panel's title.
     """
     plt = _figure()
-    n = min(count, len(dataset))
-    # Spread over the set, so that every class tends to appear.
-    indices = np.linspace(0, len(dataset) - 1, n).astype(int).tolist()
-    images, labels = zip(*(dataset[i] for i in indices))
-    preds = model.eval()(torch.stack(list(images))).argmax(1).tolist()
+    shown = choose_examples(model, dataset, count)
+    n = max(len(shown), 1)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, x, label, pred in zip(axes.flat, images, labels, preds):
+    for ax, example in zip(axes.flat, shown):
+        x = dataset[example["index"]][0]
         ax.imshow(_denormalize(x, preprocess), cmap="gray" if x.shape[0] == 1 else None)
-        ax.set_title(f"{classes[pred]} / {classes[label]}", color="green" if pred == label else "red", fontsize=9)
-    fig.suptitle("predicted / true")
+        example["title"] = f"{classes[example['predicted']]} / {classes[example['true']]}"
+        ax.set_title(example["title"], color="green" if example["correct"] else "red", fontsize=9)
+    wrong = sum(not e["correct"] for e in shown)
+    fig.suptitle(f"predicted / true: {wrong} mistake(s) first, then correct predictions" if wrong
+                 else "predicted / true (no mistakes among the images checked)")
     if writer is not None:
         writer.add_figure("val_predictions", fig)
     _save(fig, path)
-    return sum(p == t for p, t in zip(preds, labels)) / max(n, 1)
+    return shown
+
+
+def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str], max_name: int = 12) -> list[str]:
+    """The confusion matrix as text, rows true and columns predicted, both labelled the same way: by class
+    name, or by class index with a key when a name is longer than `max_name`."""
+    by_name = all(len(c) <= max_name for c in classes)
+    labels = list(classes) if by_name else [str(i) for i in range(len(classes))]
+    width = max(len(lab) for lab in labels)
+    cell = max(width, *(len(str(v)) for row in matrix for v in row)) + 2
+    lines = [" " * width + "".join(f"{lab:>{cell}}" for lab in labels)]
+    lines += [f"{lab:>{width}}" + "".join(f"{int(v):>{cell}}" for v in row) for lab, row in zip(labels, matrix)]
+    if not by_name:
+        lines.append("classes: " + ", ".join(f"{i} = {c}" for i, c in enumerate(classes)))
+    return lines
 
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str) -> None:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from distributed import checkpoint as ckpt
-from distributed import evaluate
+from distributed import evaluate, report
 
 
 def test_run_leaves_curves_and_prediction_grid(trained_run: dict) -> None:
@@ -48,3 +49,53 @@ def test_evaluate_refuses_a_damaged_checkpoint(tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     assert evaluate.main([str(tmp_path / "bad.pth")]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+class _PixelClassifier(torch.nn.Module):
+    """Predicts the class written in an image's first pixel (one-hot logits)."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].round().long(), self.classes).float()
+
+
+def test_prediction_grid_shows_the_mistakes_first(tmp_path: Path) -> None:
+    wrong = {37: 2, 81: 1}  # index -> the class its image says (its label is index % 3)
+    dataset = []
+    for i in range(100):
+        x = torch.zeros(1, 8, 8)
+        x[0, 0, 0] = wrong.get(i, i % 3)
+        dataset.append((x, i % 3))
+    shown = report.prediction_grid(_PixelClassifier(3), dataset, ["a", "b", "c"], {"mean": [0.0], "std": [1.0]},
+                                   str(tmp_path / "grid.png"), count=16)
+    assert len(shown) == 16
+    assert [e["index"] for e in shown[:2]] == [37, 81] and not any(e["correct"] for e in shown[:2])
+    assert shown[0]["title"] == "c / b" and shown[1]["title"] == "b / a"  # predicted / true
+    assert all(e["correct"] for e in shown[2:]) and len({e["true"] for e in shown[2:]}) == 3
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.format == "PNG"
+
+
+def test_curves_have_whole_epoch_ticks(tmp_path: Path) -> None:
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5 + 0.1 * e,
+                "val_acc": 0.45 + 0.1 * e} for e in range(3)]
+    drawn = report.plot_curves(history, str(tmp_path / "curves.png"))
+    assert drawn["epochs"] == [1, 2, 3]
+    for ticks in drawn["xticks"]:
+        assert ticks and all(t == int(t) for t in ticks) and {1.0, 2.0, 3.0} <= set(ticks)
+
+
+@pytest.mark.parametrize("classes", [["cat", "dog", "bird"], ["a rather long class name", "dog", "bird"]])
+def test_text_confusion_matrix_labels_rows_and_columns_alike(classes: list[str]) -> None:
+    lines = report.confusion_table([[5, 1, 0], [0, 6, 0], [2, 0, 4]], classes)
+    columns = lines[0].split()
+    rows = [ln.split()[0] for ln in lines[1:4]]
+    assert columns == rows
+    assert [ln.split()[1:] for ln in lines[1:4]] == [["5", "1", "0"], ["0", "6", "0"], ["2", "0", "4"]]
+    if columns == ["0", "1", "2"]:
+        assert lines[4] == "classes: 0 = a rather long class name, 1 = dog, 2 = bird"
+    else:
+        assert columns == classes
