@@ -313,19 +313,27 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
     over with a warning, so best.pth is always a checkpoint that loads.
     """
-    kept = list(result.best_checkpoints or [])
+    import ray.train
+
+    kept = [c for c, _ in (result.best_checkpoints or [])]
     if not kept and result.checkpoint is not None:
-        kept = [(result.checkpoint, {})]
+        kept = [result.checkpoint]
     usable = []
-    for checkpoint, metrics in kept:
+    for checkpoint in kept:
         with checkpoint.as_directory() as d:
-            path = os.path.join(d, ckpt.CHECKPOINT_FILE)
-            try:
-                loaded = ckpt.load_checkpoint(path)
-            except ckpt.CheckpointError as exc:
-                _logger.warning("passing over a damaged checkpoint: %s", exc)
-                continue
-            usable.append((loaded["metrics"]["val_acc"], loaded["epoch"], checkpoint, loaded))
+            loaded = _load_or_warn(os.path.join(d, ckpt.CHECKPOINT_FILE))
+            if loaded is not None:
+                usable.append((loaded["metrics"]["val_acc"], loaded["epoch"], checkpoint, loaded))
+    # Ray's record can lag the folders (a run stopped right after a checkpoint was written, then resumed):
+    # the run's other checkpoint folders on local or shared storage count too.
+    from distributed.loop import checkpoint_dirs
+
+    recorded = {os.path.abspath(c.path) for c in kept}
+    for d in checkpoint_dirs(os.path.join(storage_path(cfg), str(cfg.name))):
+        if os.path.abspath(d) not in recorded:
+            loaded = _load_or_warn(os.path.join(d, ckpt.CHECKPOINT_FILE))
+            if loaded is not None:
+                usable.append((loaded["metrics"]["val_acc"], loaded["epoch"], ray.train.Checkpoint(d), loaded))
     if not usable:
         raise TrainingFailed(f"training finished without a usable checkpoint; {latest_checkpoint_note(cfg)}")
     best = max(usable, key=lambda u: (u[0], -u[1]))  # highest val_acc, the earliest epoch among equals
@@ -340,6 +348,15 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     if split is not None:
         _pictures(cfg, best[3], history, split)
     return {"best": best_path, "epoch": best[3]["epoch"], "val_acc": best[3]["metrics"]["val_acc"]}
+
+
+def _load_or_warn(path: str) -> dict[str, Any] | None:
+    """The checkpoint at `path`, or None with a warning when it is damaged."""
+    try:
+        return ckpt.load_checkpoint(path)
+    except ckpt.CheckpointError as exc:
+        _logger.warning("passing over a damaged checkpoint: %s", exc)
+        return None
 
 
 def _pictures(cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:

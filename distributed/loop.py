@@ -292,41 +292,64 @@ def _stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
     return cfg.epochs
 
 
-def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The latest usable checkpoint of this run (after a worker failure, or with --resume), checked.
+def checkpoint_dirs(run_storage: str) -> list[str]:
+    """The run's `checkpoint_*` folders on local or shared storage (empty for a remote URI or no folder)."""
+    if "://" in run_storage or not os.path.isdir(run_storage):
+        return []
+    return sorted(os.path.join(run_storage, d) for d in os.listdir(run_storage)
+                  if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_storage, d)))
 
-    Ray hands over its latest checkpoint; when it has none but --resume was asked (Ray's own record of the
-    run was never written, e.g. the driver died first), the run's checkpoint folders on local or shared
-    storage are used. A damaged checkpoint is refused by `load_checkpoint` and the one before it is used
-    instead; the driver is told either way.
+
+def newest_usable(candidates: list[str], warn: Callable[[str], None]) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint of the highest epoch among `candidates` (folders) that loads and matches its sidecar.
+
+    Every candidate is checked with `load_checkpoint`; a damaged one is passed over with a warning. Among
+    equal epochs the earlier candidate wins. Only the winner stays in memory.
+    """
+    best: tuple[str, dict[str, Any]] | None = None
+    for directory in candidates:
+        try:
+            loaded = ckpt.load_checkpoint(os.path.join(directory, ckpt.CHECKPOINT_FILE))
+        except ckpt.CheckpointError as exc:
+            warn(f"checkpoint {directory} is unusable ({exc}); passing over it")
+            continue
+        if best is None or int(loaded["epoch"]) > int(best[1]["epoch"]):
+            best = (directory, loaded)
+    return best
+
+
+def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The newest usable checkpoint of this run (after a worker failure, or with --resume), checked.
+
+    Ray's record of the run's checkpoints can lag the folders on disk: a run stopped (Ctrl-C) right after a
+    checkpoint was written keeps that checkpoint, but Ray may still name an older one as the latest. So the
+    candidates are Ray's checkpoint and every `checkpoint_*` folder of the run on local or shared storage;
+    each is verified (sidecar, weights-only) and the highest epoch wins, whatever Ray's record says. A
+    damaged checkpoint is passed over with a warning; the driver is told either way.
     """
     checkpoint = ray.train.get_checkpoint()
     run_storage = os.path.join(cfg.storage_path, str(cfg.name))
-    if checkpoint is None and not (cfg.resume and os.path.isdir(run_storage)):
+    on_disk = checkpoint_dirs(run_storage)
+    if checkpoint is None and not (cfg.resume and on_disk):
         return None
-    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)) as latest:
-        candidates = [latest] if latest else []
+
+    def warn(message: str) -> None:
+        _logger.warning(message)
+        events.send("info", message=message)
+
+    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)) as recorded:
         skip = os.path.abspath(checkpoint.path) if checkpoint is not None else None
-        parent = os.path.dirname(skip) if skip else run_storage
-        if os.path.isdir(parent):  # local or shared storage: the run's other kept checkpoints, newest first
-            others = [os.path.join(parent, d) for d in os.listdir(parent)
-                      if d.startswith("checkpoint_") and os.path.isdir(os.path.join(parent, d))]
-            candidates += sorted((d for d in others if os.path.abspath(d) != skip), reverse=True)
-        if not candidates:
-            return None
-        for directory in candidates:
-            try:
-                restored = ckpt.load_checkpoint(os.path.join(directory, ckpt.CHECKPOINT_FILE))
-            except ckpt.CheckpointError as exc:
-                message = f"checkpoint {directory} is unusable ({exc}); trying the one before it"
-                _logger.warning(message)
-                events.send("info", message=message)
-                continue
-            message = f"resuming after epoch {int(restored['epoch']) + 1} from {directory}"
-            _logger.info(message)
-            events.send("info", message=message)
-            return restored
-    raise ckpt.CheckpointError("no usable checkpoint to resume from: every kept checkpoint is damaged")
+        candidates = ([recorded] if recorded else []) + [d for d in on_disk if os.path.abspath(d) != skip]
+        found = newest_usable(candidates, warn)
+    if found is None:
+        raise ckpt.CheckpointError("no usable checkpoint to resume from: every kept checkpoint is damaged")
+    directory, restored = found
+    if directory == recorded and skip is not None:
+        directory = skip  # name the storage folder, not Ray's temporary local copy of it
+    message = f"resuming after epoch {int(restored['epoch']) + 1} from {directory}"
+    _logger.info(message)
+    events.send("info", message=message)
+    return restored
 
 
 def init_from_checkpoint(model: nn.Module, path: str, head: list[str], classes: list[str]) -> None:

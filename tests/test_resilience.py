@@ -73,6 +73,39 @@ def test_sigint_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path) -> No
     assert abs(best_val_acc(tmp_path / "cut") - best_val_acc(tmp_path / "whole")) <= 0.15
 
 
+def usable_epochs(run_storage: Path, known: dict[Path, int] | None = None) -> list[int]:
+    """Epochs (0-based) of the run's checkpoint folders that load and match their sidecar (`known`: a cache)."""
+    known = {} if known is None else known
+    for path in run_storage.glob("checkpoint_*/checkpoint.pth"):
+        if path not in known and path.with_name("checkpoint.pth.sha256").is_file():
+            try:
+                known[path] = int(ckpt.load_checkpoint(str(path))["epoch"])
+            except ckpt.CheckpointError:
+                pass  # still being written
+    return sorted(known.values())
+
+
+def test_sigint_right_after_a_checkpoint_resumes_after_the_newest_on_disk(tmp_path: Path) -> None:
+    """Ray's record of the checkpoints lags the folders; resume takes the newest checkpoint that loads."""
+    flags = [*DIGITS, "--epochs", "4", "--keep-checkpoints", "4", "--output-dir", str(tmp_path)]
+    proc = launch([*flags, "--name", "lag"], tmp_path, "lag")
+    deadline, seen = time.monotonic() + WAIT_S, {}
+    while 1 not in usable_epochs(tmp_path / "lag", seen):  # the second epoch's checkpoint is written: stop at once
+        assert proc.poll() is None, f"run ended early with {proc.returncode}"
+        assert time.monotonic() < deadline, "no checkpoint of epoch 2 appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=WAIT_S) == 130, (tmp_path / "lag.err").read_text()
+    newest = max(usable_epochs(tmp_path / "lag"))
+    assert 1 <= newest < 3
+    resumed = launch(["--resume", "--name", "lag", "--output-dir", str(tmp_path)], tmp_path, "resumed")
+    assert resumed.wait(timeout=WAIT_S) == 0, (tmp_path / "resumed.err").read_text()
+    err = (tmp_path / "resumed.err").read_text()
+    assert re.findall(r"resuming after epoch (\d+)", err) == [str(newest + 1)], err
+    assert epochs_in(tmp_path / "lag") == list(range(4))  # every epoch exactly once
+    ckpt.load_checkpoint(str(tmp_path / "lag" / "best.pth"))
+
+
 def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
     proc = launch([*DIGITS, "--epochs", "5", "--max-failures", "2", "--output-dir", str(tmp_path), "--name", "kill"],
                   tmp_path, "kill")
