@@ -115,3 +115,28 @@ def test_uint8_training_images_are_normalised_like_the_cpu_transform() -> None:
     assert stats.images == 4
     with pytest.raises(TypeError, match="without a normalisation step"):
         train_one_epoch(model, loader, nn.CrossEntropyLoss(), sgd, torch.device("cpu"))
+
+
+def test_resume_takes_the_newest_epoch_that_loads_whatever_the_folder_names(tmp_path) -> None:
+    """Folder names do not order epochs (Ray's record may lag them); a damaged newest one is passed over."""
+    from conftest import write_checkpoint, write_class_tree
+
+    from distributed import checkpoint as ckpt
+    from distributed.loop import checkpoint_dirs, newest_usable
+
+    write_class_tree(tmp_path / "data", 4)
+    made = ckpt.load_checkpoint(str(write_checkpoint(tmp_path / "made.pth", "smallcnn", tmp_path / "data", size=16)))
+    run = tmp_path / "run"
+    for name, epoch in (("checkpoint_a", 2), ("checkpoint_b", 0), ("checkpoint_c", 3)):
+        (run / name).mkdir(parents=True)
+        ckpt.save_checkpoint({**made, "epoch": epoch}, str(run / name / ckpt.CHECKPOINT_FILE), sidecar=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    damaged = run / "checkpoint_c" / ckpt.CHECKPOINT_FILE
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    warnings: list[str] = []
+    dirs = checkpoint_dirs(str(run))
+    assert [d.rsplit("/", 1)[1] for d in dirs] == ["checkpoint_a", "checkpoint_b", "checkpoint_c"]
+    directory, restored = newest_usable(dirs, warnings.append)
+    assert directory.endswith("checkpoint_a") and restored["epoch"] == 2
+    assert len(warnings) == 1 and "checkpoint_c is unusable" in warnings[0]
+    assert checkpoint_dirs("s3://bucket/run") == [] and checkpoint_dirs(str(tmp_path / "none")) == []
