@@ -73,7 +73,7 @@ def _denormalize(x: torch.Tensor, preprocess: dict[str, Any]) -> np.ndarray:
 
 
 @torch.inference_mode()
-def choose_examples(model: nn.Module, dataset: Any, count: int, scan: int = 1024,
+def choose_examples(model: nn.Module, dataset: Any, count: int, scan: int = 512,
                     batch_size: int = 64) -> list[dict[str, Any]]:
     """Up to `count` validation examples to show: the mistakes first, then correct predictions.
 
