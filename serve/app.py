@@ -3,7 +3,10 @@
 Configuration comes from defaults, then environment variables (TORCHFERRY_*), then the `config` mapping.
 Nothing happens at import; the model loads in a background thread so that `/healthz` answers at once and
 `/readyz` turns 200 only after the model loaded, matched its sha256 and reproduced its golden outputs.
-The same thread later swaps in newer versions (serve/repository.py) when asked (SIGHUP) or on a poll.
+Under gunicorn (`create_app({"LOAD_FIRST": True})`, serve/gunicorn.conf.py) the first load runs before the
+factory returns, so a worker accepts no connection before its model is proven: a worker that starts or
+restarts (after the OOM killer, say) never answers 503 beside ready ones. In both, the same thread later
+swaps in newer versions (serve/repository.py) when asked (SIGHUP) or on a poll, in the background.
 `/predict` and the Open Inference Protocol routes under `/v2` (serve/v2.py) answer from the same model.
 Every client error is JSON with a 4xx status: `{"error": {"code", "message"}}`, or the protocol's
 `{"error": "..."}` under `/v2`; nothing reaches a client as a stack trace, and the app never runs in
@@ -157,7 +160,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     auth = BearerAuth(app.config.get("AUTH_TOKEN"), app.config.get("AUTH_TOKEN_FILE"))
     metrics = _metrics(app)
     app.extensions["torchferry"] = repo
-    if app.config.get("LOAD_SYNC"):
+    if app.config.get("LOAD_FIRST"):  # gunicorn: a worker takes no connection before its model is proven
+        repo.refresh()
+        repo.start(initial_load=False)
+    elif app.config.get("LOAD_SYNC"):  # tests: no watcher thread unless polling
         repo.refresh()
         if float(app.config["POLL_SECONDS"]) > 0:
             repo.start(initial_load=False)

@@ -4,7 +4,15 @@ Environment: TORCHFERRY_BIND (default 127.0.0.1:8080; the container sets 0.0.0.0
 (processes, default 1), TORCHFERRY_THREADS (threads per process, default 4), TORCHFERRY_ORT_THREADS (ONNX
 Runtime intra-op threads per process; default: the cores divided among the workers, so workers × ORT
 threads never oversubscribe the machine), TORCHFERRY_GRACEFUL_TIMEOUT (seconds in-flight requests get
-after SIGTERM, default 30). PROMETHEUS_MULTIPROC_DIR turns on prometheus_client's multiprocess mode.
+after SIGTERM, default 30), TORCHFERRY_BODY_TIMEOUT (seconds a request body may take after its head, default
+15; then 408), TORCHFERRY_WORKER_CONNECTIONS (open connections per worker, default 1000). PROMETHEUS_MULTIPROC_DIR
+turns on prometheus_client's multiprocess mode.
+
+Slow clients: the worker class (serve/worker.py) reads every request whole on gevent before one of the app's
+native threads takes it, so connections that send 1 byte/s cost a greenlet each, never an app thread.
+Dying workers: each worker loads and proves its model before it accepts (wsgi_app below), so a worker that
+starts or replaces a killed one takes no request it would answer 503; until then the other workers answer, or,
+with none ready, connections wait in the listen queue.
 
 SIGHUP to the master means what it means to `python -m serve`: every worker looks for a new model version,
 loads and proves it in the background while it keeps answering with the old one, then swaps (serve/repository.py).
@@ -15,19 +23,25 @@ restart the server (a rolling update in Kubernetes).
 
 import os
 import signal
+import sys
 
-wsgi_app = "serve.app:create_app()"
+# The model is loaded and proven inside create_app, before the worker accepts: a worker that starts or is
+# restarted takes no connection it would answer 503, so ready means every accepting worker can answer.
+wsgi_app = "serve.app:create_app({'LOAD_FIRST': True})"
 bind = os.environ.get("TORCHFERRY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("TORCHFERRY_WORKERS", "1"))
 threads = int(os.environ.get("TORCHFERRY_THREADS", "4"))
-worker_class = "gthread"
+# gevent reads each request whole (head within `keepalive` s, body within TORCHFERRY_BODY_TIMEOUT s, else 408),
+# then one of `threads` native threads runs the app: slow clients hold a greenlet, never an app thread.
+worker_class = "serve.worker.BufferingWorker"
+worker_connections = int(os.environ.get("TORCHFERRY_WORKER_CONNECTIONS", "1000"))
 # SIGTERM: stop accepting, let requests in flight finish for up to graceful_timeout seconds.
 graceful_timeout = int(os.environ.get("TORCHFERRY_GRACEFUL_TIMEOUT", "30"))
 timeout = int(os.environ.get("TORCHFERRY_TIMEOUT", "60"))
 keepalive = 5
 # Heartbeat files in memory: works with a read-only root filesystem and never stalls on a slow disk.
 worker_tmp_dir = os.environ.get("TORCHFERRY_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-preload_app = False  # each worker builds its own ONNX Runtime session after the fork
+preload_app = False  # each worker builds its own ONNX Runtime session after the fork, before it accepts
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
@@ -35,8 +49,24 @@ accesslog = None  # the app writes one JSON line per request itself
 errorlog = "-"
 loglevel = os.environ.get("TORCHFERRY_LOG_LEVEL", "info")
 
+def _seconds(name: str, default: str) -> float:
+    """A positive number of seconds from the environment; anything else stops the server at start (exit 2)."""
+    raw = os.environ.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        sys.stderr.write(f"error: {name}={raw!r} must be a positive number of seconds\n")
+        sys.exit(2)
+    return value
+
+
+# How long a request body may take to arrive after its head (serve/worker.py answers 408 after that).
+_body_timeout = _seconds("TORCHFERRY_BODY_TIMEOUT", "15")
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-raw_env = [f"TORCHFERRY_ORT_THREADS={os.environ.get('TORCHFERRY_ORT_THREADS') or max(1, _cores // workers)}"]
+raw_env = [f"TORCHFERRY_ORT_THREADS={os.environ.get('TORCHFERRY_ORT_THREADS') or max(1, _cores // workers)}",
+           f"TORCHFERRY_BODY_TIMEOUT={_body_timeout:g}"]
 
 
 def on_starting(server):

@@ -264,7 +264,7 @@ def test_serve_requirements_are_pinned_and_torch_free() -> None:
     assert all("==" in r for r in reqs), reqs
     names = {r.split("==")[0].lower() for r in reqs}
     assert not names & {"torch", "torchvision", "ray", "onnx", "onnxscript"}
-    assert {"onnxruntime", "flask", "gunicorn", "pillow", "numpy", "prometheus-client", "werkzeug"} <= names
+    assert {"onnxruntime", "flask", "gunicorn", "gevent", "pillow", "numpy", "prometheus-client", "werkzeug"} <= names
 
 
 @pytest.mark.slow

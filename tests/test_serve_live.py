@@ -41,7 +41,7 @@ def wait_ready(base: str, proc: subprocess.Popen) -> None:
         try:
             if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # under gunicorn no worker accepts before its model
             pass
         time.sleep(0.2)
     raise AssertionError("server not ready in time")

@@ -1,0 +1,155 @@
+"""The production gunicorn worker: gevent reads every request whole, a pool of native threads runs the app.
+
+gunicorn's gthread worker hands a connection to one of its few app threads as soon as the first byte arrives,
+and that thread then reads the rest of the head and the body itself: 8 clients sending 1 byte/s held all 4
+threads and a normal client waited. This worker keeps gthread's model where it matters (the Flask app runs on
+`threads` native threads, so ONNX Runtime, Pillow and numpy overlap as before) and does the reading the way a
+buffering proxy does, on gunicorn's gevent worker (one greenlet per connection, up to `worker_connections`):
+
+- a request head must arrive within `keepalive` seconds (gunicorn's async workers bound each head read by it),
+  otherwise the connection is closed;
+- the body is read into memory before the app sees the request, within TORCHFERRY_BODY_TIMEOUT seconds of the
+  head (default 15); a body that is late gets a JSON 408 and the connection is closed;
+- bodies past the app's upload limit are not read: the app answers 413 from what it was given, and the
+  connection is closed, since the rest of that body is still on it;
+- the bytes all connections of a worker have buffered are bounded (2 × threads × the upload limit); a
+  connection whose next chunk would exceed it waits, so memory is held to that whatever the clients send.
+
+Nothing is monkey-patched: the app's threads (model watcher, micro-batcher, request threads) are real threads,
+and they never touch a gevent socket (the app reads its body from memory).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.threadpool import ThreadPool
+from gunicorn.workers.ggevent import GeventWorker
+
+READ_STEP = 64 * 1024
+DEFAULT_BODY_TIMEOUT_S = 15.0
+DEFAULT_UPLOAD_LIMIT = 16 * 1024 * 1024
+
+
+def body_timeout(environ: dict[str, str] | None = None) -> float:
+    """TORCHFERRY_BODY_TIMEOUT: seconds a request body may take to arrive after its head; a positive number."""
+    env = os.environ if environ is None else environ
+    raw = env.get("TORCHFERRY_BODY_TIMEOUT") or str(DEFAULT_BODY_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"TORCHFERRY_BODY_TIMEOUT={raw!r} must be a positive number of seconds")
+    return value
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time."""
+
+
+class ByteBudget:
+    """Bytes that request bodies may hold in one worker; greenlets wait for room (all on the hub's thread)."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._freed = Event()
+
+    def take(self, n: int) -> None:
+        while self.used and self.used + n > self.total:
+            self._freed.clear()
+            self._freed.wait()
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()
+
+
+class BufferingWorker(GeventWorker):
+    """gunicorn worker class `serve.worker.BufferingWorker` (serve/gunicorn.conf.py sets it)."""
+
+    def patch(self) -> None:
+        # Only the listening sockets become gevent sockets (what gunicorn's gevent worker does after patch_all);
+        # the standard library stays unpatched so that the app's threads are native threads.
+        self.sockets = [gsocket.socket(s.FAMILY, gsocket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
+
+    def run(self) -> None:
+        self.body_timeout = body_timeout()
+        config = getattr(self.wsgi, "config", {}) or {}
+        self.upload_limit = int(config.get("MAX_CONTENT_LENGTH") or DEFAULT_UPLOAD_LIMIT)
+        self.budget = ByteBudget(2 * max(1, self.cfg.threads) * (self.upload_limit + 1))
+        self.app_threads = ThreadPool(max(1, self.cfg.threads))
+        app = self.wsgi
+        self.wsgi = lambda environ, start_response: self.app_threads.apply(app, (environ, start_response))
+        super().run()
+
+    def handle_request(self, listener_name, req, sock, addr):
+        held = 0
+        try:
+            try:
+                with gevent.Timeout(self.body_timeout, BodyTimeout):
+                    held = self._buffer_body(req)
+            except BodyTimeout:
+                self._answer_timeout(req, sock)
+                raise StopIteration() from None
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            if held:
+                self.budget.give(held)
+
+    def _buffer_body(self, req) -> int:
+        """Read the body into memory (at most the upload limit + 1 bytes); the bytes held from the budget."""
+        declared = _content_length(req)
+        if declared is not None and declared > self.upload_limit:
+            req.body, req.must_close = io.BytesIO(b""), True  # the app answers 413 from the header
+            return 0
+        want = self.upload_limit + 1 if declared is None else declared
+        chunks, held = [], 0
+        try:
+            while held < want:
+                step = min(READ_STEP, want - held)
+                self.budget.take(step)
+                data = req.body.read(step)
+                held += step
+                if not data:
+                    break
+                chunks.append(data)
+        except BaseException:
+            self.budget.give(held)
+            raise
+        body = b"".join(chunks)
+        if len(body) > self.upload_limit:
+            req.must_close = True  # the rest of an over-long chunked body is still on the connection
+        req.body = io.BytesIO(body)
+        return held
+
+    def _answer_timeout(self, req, sock) -> None:
+        message = f"the request body did not arrive within {self.body_timeout:g} s"
+        if req.path == "/v2" or req.path.startswith("/v2/"):
+            payload = {"error": message}
+        else:
+            payload = {"error": {"code": "request_timeout", "message": message}}
+        body = json.dumps(payload).encode()
+        head = (f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        self.log.info("408 %s %s: body not complete in %g s", req.method, req.path, self.body_timeout)
+        try:
+            sock.sendall(head + body)
+        except OSError:
+            pass
+
+
+def _content_length(req) -> int | None:
+    for name, value in req.headers:
+        if name == "CONTENT-LENGTH":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
