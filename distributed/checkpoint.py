@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import re
 import tempfile
@@ -159,26 +160,166 @@ def load_error_reason(exc: BaseException) -> str:
 
 
 def check_checkpoint(obj: Any, where: str) -> None:
-    """Raise CheckpointError unless `obj` follows the checkpoint contract."""
+    """Raise CheckpointError unless `obj` follows the checkpoint contract, every field typed and bounded.
+
+    A checkpoint is untrusted data: this is the one place that checks each field a loader reads, so that a
+    malformed file ends in one line (exit 2) before anything is built, allocated or written.
+    """
     if not isinstance(obj, dict) or "format" not in obj:
         raise CheckpointError(f"{where!r} is not a torchferry checkpoint (no 'format' key)")
     fmt = str(obj["format"])
     name, _, version = fmt.partition("/")
     if name != "torchferry.checkpoint" or version.split(".")[0] != FORMAT_MAJOR:
-        raise CheckpointError(f"{where!r} has checkpoint format {fmt!r}; this torchferry reads {FORMAT!r}")
+        raise CheckpointError(f"{where!r} has checkpoint format {fmt[:80]!r}; this torchferry reads {FORMAT!r}")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{where!r} lacks {missing}")
+    for problem in _field_problems(obj):
+        raise CheckpointError(f"{where!r} is malformed: {problem}")
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (eval mode, CPU)."""
-    from distributed.models import build_model
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIDE = 2048
+MAX_RESIZE = 4096
+MAX_EPOCH = 1_000_000
 
-    model = build_model(checkpoint["arch"], int(checkpoint["num_classes"]),
-                        channels=int(checkpoint["preprocess"]["channels"]),
-                        arch_kwargs=checkpoint.get("arch_kwargs") or {})
-    model.load_state_dict(checkpoint["state_dict"])
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
+    """What is wrong with the checkpoint's fields, first problem first (empty when nothing is)."""
+    from distributed.config import TrainConfig
+    from distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
+
+    arch = obj["arch"]
+    if not isinstance(arch, str) or not (is_builtin(arch) or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
+        yield (f"arch {_short(arch)} is neither smallcnn, a torchvision classifier nor a package.module:factory "
+               "name")
+    n = obj["num_classes"]
+    if not _is_int(n, 2, MAX_CLASSES):
+        yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {_short(n)}"
+    classes = obj["classes"]
+    if not (isinstance(classes, list) and all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes)):
+        yield "classes must be a list of class names (non-empty strings)"
+    elif len(classes) != n:
+        yield f"classes lists {len(classes)} names for num_classes {_short(n)}"
+    yield from _preprocess_problems(obj["preprocess"])
+    try:
+        check_plain_kwargs(obj.get("arch_kwargs"))
+    except TorchferryError as exc:
+        yield str(exc)
+    state = obj["state_dict"]
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        yield "state_dict must map parameter names to tensors"
+    if not _is_int(obj["epoch"], 0, MAX_EPOCH):
+        yield f"epoch must be an integer from 0 to {MAX_EPOCH}, got {_short(obj['epoch'])}"
+    metrics = obj["metrics"]
+    if not (isinstance(metrics, dict) and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items())):
+        yield "metrics must map names to numbers"
+    elif not (_is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
+        yield f"metrics.val_acc must be a number from 0 to 1, got {_short(metrics.get('val_acc'))}"
+    config = obj["config"]
+    if not isinstance(config, dict):
+        yield f"config must be a mapping, got {type(config).__name__}"
+    else:
+        try:
+            TrainConfig.from_dict(dict(config))
+        except (TorchferryError, TypeError) as exc:
+            yield f"config: {exc}"
+    yield from _optional_problems(obj)
+
+
+def _preprocess_problems(pre: Any) -> Iterable[str]:
+    if not isinstance(pre, dict):
+        yield f"preprocess must be a mapping, got {type(pre).__name__}"
+        return
+    size, resize, channels = pre.get("size"), pre.get("resize"), pre.get("channels")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v, 1, MAX_IMAGE_SIDE) for v in size)):
+        yield f"preprocess.size must be [H, W] with sides from 1 to {MAX_IMAGE_SIDE}, got {_short(size)}"
+    if not _is_int(resize, 1, MAX_RESIZE):
+        yield f"preprocess.resize must be an integer from 1 to {MAX_RESIZE}, got {_short(resize)}"
+    if channels not in (1, 3) or isinstance(channels, bool):
+        yield f"preprocess.channels must be 1 or 3, got {_short(channels)}"
+        return
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == channels
+                and all(_is_number(v) and math.isfinite(v) and abs(v) <= 1e3 for v in values)):
+            yield f"preprocess.{key} must be {channels} finite numbers, got {_short(values)}"
+        elif key == "std" and not all(v > 0 for v in values):
+            yield f"preprocess.std must be positive, got {_short(values)}"
+    if pre.get("interpolation", "bilinear") != "bilinear":
+        yield f"preprocess.interpolation must be 'bilinear', got {_short(pre.get('interpolation'))}"
+
+
+def _optional_problems(obj: dict[str, Any]) -> Iterable[str]:
+    """Fields only some checkpoints carry (resume state, history, versions): typed when present."""
+    versions = obj.get("versions", {})
+    if not (isinstance(versions, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) <= 200
+                                               for k, v in versions.items())):
+        yield "versions must map library names to version strings"
+    history = obj.get("history", [])
+    if not (isinstance(history, list) and all(
+            isinstance(row, dict) and _is_int(row.get("epoch"), 0, MAX_EPOCH)
+            and all(isinstance(k, str) and _is_number(v) for k, v in row.items()) for row in history)):
+        yield "history must be a list of per-epoch rows of numbers"
+    if "best_val_acc" in obj and not _is_number(obj["best_val_acc"]):
+        yield f"best_val_acc must be a number, got {_short(obj['best_val_acc'])}"
+    if "backbone_frozen" in obj and not isinstance(obj["backbone_frozen"], bool):
+        yield f"backbone_frozen must be true or false, got {_short(obj['backbone_frozen'])}"
+    for key in ("optimizer", "scheduler", "scaler"):
+        if key in obj and not isinstance(obj[key], dict):
+            yield f"{key} must be a mapping, got {type(obj[key]).__name__}"
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) -> nn.Module:
+    """Rebuild the model a checked checkpoint describes and load its weights (eval mode, CPU).
+
+    The file rebuilds smallcnn or a torchvision classifier by name; a `package.module:factory` model only
+    when `factory`, the command line's --model, names that same factory (None: the command named none).
+    The architecture is first built on the meta device and its parameter shapes compared with the
+    checkpoint's tensors, so `arch_kwargs` cannot make it allocate more than the file itself holds.
+    """
+    from distributed.models import build_model, check_arch_kwargs, require_trusted_arch
+
+    arch = checkpoint["arch"]
+    require_trusted_arch(arch, factory)
+    channels = int(checkpoint["preprocess"]["channels"])
+    kwargs = check_arch_kwargs(arch, checkpoint.get("arch_kwargs"), channels)
+    num_classes = int(checkpoint["num_classes"])
+    state = checkpoint["state_dict"]
+    try:
+        with torch.device("meta"):
+            probe = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)
+    except TorchferryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a builder refusing the file's arguments is bad input
+        raise CheckpointError(f"cannot build {arch} with arch_kwargs {_short(kwargs)}: "
+                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+                              ) from None
+    expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {[k[:60] for k in unexpected[:3]]}"
+                  if unexpected else f"{wrong[0]} is {list(got[wrong[0]])}, the model has {list(expected[wrong[0]])}")
+        raise CheckpointError(f"the checkpoint's weights do not fit its {arch} model ({detail})")
+    del probe
+    model = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +117,12 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TorchferryError(f"unknown training config keys {unknown}")
+        # A saved config (config.json, a checkpoint's `config`) is a file: every value must have its field's type.
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            if not _has_type(value, hints[key]):
+                raise TorchferryError(f"training config key {key!r} must be {_type_name(hints[key])}, "
+                                      f"got {_short_repr(value)}")
         return cls(**data)
 
     @property
@@ -133,6 +142,33 @@ class TrainConfig:
         """runs/<name>, absolute."""
         assert self.name, "resolve_defaults sets the run name"
         return os.path.abspath(os.path.join(self.output_dir, self.name))
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether plain data `value` fits a TrainConfig field type (str, int, float, bool, lists of numbers, None)."""
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and len(value) <= 1024 and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and len(value) <= 4096
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("<class '", "").replace("'>", "")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _floats(text: str) -> list[float]:

@@ -9,6 +9,7 @@ datasets with `build_datasets`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import pickle
@@ -26,7 +27,7 @@ from PIL import Image, ImageOps
 from torchvision import datasets
 
 from distributed import TorchferryError
-from distributed.config import TrainConfig, data_set_key
+from distributed.config import TrainConfig, data_set_key, default_cache_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -116,17 +117,60 @@ def _find_classes(directory: str) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
+def file_identity(path: str) -> tuple[Any, ...]:
+    """What makes two paths the same file (device and inode through links), or its real path when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
+
+
+def _walk_once(top: str, stop: set[tuple[Any, ...]]) -> list[str]:
+    """Image files under `top`, symlinked folders followed but each real folder walked once (loops end), and
+    none of the folders in `stop` (the data root and the class folders) entered from below."""
+    seen = set(stop)
+    found: list[str] = []
+    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+        kept = []
+        for d in sorted(dirnames):
+            key = file_identity(os.path.join(dirpath, d))
+            if key not in seen:
+                seen.add(key)
+                kept.append(d)
+        dirnames[:] = kept
+        found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
+
+
 def _scan_folder(directory: str, classes: list[str]) -> list[Sample]:
+    """(path, label) of each real image file once; one file under two classes (through links) is an error."""
+    class_dirs = [os.path.join(directory, name) for name in classes]
+    stop = {file_identity(directory), *(file_identity(d) for d in class_dirs if os.path.isdir(d))}
+    owner: dict[tuple[Any, ...], Sample] = {}
     samples: list[Sample] = []
-    for index, name in enumerate(classes):
-        class_dir = os.path.join(directory, name)
+    for index, class_dir in enumerate(class_dirs):
         if not os.path.isdir(class_dir):
             continue
-        for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
-            for fname in sorted(files):
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, fname), index))
+        for path in _walk_once(class_dir, stop):
+            key = file_identity(path)
+            if key in owner:
+                if owner[key][1] != index:
+                    raise TorchferryError(f"{owner[key][0]!r} and {path!r} are the same file in classes "
+                                          f"{classes[owner[key][1]]!r} and {classes[index]!r}; an image has one label")
+                continue
+            owner[key] = (path, index)
+            samples.append((path, index))
     return samples
+
+
+def _require_disjoint(train: Sequence[Sample], val: Sequence[Sample]) -> None:
+    """A file in both the training and the validation data would make the validation score meaningless."""
+    train_files = {file_identity(p): p for p, _ in train}
+    both = [(train_files[file_identity(p)], p) for p, _ in val if file_identity(p) in train_files]
+    if both:
+        raise TorchferryError(f"{len(both)} file(s) are in both the training and the validation data, e.g. "
+                              f"{both[0][0]!r} (also {both[0][1]!r}); keep each image in one of them")
 
 
 def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
@@ -139,7 +183,9 @@ def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
                               f"in {train_dir!r}")
     train = _scan_folder(train_dir, classes)
     _require_every_class(train, classes, train_dir)
-    return DataSplit(classes=classes, train=train, val=_scan_folder(val_dir, classes))
+    val = _scan_folder(val_dir, classes)
+    _require_disjoint(train, val)
+    return DataSplit(classes=classes, train=train, val=val)
 
 
 def _require_every_class(samples: Sequence[Sample], classes: list[str], where: str) -> None:
@@ -190,11 +236,30 @@ def _annotation_split(cfg: TrainConfig) -> DataSplit:
             raise TorchferryError(f"validation labels {extra} in {cfg.val_data!r} do not occur in {cfg.data!r}")
     index = {name: i for i, name in enumerate(classes)}
     samples = [(p, index[label]) for p, label in rows]
+    samples = _unique_samples(samples, classes, cfg.data)
     if val_rows is None:
         train, val = stratified_split(samples, cfg.val_split, cfg.seed) if len(classes) >= 2 else (samples, [])
     else:
-        train, val = samples, [(p, index[label]) for p, label in val_rows]
+        train = samples
+        val = _unique_samples([(p, index[label]) for p, label in val_rows], classes, str(cfg.val_data))
+        _require_disjoint(train, val)
     return DataSplit(classes=classes, train=train, val=val)
+
+
+def _unique_samples(samples: list[Sample], classes: list[str], where: str) -> list[Sample]:
+    """Each file once (an annotation file may list it twice); under two labels it is an error."""
+    owner: dict[tuple[Any, ...], Sample] = {}
+    unique: list[Sample] = []
+    for path, label in samples:
+        key = file_identity(path)
+        if key in owner:
+            if owner[key][1] != label:
+                raise TorchferryError(f"{where}: {path!r} is listed as {classes[owner[key][1]]!r} and as "
+                                      f"{classes[label]!r}; an image has one label")
+            continue
+        owner[key] = (path, label)
+        unique.append((path, label))
+    return unique
 
 
 def read_annotations(path: str, image_root: str) -> list[tuple[str, str]]:
@@ -285,14 +350,23 @@ def _check_split_images(split: DataSplit, cfg: TrainConfig) -> DataSplit:
 
 def materialize_digits(cache_dir: str) -> str:
     """Write scikit-learn's 1,797 handwritten digits once as 8×8 PNGs in DIR/<digit>/; returns DIR."""
-    target = os.path.join(_expand(cache_dir), DIGITS_VERSION)
+    root = _expand(cache_dir)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise TorchferryError(f"--cache-dir {cache_dir!r} is not a directory")
+    target = os.path.join(root, DIGITS_VERSION)
     if os.path.isfile(os.path.join(target, ".complete")):
         return target
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as exc:
+        raise TorchferryError(f"--cache-dir {cache_dir!r}: cannot create it ({exc.strerror})") from None
     from sklearn.datasets import load_digits
 
-    os.makedirs(os.path.dirname(target), exist_ok=True)
     bunch = load_digits()
-    tmp = tempfile.mkdtemp(prefix=".digits-", dir=os.path.dirname(target))
+    try:
+        tmp = tempfile.mkdtemp(prefix=".digits-", dir=root)
+    except OSError as exc:
+        raise TorchferryError(f"--cache-dir {cache_dir!r}: cannot write there ({exc.strerror})") from None
     try:
         for i, (pixels, label) in enumerate(zip(bunch.images, bunch.target)):
             class_dir = os.path.join(tmp, str(int(label)))
@@ -312,12 +386,21 @@ def materialize_digits(cache_dir: str) -> str:
     return target
 
 
-def require_explicit_torchvision_root(recorded: str, given: str | None) -> None:
-    """A data path read from a checkpoint is untrusted: torchvision's CIFAR reader unpickles the files it names,
-    so such a root is only used when the user names it again (--data)."""
-    if not given and data_set_key(recorded) in TORCHVISION_SETS:
-        raise TorchferryError(f"the checkpoint names the torchvision data set {recorded!r}; pass --data to use it "
-                              "(its files are read with pickle, so a checkpoint alone does not choose them)")
+def checkpoint_data_config(checkpoint: dict[str, Any], data: str | None) -> TrainConfig:
+    """The training config of a checked checkpoint, as a command that reads its data (evaluate, export) uses it.
+
+    A checkpoint is a file, not the operator: it never chooses which files are read nor where anything is
+    written. Its recorded data are read only when `data` (the command's --data) names them again, the
+    built-in digits aside; its --val-data and --image-root are dropped; the digits cache is the operator's
+    ($TORCHFERRY_CACHE, or ~/.cache/torchferry), never the one it recorded. Its seed and --val-split stay,
+    so that the same validation split is rebuilt.
+    """
+    cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
+    if not data and data_set_key(cfg.data) != "digits":
+        raise TorchferryError(f"the checkpoint was trained on {cfg.data[:200]!r}; pass --data to read it (a "
+                              "checkpoint alone does not choose which files are read)")
+    return dataclasses.replace(cfg, data=data or cfg.data, val_data=None, image_root=None, check_images="none",
+                               download=False, cache_dir=default_cache_dir())
 
 
 def _torchvision_dataset(name: str, root: str, train: bool, download: bool) -> Any:

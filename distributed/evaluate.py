@@ -1,14 +1,14 @@
 """`python -m distributed.evaluate CHECKPOINT [--data DIR]`: accuracy, per-class precision/recall,
 the confusion matrix (printed and saved as PNG) and the most confused pairs of a checkpoint.
 
-The data defaults to the checkpoint's own validation split (its recorded --data and --seed); --data
-points at another copy or another labelled set with the same classes.
+--data names the data to evaluate on (the checkpoint's own, another copy, or another labelled set with the
+same classes); the split is rebuilt with the checkpoint's --seed and --val-split. A checkpoint does not
+choose which files are read, so only one trained on the built-in digits may leave --data out.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -20,8 +20,7 @@ import torch
 
 from distributed import TorchferryError
 from distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
-from distributed.config import TrainConfig
-from distributed.data import build_datasets, discover, require_explicit_torchvision_root
+from distributed.data import build_datasets, checkpoint_data_config, discover
 from distributed.presets import build_eval_transform
 from distributed.report import confusion_table, plot_confusion
 
@@ -39,15 +38,14 @@ def predict(model: torch.nn.Module, dataset: Any, batch_size: int) -> tuple[np.n
     return np.concatenate(truth), np.concatenate(preds)
 
 
-def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """The evaluation report of a checkpoint on its validation data."""
+def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64, *,
+                        factory: str | None = None) -> dict[str, Any]:
+    """The evaluation report of a checkpoint on its validation data (`factory`: the command line's --model)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
-    require_explicit_torchvision_root(cfg.data, data)
-    cfg = dataclasses.replace(cfg, data=data or cfg.data, val_data=None if data else cfg.val_data,
-                              check_images="none", download=False)
+    cfg = checkpoint_data_config(checkpoint, data)
+    model = model_from_checkpoint(checkpoint, factory=factory)
     split = discover(cfg)
     classes = list(checkpoint["classes"])
     if list(split.classes) != classes:
@@ -55,7 +53,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
                               f"({len(classes)})")
     _, val = build_datasets(split, int(checkpoint["preprocess"]["channels"]), None,
                             build_eval_transform(checkpoint["preprocess"]))
-    truth, preds = predict(model_from_checkpoint(checkpoint), val, batch_size)
+    truth, preds = predict(model, val, batch_size)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(truth, preds, labels=labels, zero_division=0)
     matrix = confusion_matrix(truth, preds, labels=labels)
@@ -96,8 +94,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 "checkpoint on its validation data: accuracy, per-class precision/recall, "
                                 "confusion matrix, most confused pairs.")
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
-    p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout (default: the "
-                   "checkpoint's own validation split)")
+    p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout; required unless the "
+                   "checkpoint was trained on the built-in digits (a checkpoint does not choose which files are read)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's own model factory, "
+                   "named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, but imports and "
+                   "runs a package.module:factory only when you name it here (default: none)")
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and evaluation.json go "
                    "(default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size)
+        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory)
     except TorchferryError as exc:
         if args.debug:
             raise

@@ -17,6 +17,7 @@ from typing import Any
 from distributed import TorchferryError
 from distributed import checkpoint as ckpt
 from distributed.config import TrainConfig, config_from_args, resolve_defaults, validate_flags
+from distributed.models import is_custom, require_trusted_arch
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +67,10 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     if cfg.init_from:
         from distributed.checkpoint import load_checkpoint
 
-        load_checkpoint(cfg.init_from)  # refused here, before Ray, if missing or damaged
+        source = load_checkpoint(cfg.init_from)  # refused here, before Ray, if missing or damaged
+        if is_custom(source["arch"]) and source["arch"] != cfg.model:
+            raise TorchferryError(f"--init-from {cfg.init_from}: its model is the factory {source['arch']!r}, which "
+                                  f"a checkpoint cannot choose to run; train it with --model {source['arch']}")
     return cfg, split
 
 
@@ -78,8 +82,15 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     path = os.path.join(os.path.abspath(cfg.output_dir), str(cfg.name), "config.json")
     if not os.path.isfile(path):
         raise TorchferryError(f"--resume: {path} does not exist, so there is no run {cfg.name!r} to continue")
-    with open(path, encoding="utf-8") as f:
-        saved = TrainConfig.from_dict(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = TrainConfig.from_dict(json.load(f))
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not a mapping of config keys
+        raise TorchferryError(f"--resume: {path} is not a torchferry run config: {str(exc)[:200]}") from None
+    # config.json is a file: it names a package.module:factory model only when the command line names it again.
+    if is_custom(saved.model) or is_custom(cfg.model):
+        require_trusted_arch(saved.model, cfg.model if is_custom(cfg.model) else None, flag="--model",
+                             source=f"run {cfg.name!r}")
     for key in RESUME_OVERRIDES:
         setattr(saved, key, getattr(cfg, key))
     saved.resume = True
@@ -368,7 +379,7 @@ def _pictures(cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, An
     try:
         _, val = build_datasets(split, int(best["preprocess"]["channels"]), None,
                                 build_eval_transform(best["preprocess"]))
-        run_pictures(cfg.run_dir, best, history, val)
+        run_pictures(cfg.run_dir, best, history, val, factory=cfg.model)
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience; the checkpoint is what matters
         _logger.warning("could not draw curves.png / val_predictions.png: %s", exc)
 

@@ -9,8 +9,11 @@ local state dict. Weights are always loaded with `torch.load(..., weights_only=T
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -60,6 +63,99 @@ def is_custom(arch: str) -> bool:
     return ":" in arch
 
 
+FACTORY_PATTERN = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+SMALLCNN_KWARGS = {"width": int, "dropout": float}
+MAX_KWARG_INT = 1 << 16
+MAX_KWARGS = 32
+
+
+def is_builtin(arch: str) -> bool:
+    """smallcnn or a torchvision classifier: the only models a file may rebuild by naming them."""
+    return arch == "smallcnn" or arch in torchvision_models()
+
+
+def require_trusted_arch(arch: str, factory: str | None, flag: str = "--model", source: str = "the checkpoint") -> None:
+    """Refuse to rebuild `arch`, read from a file, unless it is built in or the command line names it (`factory`).
+
+    A checkpoint or a saved config is data: importing and calling a `package.module:factory` it names would
+    let the file choose the code that runs, so such a model is rebuilt only when the operator names the
+    same factory again with `flag`.
+    """
+    if factory is not None and factory != arch:
+        raise TorchferryError(f"{flag} {factory!r} is not the model of {source} ({arch[:80]!r})")
+    if factory is None and not is_builtin(arch):
+        if not (is_custom(arch) and FACTORY_PATTERN.fullmatch(arch)):
+            raise TorchferryError(f"the model of {source}, {arch[:80]!r}, is neither smallcnn, a torchvision "
+                                  "classifier nor a package.module:factory name")
+        raise TorchferryError(f"the model of {source} is the factory {arch!r}, code that a file cannot choose to "
+                              f"run; if you trust it, name it on the command line: {flag} {arch}")
+
+
+def check_arch_kwargs(arch: str, kwargs: Any, channels: int = 3) -> dict[str, Any]:
+    """`arch_kwargs` read from a file: plain scalars, and only names the builder of `arch` takes.
+
+    smallcnn takes `width` and `dropout`; a torchvision classifier the scalar arguments of its model class
+    (e.g. resnet's `groups`), which `torchvision.models.get_model` passes on; a factory named on the command
+    line the arguments of its signature. `num_classes` and the input channels come from the checkpoint itself.
+    """
+    check_plain_kwargs(kwargs)
+    if not kwargs:
+        return {}
+    accepted = _builder_kwargs(arch, channels)
+    if arch == "smallcnn":
+        for key, value in kwargs.items():
+            kind = SMALLCNN_KWARGS.get(key)
+            if kind is int and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+                raise TorchferryError(f"arch_kwargs width must be an integer from 1 to 1024, got {value!r}")
+            if kind is float and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0.0 <= value < 1.0):
+                raise TorchferryError(f"arch_kwargs dropout must be in [0, 1), got {value!r}")
+    unknown = sorted(set(kwargs) - accepted) if accepted is not None else []
+    if unknown:
+        raise TorchferryError(f"arch_kwargs {[k[:40] for k in unknown]} are not arguments of {arch}'s builder; "
+                              f"it takes {sorted(accepted) if accepted else 'none'}")
+    return dict(kwargs)
+
+
+def check_plain_kwargs(kwargs: Any) -> None:
+    """Raise unless `kwargs` (None or a mapping) holds at most MAX_KWARGS names of plain, bounded scalars."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict) or len(kwargs) > MAX_KWARGS:
+        raise TorchferryError(f"arch_kwargs must be a mapping of at most {MAX_KWARGS} names to plain values")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not _plain_scalar(value):
+            raise TorchferryError(f"arch_kwargs[{str(key)[:40]!r}] must be a plain number (at most "
+                                  f"{MAX_KWARG_INT}), string, bool or None, got {type(value).__name__}")
+
+
+def _plain_scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return abs(value) <= MAX_KWARG_INT
+    if isinstance(value, float):
+        return math.isfinite(value) and abs(value) <= MAX_KWARG_INT
+    return isinstance(value, str) and len(value) <= 200
+
+
+def _builder_kwargs(arch: str, channels: int) -> set[str] | None:
+    """Keyword arguments the builder of `arch` takes besides num_classes (None: any, a factory with **kwargs)."""
+    if arch == "smallcnn":
+        return set(SMALLCNN_KWARGS)
+    if is_custom(arch):
+        signature = inspect.signature(_import_factory(arch))
+    else:
+        with torch.device("meta"):  # a probe of the model class, allocating nothing
+            probe = torchvision.models.get_model(arch, weights=None, num_classes=2)
+        signature = inspect.signature(type(probe).__init__)
+    params = list(signature.parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and is_custom(arch):
+        return None
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY)} - {"self", "num_classes"}
+
+
 def check_arch(arch: str) -> None:
     """Raise a TorchferryError that lists the choices when `arch` is unknown."""
     if arch == "smallcnn" or is_custom(arch) or arch in torchvision_models():
@@ -96,16 +192,20 @@ def weights_preprocess(arch: str, pretrained: str | None) -> dict[str, Any] | No
             "mean": [float(m) for m in t.mean], "std": [float(s) for s in t.std]}
 
 
+def _import_factory(arch: str) -> Any:
+    """The callable `package.module:factory` names (only ever a name from the command line)."""
+    module_name, _, factory_name = arch.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise TorchferryError(f"--model {arch!r}: cannot import {factory_name} from {module_name}: {exc}") from None
+
+
 def _build_bare(arch: str, num_classes: int, channels: int, kwargs: dict[str, Any]) -> nn.Module:
     if arch == "smallcnn":
         return SmallCNN(num_classes, in_channels=channels, **kwargs)
     if is_custom(arch):
-        module_name, _, factory_name = arch.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as exc:
-            raise TorchferryError(f"--model {arch!r}: cannot import {factory_name} from {module_name}: {exc}") from None
-        model = factory(num_classes=num_classes, **kwargs)
+        model = _import_factory(arch)(num_classes=num_classes, **kwargs)
         if not isinstance(model, nn.Module):
             raise TorchferryError(f"--model {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model

@@ -164,8 +164,9 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str) -> Non
     _save(fig, path)
 
 
-def run_pictures(run_dir: str, best: dict[str, Any], history: Sequence[dict[str, Any]], val_dataset: Any) -> None:
-    """curves.png and val_predictions.png (also in TensorBoard) for a finished run."""
+def run_pictures(run_dir: str, best: dict[str, Any], history: Sequence[dict[str, Any]], val_dataset: Any, *,
+                 factory: str | None = None) -> None:
+    """curves.png and val_predictions.png (also in TensorBoard) for a finished run (`factory`: the run's --model)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from distributed.checkpoint import model_from_checkpoint
@@ -173,7 +174,7 @@ def run_pictures(run_dir: str, best: dict[str, Any], history: Sequence[dict[str,
     plot_curves(history, os.path.join(run_dir, "curves.png"))
     writer = SummaryWriter(os.path.join(run_dir, "tb"))
     try:
-        prediction_grid(model_from_checkpoint(best), val_dataset, best["classes"], best["preprocess"],
+        prediction_grid(model_from_checkpoint(best, factory=factory), val_dataset, best["classes"], best["preprocess"],
                         os.path.join(run_dir, "val_predictions.png"), writer=writer)
     finally:
         writer.close()

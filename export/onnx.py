@@ -212,11 +212,14 @@ def _optimize(src: str, dst: str, atol: float, rtol: float) -> dict[str, Any]:
 def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset: int | None = None,
                       data: str | None = None, use_real: bool = True, atol: float = DEFAULT_ATOL,
                       rtol: float = DEFAULT_RTOL, min_top1: float = DEFAULT_MIN_TOP1, optimize: bool = False,
-                      quantize: str | None = None,
-                      max_images: int = MAX_REAL_IMAGES) -> dict[str, Any]:
-    """Export, verify, and keep the model only if it passes; returns the verification report."""
+                      quantize: str | None = None, max_images: int = MAX_REAL_IMAGES,
+                      factory: str | None = None) -> dict[str, Any]:
+    """Export, verify, and keep the model only if it passes; returns the verification report.
+
+    `factory` is the command line's --model: the only way a `package.module:factory` checkpoint is rebuilt.
+    """
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint, factory=factory)
     output = os.path.abspath(output or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "model.onnx"))
     os.makedirs(os.path.dirname(output), exist_ok=True)
     proto, exporter = build_onnx(checkpoint, checkpoint_path, model, opset, atol=atol, rtol=rtol)
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         report = export_checkpoint(args.checkpoint, args.output, opset=args.opset, data=args.data,
                                    use_real=not args.no_real_images, atol=args.atol, rtol=args.rtol,
                                    min_top1=args.min_top1_agreement, optimize=args.optimize,
-                                   quantize=args.quantize, max_images=args.max_images)
+                                   quantize=args.quantize, max_images=args.max_images, factory=args.factory)
     except TorchferryError as exc:
         if args.debug:
             raise

@@ -8,7 +8,6 @@ swaps it in.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -44,14 +43,10 @@ class _ImageReader(CalibrationDataReader):
 
 
 def _datasets(checkpoint: dict[str, Any], data: str | None) -> tuple[Any, Any]:
-    from distributed.config import TrainConfig
-    from distributed.data import build_datasets, discover, require_explicit_torchvision_root
+    from distributed.data import build_datasets, checkpoint_data_config, discover
     from distributed.presets import build_eval_transform
 
-    cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
-    require_explicit_torchvision_root(cfg.data, data)
-    cfg = dataclasses.replace(cfg, data=data or cfg.data, check_images="none", download=False)
-    split = discover(cfg)
+    split = discover(checkpoint_data_config(checkpoint, data))
     eval_tf = build_eval_transform(checkpoint["preprocess"])
     # Calibration uses training images through the eval transform: what the server will feed the model.
     return build_datasets(split, int(checkpoint["preprocess"]["channels"]), eval_tf, eval_tf)

@@ -13,7 +13,6 @@ checkpoint never erases the proof of a good export.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -75,15 +74,10 @@ def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tu
 
     Raises TorchferryError when the data cannot be reached.
     """
-    from distributed.config import TrainConfig
-    from distributed.data import build_datasets, discover, require_explicit_torchvision_root
+    from distributed.data import build_datasets, checkpoint_data_config, discover
     from distributed.presets import build_eval_transform
 
-    cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
-    require_explicit_torchvision_root(cfg.data, data)
-    if data:
-        cfg = dataclasses.replace(cfg, data=data)
-    cfg = dataclasses.replace(cfg, check_images="none", download=False)
+    cfg = checkpoint_data_config(checkpoint, data)
     split = discover(cfg)
     if list(split.classes) != list(checkpoint["classes"]):
         raise TorchferryError(f"the classes found in {cfg.data!r} differ from the checkpoint's")
@@ -218,8 +212,12 @@ def write_report(report: dict[str, Any], path: str) -> None:
 
 def add_parity_arguments(p: argparse.ArgumentParser) -> None:
     """The verification flags `python -m export.onnx` and `python -m export.verify` share."""
-    p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration) "
-                   "(default: the checkpoint's recorded --data, when reachable)")
+    p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration); "
+                   "without it only a checkpoint trained on the built-in digits is checked on real images (a "
+                   "checkpoint does not choose which files are read)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's own model factory, "
+                   "named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, but imports and "
+                   "runs a package.module:factory only when you name it here (default: none)")
     p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute part of the bound |onnx - torch| <= "
                    f"atol + rtol*|torch|, what counts for logits near zero (default: {DEFAULT_ATOL})")
@@ -263,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(args.model):
             raise TorchferryError(f"model {args.model!r} does not exist")
         checkpoint = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint)
+        model = model_from_checkpoint(checkpoint, factory=args.factory)
         report = verify_parity(args.model, model, checkpoint, data=args.data, use_real=not args.no_real_images,
                                atol=args.atol, rtol=args.rtol, min_top1=args.min_top1_agreement,
                                max_images=args.max_images)

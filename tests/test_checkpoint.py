@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from distributed import TorchferryError
 from distributed import checkpoint as ckpt
 from distributed.models import build_model
 
@@ -29,7 +32,7 @@ def test_round_trip_rebuilds_the_model(tmp_path: Path) -> None:
     digest = ckpt.save_checkpoint(c, str(tmp_path / "best.pth"), sidecar=True)
     assert (tmp_path / "best.pth.sha256").read_text().split()[0] == digest == ckpt.sha256_file(str(tmp_path / "best.pth"))
     loaded = ckpt.load_checkpoint(str(tmp_path / "best.pth"))
-    model = ckpt.model_from_checkpoint(loaded)
+    model = ckpt.model_from_checkpoint(loaded, factory=None)
     x = torch.randn(2, 3, 16, 16)
     reference = build_model("smallcnn", 3, channels=3)
     reference.load_state_dict(c["state_dict"])
@@ -110,3 +113,172 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path: Path, monkeyp
     with pytest.raises(OSError):
         ckpt.atomic_write_bytes(str(target), b"new")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+# ------------------------------------------------------------------------------------------------
+# a checkpoint is data: it never chooses the code that runs, where anything is written or which files are read
+
+EVIL = '''import pathlib
+pathlib.Path("marker").write_text("imported")
+
+
+def factory(num_classes, **kwargs):
+    pathlib.Path("marker").write_text("called")
+'''
+
+
+def _cli_checkpoint(tmp_path: Path, **fields) -> Path:
+    """A small smallcnn checkpoint with `fields` replaced, saved without a sidecar."""
+    c = sample_checkpoint()
+    c.update(fields)
+    path = tmp_path / "best.pth"
+    ckpt.save_checkpoint(c, str(path))
+    return path
+
+
+def test_a_factory_named_by_a_checkpoint_is_never_imported(tmp_path: Path) -> None:
+    """`evil:factory` in the working folder would be imported and called by `python -m export.onnx`; it is refused
+    in one line that names --model, and nothing is written."""
+    (tmp_path / "evil.py").write_text(EVIL)
+    path = _cli_checkpoint(tmp_path, arch="evil:factory")
+    before = sorted(os.listdir(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "export.onnx", str(path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model evil:factory" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "marker").exists() and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("command", ["verify", "evaluate"])
+def test_verify_and_evaluate_refuse_a_factory_they_were_not_given(command: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from distributed import evaluate
+    from export import verify
+
+    (tmp_path / "evil.py").write_text(EVIL)
+    (tmp_path / "model.onnx").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _cli_checkpoint(tmp_path, arch="evil:factory")
+    before = sorted(os.listdir(tmp_path))
+    argv = ["model.onnx", str(path)] if command == "verify" else [str(path), "--data", str(tmp_path)]
+    assert (verify.main if command == "verify" else evaluate.main)(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--model evil:factory" in err and "Traceback" not in err
+    assert not (tmp_path / "marker").exists() and sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_factory_named_on_the_command_line_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from custom_model import build
+
+    c = sample_checkpoint()
+    c.update(arch="custom_model:build", state_dict=ckpt.clean_state_dict(build(3)))
+    model = ckpt.model_from_checkpoint(c, factory="custom_model:build")
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+    with pytest.raises(TorchferryError, match="--model 'other:f' is not the model of the checkpoint"):
+        ckpt.model_from_checkpoint(c, factory="other:f")
+
+
+def test_arch_kwargs_cannot_call_a_library_function(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`logging:basicConfig` with filename/filemode 'w' truncated a file; now it is refused and the file is intact."""
+    from export import onnx as export_onnx
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    path = _cli_checkpoint(tmp_path, arch="logging:basicConfig",
+                           arch_kwargs={"filename": str(victim), "filemode": "w", "force": True})
+    before = sorted(os.listdir(tmp_path))
+    assert export_onnx.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--model logging:basicConfig" in err and "Traceback" not in err
+    assert victim.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"width": 10**9}, "at most"), ({"width": [1, 2]}, "plain number"), ({"in_channels": 3}, "not arguments"),
+    ({"width": 0}, "width must be an integer from 1 to 1024"), ({"dropout": 2.0}, "dropout must be in"),
+])
+def test_arch_kwargs_are_plain_scalars_the_builder_takes(kwargs: dict, message: str) -> None:
+    c = sample_checkpoint()
+    c["arch_kwargs"] = kwargs
+    with pytest.raises(TorchferryError, match=message):
+        ckpt.check_checkpoint(c, "c.pth")
+        ckpt.model_from_checkpoint(c, factory=None)
+
+
+def test_torchvision_arch_kwargs_are_checked_against_the_model_class() -> None:
+    """resnet takes its model class's scalars (`zero_init_residual`); `image_size` is no ResNet argument; one
+    that its builder refuses is one line."""
+    from distributed.models import build_model
+
+    model = build_model("resnet18", 3)
+    c = sample_checkpoint()
+    c.update(arch="resnet18", state_dict=ckpt.clean_state_dict(model),
+             preprocess={**c["preprocess"], "size": [32, 32], "resize": 32})
+    assert ckpt.model_from_checkpoint(c, factory=None)(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(TorchferryError, match="not arguments of resnet18"):
+        ckpt.model_from_checkpoint({**c, "arch_kwargs": {"image_size": 64}}, factory=None)
+    assert ckpt.model_from_checkpoint({**c, "arch_kwargs": {"zero_init_residual": True}}, factory=None)
+    with pytest.raises(ckpt.CheckpointError, match="cannot build resnet18 with arch_kwargs"):
+        ckpt.model_from_checkpoint({**c, "arch_kwargs": {"width_per_group": 4096}}, factory=None)
+
+
+def test_arch_kwargs_that_do_not_fit_the_weights_allocate_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model is first built on the meta device: a width the weights do not have is refused from shapes alone."""
+    c = sample_checkpoint()
+    c["arch_kwargs"] = {"width": 1024}
+    built = []
+    monkeypatch.setattr(ckpt.torch.nn.Module, "load_state_dict", lambda *a, **k: built.append(a))
+    with pytest.raises(ckpt.CheckpointError, match=r"do not fit its smallcnn model \(\S+ is \[3, 128\], the model has"):
+        ckpt.model_from_checkpoint(c, factory=None)
+    assert built == []
+
+
+def _malformed() -> dict[str, tuple[dict, str]]:
+    good = sample_checkpoint()
+    pre = good["preprocess"]
+    return {
+        "config data=5": ({"config": {"data": 5}}, "config key 'data' must be str"),
+        "config a string": ({"config": "digits"}, "config must be a mapping"),
+        "config unknown key": ({"config": {"evil": 1}}, "unknown training config keys"),
+        "huge size": ({"preprocess": {**pre, "size": [100000, 100000]}}, "preprocess.size"),
+        "size a string": ({"preprocess": {**pre, "size": "16"}}, "preprocess.size"),
+        "huge resize": ({"preprocess": {**pre, "resize": 10**9}}, "preprocess.resize"),
+        "2 channels": ({"preprocess": {**pre, "channels": 2}}, "preprocess.channels"),
+        "short mean": ({"preprocess": {**pre, "mean": [0.5]}}, "preprocess.mean"),
+        "zero std": ({"preprocess": {**pre, "std": [0.0, 0.5, 0.5]}}, "preprocess.std must be positive"),
+        "nearest": ({"preprocess": {**pre, "interpolation": "nearest"}}, "preprocess.interpolation"),
+        "preprocess a list": ({"preprocess": [16, 16]}, "preprocess must be a mapping"),
+        "classes count": ({"classes": ["a", "b"]}, "classes lists 2 names for num_classes 3"),
+        "classes numbers": ({"classes": [1, 2, 3]}, "classes must be a list"),
+        "num_classes str": ({"num_classes": "3"}, "num_classes must be an integer"),
+        "num_classes huge": ({"num_classes": 10**9}, "num_classes must be an integer"),
+        "metrics a string": ({"metrics": "good"}, "metrics must map"),
+        "val_acc 7": ({"metrics": {"val_acc": 7.0}}, "metrics.val_acc"),
+        "epoch negative": ({"epoch": -1}, "epoch must be"),
+        "versions a list": ({"versions": ["torch"]}, "versions must map"),
+        "history junk": ({"history": [{"epoch": "x"}]}, "history must be"),
+        "state_dict a string": ({"state_dict": "weights"}, "state_dict must map"),
+        "wrong weights": ({"state_dict": {"w": torch.zeros(1)}}, "do not fit"),
+        "arch not a name": ({"arch": "os.system('id')"}, "neither smallcnn"),
+        "arch a number": ({"arch": 5}, "neither smallcnn"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_malformed()))
+def test_malformed_fields_exit_2_with_one_line_and_write_nothing(case: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    from distributed import evaluate
+    from export import onnx as export_onnx
+
+    fields, message = _malformed()[case]
+    path = _cli_checkpoint(tmp_path, **fields)
+    before = sorted(os.listdir(tmp_path))
+    for main in (export_onnx.main, evaluate.main):
+        assert main([str(path), "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
+        assert sorted(os.listdir(tmp_path)) == before

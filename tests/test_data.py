@@ -180,5 +180,126 @@ def test_checkpoint_named_torchvision_root_needs_explicit_data(cifar10_root: Pat
 
     path = write_checkpoint(tmp_path / "c.pth", "smallcnn", f"cifar10:{cifar10_root}", size=32)
     assert evaluate.main([str(path), "--output-dir", str(tmp_path)]) == 2
-    assert "pass --data to use it" in capsys.readouterr().err
+    assert "pass --data to read it" in capsys.readouterr().err
     assert evaluate.main([str(path), "--data", f"cifar10:{cifar10_root}", "--output-dir", str(tmp_path)]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# symlinks: each real file once, loops never followed, one file never in two places
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: discovery that follows a symlink loop never finishes."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError("discovery did not finish in 60 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, 60)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_symlink_loops_are_walked_once(tmp_path: Path, no_hang: None) -> None:
+    """Two links to the root and a link to itself in a class folder: 12 files stay 12 samples, none in both parts."""
+    from conftest import write_class_tree
+
+    root = tmp_path / "loops"
+    write_class_tree(root, 4)
+    (root / "red" / "up").symlink_to(root, target_is_directory=True)
+    (root / "red" / "up2").symlink_to(root, target_is_directory=True)
+    (root / "green" / "me").symlink_to(root / "green", target_is_directory=True)
+    (root / "blue" / "sub").mkdir()
+    (root / "blue" / "sub" / "back").symlink_to(root / "blue", target_is_directory=True)
+    split = discover(cfg_for(str(root), val_split=0.25))
+    samples = split.train + split.val
+    assert len(samples) == 12 and len({os.path.realpath(p) for p, _ in samples}) == 12
+    assert not {os.path.realpath(p) for p, _ in split.train} & {os.path.realpath(p) for p, _ in split.val}
+
+
+def test_a_linked_folder_of_new_images_still_counts(tmp_path: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(tmp_path / "data", 4)
+    write_class_tree(tmp_path / "more", 3, seed=9, classes=("red",))
+    (tmp_path / "data" / "red" / "more").symlink_to(tmp_path / "more" / "red", target_is_directory=True)
+    split = discover(cfg_for(str(tmp_path / "data"), val_split=0.25))
+    assert len(split.train) + len(split.val) == 15
+
+
+def test_a_file_in_both_train_and_val_is_refused(split_folder: Path) -> None:
+    os.symlink(split_folder / "train" / "red" / "000.png", split_folder / "val" / "red" / "leak.png")
+    with pytest.raises(TorchferryError, match=r"1 file\(s\) are in both the training and the validation data"):
+        discover(cfg_for(str(split_folder)))
+
+
+def test_a_file_listed_in_both_annotation_files_is_refused(annotation_files: dict[str, Path]) -> None:
+    val = annotation_files["val.txt"]
+    val.write_text(val.read_text() + annotation_files["train.txt"].read_text().splitlines()[1] + "\n")
+    with pytest.raises(TorchferryError, match="in both the training and the validation data"):
+        discover(cfg_for(str(annotation_files["train.txt"]), val_data=str(val)))
+
+
+def test_an_annotation_file_listing_an_image_twice_counts_it_once(annotation_files: dict[str, Path]) -> None:
+    train = annotation_files["train.txt"]
+    train.write_text(train.read_text() + "".join(train.read_text().splitlines(keepends=True)[1:4]))
+    split = discover(cfg_for(str(train), val_split=0.25))
+    assert len(split.train) + len(split.val) == 72
+
+
+def test_one_file_under_two_classes_is_refused(flat_folder: Path) -> None:
+    os.symlink(flat_folder / "red" / "000.png", flat_folder / "green" / "also-red.png")
+    with pytest.raises(TorchferryError, match="are the same file in classes 'green' and 'red'"):
+        discover(cfg_for(str(flat_folder)))
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TorchferryError, match="--cache-dir .* is not a directory"):
+        discover(cfg_for("digits", cache_dir=str(tmp_path / "file")))
+
+
+# ------------------------------------------------------------------------------------------------
+# a checkpoint's recorded data: read only when --data names them again; the digits cache is the operator's
+
+
+def _recorded(data: str, **config) -> dict:
+    return {"config": TrainConfig(data=data, **config).to_dict()}
+
+
+@pytest.mark.parametrize("kind", ["folder", "annotations", "cifar10"])
+def test_recorded_data_are_read_only_when_named_again(kind: str, flat_folder: Path,
+                                                      annotation_files: dict[str, Path]) -> None:
+    from distributed.data import checkpoint_data_config
+
+    data = {"folder": str(flat_folder), "annotations": str(annotation_files["train.txt"]),
+            "cifar10": "cifar10:/somewhere"}[kind]
+    with pytest.raises(TorchferryError, match="pass --data to read it"):
+        checkpoint_data_config(_recorded(data), None)
+    assert checkpoint_data_config(_recorded(data), data).data == data
+
+
+def test_recorded_val_data_image_root_and_cache_are_dropped(tmp_path: Path, flat_folder: Path) -> None:
+    from distributed.config import default_cache_dir
+    from distributed.data import checkpoint_data_config
+
+    recorded = _recorded(str(flat_folder), val_data="/etc", image_root="/", cache_dir=str(tmp_path / "theirs"),
+                         seed=7, val_split=0.3)
+    cfg = checkpoint_data_config(recorded, str(flat_folder))
+    assert (cfg.val_data, cfg.image_root, cfg.cache_dir) == (None, None, default_cache_dir())
+    assert (cfg.seed, cfg.val_split) == (7, 0.3)
+
+
+def test_a_checkpoints_cache_dir_is_never_written(tmp_path: Path) -> None:
+    """A digits checkpoint that recorded cache_dir elsewhere: export's real-image check uses the operator's cache."""
+    from export.verify import real_batches
+
+    elsewhere = tmp_path / "chosen-by-the-file"
+    checkpoint = {"classes": [str(i) for i in range(10)], **_recorded("digits", cache_dir=str(elsewhere)),
+                  "preprocess": {"size": [8, 8], "resize": 8, "mean": [0.5], "std": [0.5], "channels": 1}}
+    batches, note = real_batches(checkpoint, None, 8)
+    assert next(batches)[0].shape == (8, 1, 8, 8) and "digits" in note
+    assert not elsewhere.exists()

@@ -22,7 +22,7 @@ def test_run_leaves_curves_and_prediction_grid(trained_run: dict) -> None:
 def test_evaluate_reports_what_training_recorded(trained_run: dict, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     best_path = trained_run["run_dir"] / "best.pth"
-    code = evaluate.main([str(best_path), "--output-dir", str(tmp_path)])
+    code = evaluate.main([str(best_path), "--data", str(trained_run["data"]), "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     report = json.loads((tmp_path / "evaluation.json").read_text())

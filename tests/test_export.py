@@ -31,8 +31,9 @@ def exported(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dic
     assert trained_run["code"] == 0
     out = tmp_path_factory.mktemp("exported") / "model.onnx"
     report = export_onnx.export_checkpoint(str(trained_run["run_dir"] / "best.pth"), str(out), optimize=True,
-                                           quantize="int8")
-    return {"report": report, "model": out, "checkpoint": trained_run["run_dir"] / "best.pth"}
+                                           quantize="int8", data=str(trained_run["data"]))
+    return {"report": report, "model": out, "checkpoint": trained_run["run_dir"] / "best.pth",
+            "data": trained_run["data"]}
 
 
 def test_trained_checkpoint_exports_and_verifies(exported: dict) -> None:
@@ -68,7 +69,7 @@ def test_golden_outputs_reproduce_without_torch(exported: dict) -> None:
     session = ort.InferenceSession(str(exported["model"]), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x})[0]
     assert np.abs(got - np.asarray(golden["logits"], dtype=np.float32)).max() <= golden["atol"]
-    model = ckpt.model_from_checkpoint(ckpt.load_checkpoint(str(exported["checkpoint"])))
+    model = ckpt.model_from_checkpoint(ckpt.load_checkpoint(str(exported["checkpoint"])), factory=None)
     with torch.inference_mode():
         assert np.allclose(model(torch.from_numpy(x)).numpy(), golden["logits"], atol=1e-6)
 
@@ -90,7 +91,7 @@ def test_int8_is_reported_beside_fp32_not_swapped_in(exported: dict) -> None:
 def test_torchvision_models_export_with_parity(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_class_tree(tmp_path / "data", 4)
     path = write_checkpoint(tmp_path / "best.pth", arch, tmp_path / "data", size=64)
-    code, out, err = run(capsys, export_onnx, [str(path)])
+    code, out, err = run(capsys, export_onnx, [str(path), "--data", str(tmp_path / "data")])
     assert code == 0, err
     report = json.loads((tmp_path / "model.onnx.verify.json").read_text())
     assert [c["batch"] for c in report["cases"]] == [1, 3, 32, 32]
@@ -101,7 +102,7 @@ def test_torchvision_models_export_with_parity(arch: str, tmp_path: Path, capsys
 def test_verify_cli_passes_then_catches_altered_weights(exported: dict, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(capsys, export_verify, [str(exported["model"]), str(exported["checkpoint"]),
-                                               "--report", str(tmp_path / "ok.json")])
+                                               "--data", str(exported["data"]), "--report", str(tmp_path / "ok.json")])
     assert code == 0 and "random batch 32" in out
     altered = ckpt.load_checkpoint(str(exported["checkpoint"]))
     altered["state_dict"]["classifier.1.bias"] += 0.5
@@ -129,7 +130,7 @@ def test_a_wrong_export_is_never_left_as_model_onnx(tmp_path: Path, capsys: pyte
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     write_class_tree(tmp_path / "data", 4)
     path = write_checkpoint(tmp_path / "best.pth", "custom_model:batch_two_special", tmp_path / "data", size=16)
-    code, out, err = run(capsys, export_onnx, [str(path)])
+    code, out, err = run(capsys, export_onnx, [str(path), "--model", "custom_model:batch_two_special"])
     assert code == 1, err
     assert "nothing written as" in err
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.sha256").exists()
@@ -144,7 +145,7 @@ def test_dynamo_failure_falls_back_to_torchscript_and_says_so(tmp_path: Path, ca
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     write_class_tree(tmp_path / "data", 4)
     path = write_checkpoint(tmp_path / "best.pth", "custom_model:data_dependent", tmp_path / "data", size=16)
-    code, out, err = run(capsys, export_onnx, [str(path)])
+    code, out, err = run(capsys, export_onnx, [str(path), "--model", "custom_model:data_dependent"])
     assert code == 0, err
     assert "the dynamo exporter failed" in caplog.text and "falling back to the TorchScript exporter" in caplog.text
     assert "exporter torchscript" in out

@@ -30,7 +30,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 def accuracy_of(checkpoint: dict, samples: list[tuple[str, int]]) -> float:
     """Val accuracy recomputed in this process from the checkpoint alone."""
-    model = ckpt.model_from_checkpoint(checkpoint)
+    model = ckpt.model_from_checkpoint(checkpoint, factory=None)
     ds = ImageListDataset(samples, checkpoint["preprocess"]["channels"], build_eval_transform(checkpoint["preprocess"]))
     loader = torch.utils.data.DataLoader(ds, batch_size=16)
     correct = 0
@@ -331,3 +331,61 @@ def test_readme_csv_example_with_relative_image_root(annotation_files: dict[str,
     folder = lists
     assert (folder / "runs" / "csv" / "best.pth").is_file()
     assert [r["epoch"] for r in read_metrics(folder / "runs" / "csv")] == [0]
+
+
+# ------------------------------------------------------------------------------------------------
+# files do not choose code or paths: --resume's config.json, --init-from's checkpoint, --cache-dir
+
+EVIL = '''import pathlib
+pathlib.Path("marker").write_text("imported")
+
+
+def factory(num_classes, **kwargs):
+    pathlib.Path("marker").write_text("called")
+'''
+
+
+def test_cache_dir_naming_a_file_fails_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_main(capsys, ["--cache-dir", str(tmp_path / "file"), "--output-dir", str(tmp_path / "runs")])
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "--cache-dir" in lines[0] and "is not a directory" in lines[0]
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "runs").exists()
+
+
+def test_resume_runs_a_factory_only_when_named_again(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's config.json is a file: its `model: evil:factory` is not imported; --model must name it again."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "evil.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    saved = TrainConfig(data=str(flat_folder), model="evil:factory", name="r", output_dir=str(runs))
+    (runs / "r" / "config.json").write_text(json.dumps(saved.to_dict()))
+    code, _, err = run_main(capsys, ["--resume", "--name", "r", "--output-dir", str(runs)])
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "--model evil:factory" in lines[0], err
+    assert not (tmp_path / "marker").exists()
+    (runs / "r" / "config.json").write_text('{"model": 5}')
+    code, _, err = run_main(capsys, ["--resume", "--name", "r", "--output-dir", str(runs)])
+    assert code == 2 and "training config key 'model' must be str" in err and "Traceback" not in err
+
+
+def test_init_from_a_factory_checkpoint_needs_that_model(flat_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from conftest import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "src.pth", "smallcnn", flat_folder, size=16)
+    source = ckpt.load_checkpoint(str(path))
+    source["arch"] = "evil:factory"
+    ckpt.save_checkpoint(source, str(path))
+    (tmp_path / "src.pth.sha256").unlink()
+    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(flat_folder), "--init-from", str(path),
+                                     "--output-dir", str(tmp_path / "runs")])
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "--model evil:factory" in lines[0], err

@@ -88,7 +88,7 @@ def start_gunicorn(model: Path | None, port: int, tmp: Path, workers: int = 2, t
 
 def pytorch_labels(checkpoint_path: Path, paths: list[Path]) -> list[str]:
     best = ckpt.load_checkpoint(str(checkpoint_path))
-    model = ckpt.model_from_checkpoint(best)
+    model = ckpt.model_from_checkpoint(best, factory=None)
     tf = build_eval_transform(best["preprocess"])
     x = torch.stack([tf(load_image(str(p), best["preprocess"]["channels"])) for p in paths])
     with torch.inference_mode():
