@@ -297,7 +297,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) ->
     arch = checkpoint["arch"]
     require_trusted_arch(arch, factory)
     channels = int(checkpoint["preprocess"]["channels"])
-    kwargs = check_arch_kwargs(arch, checkpoint.get("arch_kwargs"), channels)
+    kwargs = check_arch_kwargs(arch, checkpoint.get("arch_kwargs"))
     num_classes = int(checkpoint["num_classes"])
     state = checkpoint["state_dict"]
     try:
@@ -306,9 +306,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) ->
     except TorchferryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a builder refusing the file's arguments is bad input
-        raise CheckpointError(f"cannot build {arch} with arch_kwargs {_short(kwargs)}: "
-                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-                              ) from None
+        if factory is None:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot build {arch} with arch_kwargs {_short(kwargs)}: {reason}") from None
+        probe = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)  # your factory, off meta
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

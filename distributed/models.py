@@ -91,7 +91,7 @@ def require_trusted_arch(arch: str, factory: str | None, flag: str = "--model", 
                               f"run; if you trust it, name it on the command line: {flag} {arch}")
 
 
-def check_arch_kwargs(arch: str, kwargs: Any, channels: int = 3) -> dict[str, Any]:
+def check_arch_kwargs(arch: str, kwargs: Any) -> dict[str, Any]:
     """`arch_kwargs` read from a file: plain scalars, and only names the builder of `arch` takes.
 
     smallcnn takes `width` and `dropout`; a torchvision classifier the scalar arguments of its model class
@@ -101,7 +101,7 @@ def check_arch_kwargs(arch: str, kwargs: Any, channels: int = 3) -> dict[str, An
     check_plain_kwargs(kwargs)
     if not kwargs:
         return {}
-    accepted = _builder_kwargs(arch, channels)
+    accepted = _builder_kwargs(arch)
     if arch == "smallcnn":
         for key, value in kwargs.items():
             kind = SMALLCNN_KWARGS.get(key)
@@ -139,7 +139,7 @@ def _plain_scalar(value: Any) -> bool:
     return isinstance(value, str) and len(value) <= 200
 
 
-def _builder_kwargs(arch: str, channels: int) -> set[str] | None:
+def _builder_kwargs(arch: str) -> set[str] | None:
     """Keyword arguments the builder of `arch` takes besides num_classes (None: any, a factory with **kwargs)."""
     if arch == "smallcnn":
         return set(SMALLCNN_KWARGS)
