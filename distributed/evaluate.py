@@ -96,9 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
     p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout; required unless the "
                    "checkpoint was trained on the built-in digits (a checkpoint does not choose which files are read)")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's own model factory, "
-                   "named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, but imports and "
-                   "runs a package.module:factory only when you name it here (default: none)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
+                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
+                   "but imports and runs a package.module:factory only when you name it here (default: none)")
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and evaluation.json go "
                    "(default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")

@@ -215,9 +215,9 @@ def add_parity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration); "
                    "without it only a checkpoint trained on the built-in digits is checked on real images (a "
                    "checkpoint does not choose which files are read)")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's own model factory, "
-                   "named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, but imports and "
-                   "runs a package.module:factory only when you name it here (default: none)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
+                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
+                   "but imports and runs a package.module:factory only when you name it here (default: none)")
     p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute part of the bound |onnx - torch| <= "
                    f"atol + rtol*|torch|, what counts for logits near zero (default: {DEFAULT_ATOL})")

@@ -211,7 +211,8 @@ def small_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> dict:
     """A random-weight smallcnn checkpoint with its data, exported by the CLI with --optimize --quantize int8."""
     write_class_tree(tmp_path / "data", 4)
     path = write_checkpoint(tmp_path / "best.pth", "smallcnn", tmp_path / "data", size=16)
-    code, _, err = run(capsys, export_onnx, [str(path), "--optimize", "--quantize", "int8"])
+    code, _, err = run(capsys, export_onnx, [str(path), "--optimize", "--quantize", "int8", "--data",
+                                             str(tmp_path / "data")])
     assert code == 0, err
     return {"checkpoint": path, "data": tmp_path / "data", "dir": tmp_path}
 
@@ -259,7 +260,7 @@ def _huge_logits_checkpoint(tmp_path: Path) -> Path:
     write_class_tree(tmp_path / "data", 4)
     path = write_checkpoint(tmp_path / "plain.pth", "smallcnn", tmp_path / "data", size=16)
     c = ckpt.load_checkpoint(str(path))
-    model = ckpt.model_from_checkpoint(c)
+    model = ckpt.model_from_checkpoint(c, factory=None)
     with torch.inference_mode():
         scale = 1e7 / float(model(torch.from_numpy(meta.golden_inputs(3, 16, 16))).abs().max())
     c["state_dict"]["classifier.1.weight"] *= scale
