@@ -15,6 +15,7 @@ debug mode. With a token configured (serve/auth.py) every route but the probes n
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -26,49 +27,13 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from serve.auth import EXEMPT_PATHS, BearerAuth
-from serve.images import ImageError, decode, preprocess
+from serve.images import ImageError, PixelBudget, prepare
 from serve.repository import ModelRepository, Served
+from serve.settings import SETTINGS, check_settings, settings_from_env  # noqa: F401 - SETTINGS re-exported
 from serve.v2 import Limits, V2Error, v2_blueprint
 
 _logger = logging.getLogger("serve")
 _access = logging.getLogger("serve.access")
-
-# Settings where an empty value is kept as "", not read as unset: an empty token must not turn auth off.
-KEEP_EMPTY = frozenset({"AUTH_TOKEN", "AUTH_TOKEN_FILE"})
-
-# name: (environment variable, type, default)
-SETTINGS: dict[str, tuple[str, type, Any]] = {
-    "MODEL": ("TORCHFERRY_MODEL", str, None),
-    "MODEL_DIR": ("TORCHFERRY_MODEL_DIR", str, None),
-    "MODEL_NAME": ("TORCHFERRY_MODEL_NAME", str, None),
-    "POLL_SECONDS": ("TORCHFERRY_POLL_SECONDS", float, 0.0),
-    "AUTH_TOKEN": ("TORCHFERRY_AUTH_TOKEN", str, None),
-    "AUTH_TOKEN_FILE": ("TORCHFERRY_AUTH_TOKEN_FILE", str, None),
-    "MAX_UPLOAD_BYTES": ("TORCHFERRY_MAX_UPLOAD_BYTES", int, 16 * 1024 * 1024),
-    "MAX_IMAGES": ("TORCHFERRY_MAX_IMAGES", int, 16),
-    "MAX_PIXELS": ("TORCHFERRY_MAX_PIXELS", int, 40_000_000),
-    "TOP_K": ("TORCHFERRY_TOP_K", int, 5),
-    "ORT_THREADS": ("TORCHFERRY_ORT_THREADS", int, 0),
-    "BATCH_WINDOW_MS": ("TORCHFERRY_BATCH_WINDOW_MS", float, 0.0),
-    "MAX_BATCH": ("TORCHFERRY_MAX_BATCH", int, 32),
-}
-
-
-def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Defaults overridden by TORCHFERRY_* environment variables; a malformed value is a clear error."""
-    env = os.environ if environ is None else environ
-    out = {}
-    for name, (var, kind, default) in SETTINGS.items():
-        raw = env.get(var)
-        if raw is None or (raw == "" and name not in KEEP_EMPTY):
-            out[name] = default
-            continue
-        try:
-            out[name] = kind(raw)
-        except ValueError:
-            raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
-    return out
-
 
 class ClientError(Exception):
     """A request the server refuses with a JSON 4xx."""
@@ -85,11 +50,16 @@ def error_response(status: int, code: str, message: str) -> tuple[Response, int]
     return jsonify({"error": {"code": code, "message": message}}), status
 
 
+def reason_for_caller(repo: ModelRepository) -> str:
+    """Why the model is not ready: whole for a caller with the token, without file system paths for others."""
+    return repo.reason if g.get("authenticated") else repo.public(repo.reason)
+
+
 def serving(repo: ModelRepository) -> Served:
     """The model that answers this request (read once: a swap mid-request does not touch it), or a 503."""
     served = repo.active
     if served is None:
-        raise ClientError(503, "not_ready", repo.reason)
+        raise ClientError(503, "not_ready", reason_for_caller(repo))
     return served
 
 
@@ -126,6 +96,32 @@ def _collect_images(max_images: int) -> list[tuple[str, bytes]]:
                       "multipart/form-data with image files, or a raw body with an image/* type")
 
 
+def read_chunked_body(limit: int) -> None:
+    """A body sent without Content-Length (chunked): read up to `limit` + 1 bytes; past the limit it is a 413.
+
+    Werkzeug would stop reading at the limit and hand on a cut body (then refused as a truncated image);
+    here the body is read whole or refused, and the request carries it with its length, as if it had been
+    sent with a Content-Length.
+    """
+    env = request.environ
+    if request.content_length is not None or "wsgi.input_terminated" not in env:
+        return
+    if "chunked" not in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return
+    stream, parts, size = env["wsgi.input"], [], 0
+    while size <= limit:
+        part = stream.read(min(64 * 1024, limit + 1 - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    if size > limit:
+        raise ClientError(413, "request_entity_too_large", f"the body is larger than the limit of {limit} bytes")
+    body = b"".join(parts)
+    env["wsgi.input"], env["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    del env["wsgi.input_terminated"], env["HTTP_TRANSFER_ENCODING"]
+
+
 def _top_k(default: int, num_classes: int) -> int:
     raw = request.args.get("top_k")
     if raw is None:
@@ -145,6 +141,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.from_mapping(settings_from_env())
     if config:
         app.config.update(config)
+    check_settings(app.config)
     app.config.update(
         DEBUG=False, TESTING=bool(app.config.get("TESTING")), PROPAGATE_EXCEPTIONS=False,
         MAX_CONTENT_LENGTH=int(app.config["MAX_UPLOAD_BYTES"]),
@@ -156,6 +153,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = max(int(app.config["MAX_PIXELS"]), Image.MAX_IMAGE_PIXELS or 0)
+    # One image at the pixel cap decodes at a time per process (serve/images.py): the memory budget holds
+    # whatever the number of threads.
+    budget = PixelBudget(int(app.config["MAX_PIXELS"]))
     repo = ModelRepository(app.config)
     auth = BearerAuth(app.config.get("AUTH_TOKEN"), app.config.get("AUTH_TOKEN_FILE"))
     metrics = _metrics(app)
@@ -177,14 +177,23 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def _authenticate() -> tuple[Response, int] | None:
-        if not auth.enabled or request.path in EXEMPT_PATHS:
+        if not auth.enabled:
             return None
-        problem = auth.check(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        if request.path in EXEMPT_PATHS:  # probes answer anyone; a valid token still shows whole reasons
+            g.authenticated = header is not None and auth.check(header) is None
+            return None
+        problem = auth.check(header)
         if problem is None:
+            g.authenticated = True
             return None
         response, status = error_response(401, "unauthorized", problem[1])
         response.headers["WWW-Authenticate"] = auth.challenge(problem[0])
         return response, status
+
+    @app.before_request
+    def _bounded_chunked_body() -> None:
+        read_chunked_body(int(app.config["MAX_UPLOAD_BYTES"]))
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -233,14 +242,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         metrics["ready"].set(1 if served else 0)
         if served:
             return jsonify({"status": "ready", "model": served.name, "version": served.version, **served.proof})
-        return jsonify({"status": "not_ready", "reason": repo.reason}), 503
+        return jsonify({"status": "not_ready", "reason": reason_for_caller(repo)}), 503
 
     @app.get("/metadata")
     def metadata():
         served = serving(repo)
         info = served.predictor.info
         meta = info.metadata
-        return jsonify({"name": served.name, "version": served.version, "model_versions": repo.versions,
+        versions = repo.versions if g.get("authenticated") else repo.public_versions()
+        return jsonify({"name": served.name, "version": served.version, "model_versions": versions,
                         "classes": info.classes, "input_shape": info.input_shape, "input": served.predictor.input_name,
                         "output": served.predictor.output_name, "preprocess": info.preprocess, "sha256": info.sha256,
                         "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),
@@ -268,7 +278,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         k = _top_k(int(app.config["TOP_K"]), len(predictor.info.classes))
         images = _collect_images(int(app.config["MAX_IMAGES"]))
         spec, max_pixels = predictor.info.preprocess, int(app.config["MAX_PIXELS"])
-        batch = np.stack([preprocess(decode(data, max_pixels, name), spec) for name, data in images])
+        batch = np.stack([prepare(data, spec, max_pixels, name, budget) for name, data in images])
         g.images = len(images)
         logits = served.run(batch)
         count_images(len(images))
@@ -282,6 +292,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         metrics["batch"].observe(n)
 
     limits = Limits(max_images=int(app.config["MAX_IMAGES"]), max_pixels=int(app.config["MAX_PIXELS"]),
-                    max_body=int(app.config["MAX_UPLOAD_BYTES"]))
+                    max_body=int(app.config["MAX_UPLOAD_BYTES"]), budget=budget)
     app.register_blueprint(v2_blueprint(repo, limits, count_images))
     return app

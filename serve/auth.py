@@ -27,6 +27,8 @@ def _valid(token: str, where: str) -> str:
         raise ValueError(f"{where} is empty; put the bearer token in it, or unset it to turn authentication off")
     if any(c.isspace() or not c.isprintable() for c in token):
         raise ValueError(f"{where} holds whitespace or control characters; a bearer token is one printable word")
+    if not token.isascii():  # HTTP headers arrive as latin-1: a client could never send it so that it matches
+        raise ValueError(f"{where} holds non-ASCII characters; a bearer token is printable ASCII (RFC 6750)")
     return token
 
 

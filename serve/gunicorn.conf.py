@@ -25,6 +25,9 @@ import os
 import signal
 import sys
 
+from serve.settings import exit_on_bad_settings
+
+exit_on_bad_settings()  # a TORCHFERRY_* setting that cannot work: one line, exit 2, before any worker starts
 # The model is loaded and proven inside create_app, before the worker accepts: a worker that starts or is
 # restarted takes no connection it would answer 503, so ready means every accepting worker can answer.
 wsgi_app = "serve.app:create_app({'LOAD_FIRST': True})"

@@ -35,6 +35,19 @@ MODEL_FILE = "model.onnx"
 VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")
 
 
+# An absolute path in a message: a slash-led run of non-space, non-quote characters, not inside a word or URL.
+_ABS_PATH = re.compile(r"(?<![\w.:/>])/[^\s'\"]+")
+
+
+def redact_paths(text: str, roots: dict[str, str | None]) -> str:
+    """`text` without the server's file system layout: each configured root (path → placeholder) replaced,
+    then any other absolute path cut to its last component. For callers without the token; the log keeps all."""
+    for path, placeholder in sorted(((p, n) for p, n in roots.items() if p), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, placeholder)
+    return _ABS_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/.,;:)")) + m.group(0)[
+        len(m.group(0).rstrip("/.,;:)")):], text)
+
+
 def fingerprint(path: str) -> tuple:
     """What changes when the model file or its sidecar is replaced or rewritten: (inode, size, mtime) of both."""
     out = []
@@ -122,6 +135,22 @@ class ModelRepository:
         self._wake = threading.Event()
         self._stop = False
         self._watcher: threading.Thread | None = None
+
+    def public(self, text: str) -> str:
+        """`text` (a reason) with paths redacted (redact_paths): the model folder shows as <model-dir>."""
+        roots: dict[str, str | None] = {}
+        if self.model_dir:
+            roots[os.path.abspath(self.model_dir)] = "<model-dir>"
+            roots[self.model_dir.rstrip("/") or self.model_dir] = "<model-dir>"
+        if self.model_file:
+            base = os.path.basename(self.model_file)
+            roots[os.path.abspath(self.model_file)] = base
+            roots[self.model_file] = base
+        return redact_paths(text, roots)
+
+    def public_versions(self) -> dict[str, dict[str, str]]:
+        """The versions' states with their reasons redacted (`public`)."""
+        return {v: {**state, "reason": self.public(state.get("reason", ""))} for v, state in self.versions.items()}
 
     @property
     def ready(self) -> bool:

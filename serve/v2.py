@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
-from serve.images import decode, preprocess
+from serve.images import PixelBudget, prepare
 from serve.repository import ModelRepository, Served
 
 PLATFORM = "onnxruntime_onnx"
@@ -50,25 +50,57 @@ class Limits:
     max_images: int
     max_pixels: int
     max_body: int
+    budget: PixelBudget | None = None
+
+
+# Members in one gzip body: RFC 1952 allows several, concatenated; each costs a decompressor.
+MAX_GZIP_MEMBERS = 64
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """The request body after its Content-Encoding (gzip, deflate), never inflated beyond `limit` bytes."""
+    """The request body after its Content-Encoding (gzip, deflate), never inflated beyond `limit` bytes.
+
+    A gzip body may hold several members (RFC 1952 §2.2, what `cat a.gz b.gz` makes): they are decoded in
+    turn, up to MAX_GZIP_MEMBERS, as `gzip.decompress` does; bytes after the last member that start no
+    member are refused, as is anything after a deflate stream.
+    """
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise V2Error(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    inflater = zlib.decompressobj(wbits=31 if "gzip" in encoding else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise V2Error(400, f"the {encoding} body does not decompress: {exc}") from None
-    if len(out) > limit:
-        raise V2Error(413, f"the body decompresses to more than the limit of {limit} bytes")
-    if not inflater.eof:
-        raise V2Error(400, f"the {encoding} body is truncated")
-    return out
+    gzip_body = "gzip" in encoding
+    out, rest = [], body
+    size = members = 0
+    while True:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise V2Error(400, f"the gzip body holds more than {MAX_GZIP_MEMBERS} members")
+        inflater = zlib.decompressobj(wbits=31 if gzip_body else 15)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            where = f" (member {members})" if members > 1 else ""
+            raise V2Error(400, f"the {encoding} body does not decompress{where}: {exc}") from None
+        size += len(part)
+        out.append(part)
+        if size > limit:
+            raise V2Error(413, f"the body decompresses to more than the limit of {limit} bytes")
+        if not inflater.eof:
+            raise V2Error(400, f"the {encoding} body is truncated")
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(out)
+        if not gzip_body:
+            raise V2Error(400, f"the deflate body has {len(rest)} bytes after its end")
+        if not rest.startswith(b"\x1f\x8b"):
+            raise V2Error(400, f"the gzip body has {len(rest)} bytes after its last member that are not a gzip member")
+
+
+def _reason(repo: ModelRepository, text: str | None = None) -> str:
+    """Why the model (or a version) is not ready: paths only for a caller with the token (g.authenticated)."""
+    text = repo.reason if text is None else text
+    return text if g.get("authenticated") else repo.public(text)
 
 
 def _reject_constant(name: str) -> float:
@@ -215,7 +247,7 @@ def _images(
                     "send raw bytes with the binary tensor data extension)",
                 ) from None
     # decode() raises ImageError (400/413/415) with the same codes as /predict; the app turns it into v2's shape.
-    return np.stack([preprocess(decode(b, limits.max_pixels, f"{name}[{i}]"), spec) for i, b in enumerate(blobs)])
+    return np.stack([prepare(b, spec, limits.max_pixels, f"{name}[{i}]", limits.budget) for i, b in enumerate(blobs)])
 
 
 def input_batch(request: dict[str, Any], binary: bytes, served: Served, limits: Limits) -> np.ndarray:
@@ -381,12 +413,12 @@ def server_version() -> str:
 def _served(repo: ModelRepository, name: str, version: str | None) -> Served:
     served = repo.active
     if served is None:
-        raise V2Error(503, f"the model is not ready: {repo.reason}")
+        raise V2Error(503, f"the model is not ready: {_reason(repo)}")
     if name != served.name:
         raise V2Error(404, f"unknown model {name!r}; this server serves {served.name!r}")
     if version is not None and version != served.version:
         state = repo.versions.get(version)
-        detail = f" (version {version} is {state['state']}: {state['reason']})" if state else ""
+        detail = f" (version {version} is {state['state']}: {_reason(repo, state['reason'])})" if state else ""
         raise V2Error(
             404, f"model {name!r} version {version!r} is not served; version {served.version} answers{detail}"
         )
@@ -413,13 +445,14 @@ def v2_blueprint(repo: ModelRepository, limits: Limits, count_images: Callable[[
     @bp.get("/health/ready")
     def ready():
         if repo.active is None:
-            return jsonify({"ready": False, "error": repo.reason}), 503
+            return jsonify({"ready": False, "error": _reason(repo)}), 503
         return jsonify({"ready": True})
 
     @bp.get("/models/<name>")
     @bp.get("/models/<name>/versions/<version>")
     def metadata(name: str, version: str | None = None):
-        return jsonify(model_metadata(_served(repo, name, version), repo.versions))
+        versions = repo.versions if g.get("authenticated") else repo.public_versions()
+        return jsonify(model_metadata(_served(repo, name, version), versions))
 
     @bp.get("/models/<name>/ready")
     @bp.get("/models/<name>/versions/<version>/ready")
