@@ -94,7 +94,7 @@ class BufferingWorker(GeventWorker):
         try:
             try:
                 with gevent.Timeout(self.body_timeout, BodyTimeout):
-                    held = self._buffer_body(req)
+                    held = self._buffer_body(req, sock)
             except BodyTimeout:
                 self._answer_timeout(req, sock)
                 raise StopIteration() from None
@@ -103,20 +103,26 @@ class BufferingWorker(GeventWorker):
             if held:
                 self.budget.give(held)
 
-    def _buffer_body(self, req) -> int:
+    def _buffer_body(self, req, sock) -> int:
         """Read the body into memory (at most the upload limit + 1 bytes); the bytes held from the budget."""
         declared = _content_length(req)
         if declared is not None and declared > self.upload_limit:
             req.body, req.must_close = io.BytesIO(b""), True  # the app answers 413 from the header
+            req._expected_100_continue = False  # and the client is not asked to send the body first
             return 0
+        if getattr(req, "_expected_100_continue", False):
+            # The client waits for this before it sends the body (curl does for bodies over 1 MB); gunicorn would
+            # send it only when the app starts, after this read, so it is sent here and not again.
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            req._expected_100_continue = False
         want = self.upload_limit + 1 if declared is None else declared
         chunks, held = [], 0
         try:
             while held < want:
                 step = min(READ_STEP, want - held)
                 self.budget.take(step)
-                data = req.body.read(step)
                 held += step
+                data = req.body.read(step)
                 if not data:
                     break
                 chunks.append(data)

@@ -184,6 +184,16 @@ def test_a_half_sent_request_is_timed_out(small_model: Path, tmp_path: Path) -> 
         assert body_s < BODY_TIMEOUT_S + MARGIN_S, (body_s, body_answer)
         assert body_answer.startswith(b"HTTP/1.1 408 "), body_answer
         assert b'"code": "request_timeout"' in body_answer and b"Connection: close" in body_answer
+        # A client that waits for "100 Continue" before its body (curl, over 1 MB) is asked for it and answered.
+        body = png()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                      b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            assert s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            s.sendall(body)
+            _, answer = wait_for_answer(s, 30)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer
+        assert answer.count(b"100 Continue") == 0
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     finally:
         stop(proc)
