@@ -164,7 +164,7 @@ def start_gunicorn(model: str, port: int, window_ms: float, log: Path) -> subpro
         try:
             if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return proc
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # no worker accepts before its model is proven
             time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"server did not get ready; see {log}")

@@ -220,7 +220,7 @@ def wait_ready(base: str, name: str) -> None:
         try:
             if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # no gunicorn worker accepts before its model
             pass
         time.sleep(0.3)
     logs = docker("logs", name, check=False)
