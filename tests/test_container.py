@@ -26,7 +26,7 @@ import requests
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.container, pytest.mark.slow]
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)]  # a cold base and build: minutes
 
 MAX_IMAGE_BYTES = 400 * 1000**2  # Docker's MB
 TOKEN = "container-test-token"
@@ -392,6 +392,7 @@ def test_not_ready_is_never_healthy(serve_image: str, exported_model: dict, run_
 
 @pytest.mark.skipif(os.environ.get("TORCHFERRY_BUILD_TRAIN_IMAGE") != "1",
                     reason="the train image is ~7 GB: set TORCHFERRY_BUILD_TRAIN_IMAGE=1 to build it")
+@pytest.mark.timeout(3600)
 def test_train_image_runs_one_cpu_epoch_read_only(context: Path, base_image: str, run_container,
                                                   tmp_path: Path) -> None:
     tag = f"torchferry-train:test-{uuid.uuid4().hex[:8]}"
