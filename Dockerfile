@@ -1,5 +1,5 @@
 # Two targets, both on the public Python image:
-#   docker build --target serve -t torchferry-serve .    # ONNX Runtime + Flask + gunicorn, no torch, no pip (~355 MB)
+#   docker build --target serve -t torchferry-serve .    # ONNX Runtime + Flask + gunicorn, no torch, no pip (~370 MB)
 #   docker build --target train -t torchferry-train .    # PyTorch (CUDA wheels) + Ray Train, entrypoint distributed.launch
 # Where no registry is reachable, `--build-arg PYTHON_IMAGE="$(scripts/local-base-image.sh)"` builds on a local base.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
