@@ -52,6 +52,7 @@ class TrainConfig:
     cache_dir: str = field(default_factory=default_cache_dir)
     num_workers: int = 2
     skip_bad_images: bool = False
+    allow_small_classes: bool = False
     check_images: str = "auto"
     image_size: int | None = None
     resize_size: int | None = None
@@ -220,23 +221,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "reads headers above that (default: auto)")
     g.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images (they are "
                    "counted and reported) instead of stopping (default: stop)")
+    g.add_argument("--allow-small-classes", action="store_true", help="train classes that have a single image "
+                   "(default: refuse them, naming the label and its line: most often a mistyped label)")
     g.add_argument("--image-size", type=int, default=None, help="training/eval crop size in pixels (default: "
-                   "the pretrained weights' size, 32 for digits and cifar10, 28 for mnist, 224 otherwise)")
+                   "the pretrained weights' size, 32 for digits and cifar10, 28 for mnist; for a folder or annotation "
+                   "file, from its images: the median side rounded up to a multiple of 8, at least 32, at most 224)")
     g.add_argument("--resize-size", type=int, default=None, help="eval: resize the shorter side to this before "
                    "the center crop (default: the weights' value, else image-size × 256/224; = image-size for small sets)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="input channels (default: 1 for "
-                   "grayscale sets with smallcnn, else 3)")
+                   "grayscale sets and grayscale images with smallcnn or your own 1-channel model, else 3)")
     g.add_argument("--mean", type=_floats, default=None, help="normalisation mean, comma-separated (default: "
                    "the weights' value, ImageNet's for 3 channels, 0.5 for 1)")
     g.add_argument("--std", type=_floats, default=None, help="normalisation std, comma-separated (default: as --mean)")
     g.add_argument("--hflip", type=float, default=None, help="horizontal flip probability (default: 0.5; "
-                   "0 for digits and mnist)")
+                   "0 for digits, mnist and small grayscale images)")
     g.add_argument("--rotation", type=float, default=None, help="random rotation range in degrees (default: "
-                   "10 for digits and mnist, else 0)")
+                   "10 for digits, mnist and small grayscale images, else 0)")
     g.add_argument("--color-jitter", type=float, default=d.color_jitter, help="brightness/contrast/saturation "
                    f"jitter strength (default: {d.color_jitter})")
     g.add_argument("--crop-scale-min", type=float, default=None, help="smallest area fraction of the random "
-                   "resized crop (default: 0.08 as torchvision's reference; 0.5 for small-image sets)")
+                   "resized crop (default: 0.08 as torchvision's reference; 0.5 for small images, 64 px or less)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="smallcnn (default), a torchvision classification model by "
@@ -404,15 +408,56 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return r
 
 
-def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None = None) -> TrainConfig:
-    """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights.
+SMALL_SIDE = 64  # images whose median shorter side is at most this are a small-image set, like CIFAR or digits
+
+
+def fit_to_images(cfg: TrainConfig, profile: dict[str, Any] | None,
+                  weights_preprocess: dict[str, Any] | None = None) -> tuple[TrainConfig, str | None]:
+    """Input size, channels and augmentation chosen from what a folder's images are, where no flag chose them.
+
+    `profile` is `DataSplit.profile` (images looked at, median shorter side, all grayscale?). Small images get
+    a small input (the next multiple of 8 at or above the median side, at least 32) and the gentler
+    augmentation of the built-in small sets; grayscale images one channel where the model takes it (smallcnn,
+    your own model); pretrained weights keep their own size and 3 channels. Returns the config and a line
+    saying what was chosen and why (None when nothing was).
+    """
+    if not profile or data_set_key(cfg.data) not in ("folder", "annotations"):
+        return cfg, None
+    r = dataclasses.replace(cfg)
+    side, gray = int(profile["median_side"]), bool(profile["grayscale"])
+    small = side <= SMALL_SIDE and not weights_preprocess
+    chosen = []
+    if r.channels is None and gray and not weights_preprocess and (r.model == "smallcnn" or ":" in r.model):
+        r.channels = 1
+        chosen.append("--channels 1")
+    if r.image_size is None and not weights_preprocess and side < 224:
+        r.image_size = max(32, -(-side // 8) * 8)
+        chosen.append(f"--image-size {r.image_size}")
+    if small:
+        # As for the built-in small sets: mild crops, no resize margin; no flips for grayscale glyph-like images.
+        for attr, value in (("resize_size", r.image_size), ("crop_scale_min", 0.5),
+                            ("hflip", 0.0 if gray else 0.5), ("rotation", 10.0 if gray else 0.0)):
+            if getattr(r, attr) is None and value is not None:
+                setattr(r, attr, value)
+                chosen.append(f"--{attr.replace('_', '-')} {value:g}")
+    if not chosen:
+        return r, None
+    kind = "grayscale" if gray else "color"
+    return r, (f"defaults from the data ({profile['images']} images looked at: {kind}, median side {side} px"
+               f"{', a small-image set' if small else ''}): {' '.join(chosen)}; pass the flags to choose otherwise")
+
+
+def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None = None,
+                     profile: dict[str, Any] | None = None) -> TrainConfig:
+    """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights,
+    `profile` from the images of a folder or annotation file (`fit_to_images`).
 
     Paths come out absolute (`absolute_paths`), so the resolved config means the same on every worker.
     """
     key = data_set_key(cfg.data)
     small = key in SMALL_IMAGE_SIZES
     w = weights_preprocess or {}
-    r = absolute_paths(cfg)
+    r, _ = fit_to_images(absolute_paths(cfg), profile, weights_preprocess)
     if r.channels is None:
         r.channels = 1 if (key in GRAYSCALE_SETS and r.model == "smallcnn") else 3
     if r.image_size is None:

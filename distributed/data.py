@@ -49,6 +49,7 @@ class DataSplit:
     torchvision_name: str | None = None
     torchvision_root: str | None = None
     bad_images: list[tuple[str, str]] = field(default_factory=list)
+    profile: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """One line for the log: what was found."""
@@ -84,6 +85,25 @@ def discover(cfg: TrainConfig) -> DataSplit:
     return split
 
 
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+PROFILE_SAMPLE = 256
+
+
+def image_profile(sizes_and_modes: Sequence[tuple[tuple[int, int], str]]) -> dict[str, Any] | None:
+    """What the images are, for the defaults that fit them: how many were looked at, their median shorter
+    side, and whether every one is grayscale (by PIL mode)."""
+    if not sizes_and_modes:
+        return None
+    sides = sorted(min(size) for size, _ in sizes_and_modes)
+    return {"images": len(sides), "median_side": int(sides[len(sides) // 2]),
+            "grayscale": all(mode in GRAYSCALE_MODES for _, mode in sizes_and_modes)}
+
+
+def _sample(paths: Sequence[str], limit: int) -> list[str]:
+    step = max(1, len(paths) // limit)
+    return list(paths[::step][:limit])
+
+
 def _expand(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
@@ -100,14 +120,14 @@ def _folder_split(cfg: TrainConfig) -> DataSplit:
     if os.path.isdir(train_dir):
         val_dir = val_dir or (found_val[0] if found_val else None)
         if val_dir:
-            return _folder_pair(train_dir, val_dir)
+            return _folder_pair(train_dir, val_dir, cfg.allow_small_classes)
         return _split_folder(train_dir, cfg)
     if found_val and not val_dir:
         # DIR/<class>/* beside DIR/val/: "val" would become a class holding the validation images.
         raise TorchferryError(f"{root!r} has a {os.path.basename(found_val[0])}/ folder but no train/ folder; move "
                               "the training classes under train/, or pass --val-data")
     if val_dir:
-        return _folder_pair(root, val_dir)
+        return _folder_pair(root, val_dir, cfg.allow_small_classes)
     return _split_folder(root, cfg)
 
 
@@ -173,7 +193,7 @@ def _require_disjoint(train: Sequence[Sample], val: Sequence[Sample]) -> None:
                               f"{both[0][0]!r} (also {both[0][1]!r}); keep each image in one of them")
 
 
-def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
+def _folder_pair(train_dir: str, val_dir: str, allow_small: bool = False) -> DataSplit:
     # A --val-data folder inside the training tree is not a class.
     classes = [c for c in _find_classes(train_dir) if os.path.abspath(os.path.join(train_dir, c)) != val_dir]
     val_classes = _find_classes(val_dir)
@@ -182,17 +202,21 @@ def _folder_pair(train_dir: str, val_dir: str) -> DataSplit:
         raise TorchferryError(f"validation classes {extra} in {val_dir!r} are not among the training classes "
                               f"in {train_dir!r}")
     train = _scan_folder(train_dir, classes)
-    _require_every_class(train, classes, train_dir)
+    _require_every_class(train, classes, train_dir, allow_small)
     val = _scan_folder(val_dir, classes)
     _require_disjoint(train, val)
     return DataSplit(classes=classes, train=train, val=val)
 
 
-def _require_every_class(samples: Sequence[Sample], classes: list[str], where: str) -> None:
+def _require_every_class(samples: Sequence[Sample], classes: list[str], where: str, allow_small: bool = False) -> None:
     counts = Counter(label for _, label in samples)
     empty = [c for i, c in enumerate(classes) if counts[i] == 0]
     if empty:
         raise TorchferryError(f"classes {empty} have no images in {where!r} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    single = [c for i, c in enumerate(classes) if counts[i] < 2]
+    if single and not allow_small:
+        raise TorchferryError(f"classes {single} have a single image in {where!r}; a class needs at least 2, or "
+                              "pass --allow-small-classes to train such classes")
 
 
 def _split_folder(root: str, cfg: TrainConfig) -> DataSplit:
@@ -201,47 +225,59 @@ def _split_folder(root: str, cfg: TrainConfig) -> DataSplit:
         raise TorchferryError(f"found {len(classes)} class folder(s) in {root!r}; expected DIR/<class>/* with at "
                               "least 2 classes, or DIR/train/<class>/* and DIR/val/<class>/*")
     samples = _scan_folder(root, classes)
-    _require_every_class(samples, classes, root)
+    _require_every_class(samples, classes, root, cfg.allow_small_classes)
     train, val = stratified_split(samples, cfg.val_split, cfg.seed)
     return DataSplit(classes=classes, train=train, val=val)
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out `val_fraction` of each class, the same way for the same seed (scikit-learn's split)."""
+    """Hold out `val_fraction` of each class, the same way for the same seed (scikit-learn's split).
+
+    A class with a single image (allowed by --allow-small-classes) has nothing to hold out: it trains.
+    """
     from sklearn.model_selection import train_test_split
 
+    counts = Counter(label for _, label in samples)
+    single = [s for s in samples if counts[s[1]] < 2]
+    samples = [s for s in samples if counts[s[1]] >= 2]
     labels = [label for _, label in samples]
     try:
         train, val = train_test_split(samples, test_size=val_fraction, random_state=seed, stratify=labels)
     except ValueError as exc:
         raise TorchferryError(f"cannot split off a stratified validation set with --val-split {val_fraction}: "
                               f"{exc}; add images, change --val-split or give --val-data") from None
-    return sorted(train), sorted(val)
+    return sorted(train + single), sorted(val)
 
 
 def _annotation_split(cfg: TrainConfig) -> DataSplit:
     path = _expand(cfg.data)
     root = _expand(cfg.image_root) if cfg.image_root else os.path.dirname(path)
-    rows = read_annotations(path, root)
+    rows = _read_annotation_rows(path, root)
     val_rows = None
     if cfg.val_data:
         val_path = _expand(cfg.val_data)
         if not os.path.isfile(val_path):
             raise TorchferryError(f"--val-data {cfg.val_data!r} is not a file")
-        val_rows = read_annotations(val_path, _expand(cfg.image_root) if cfg.image_root else os.path.dirname(val_path))
-    classes = sort_labels({label for _, label in rows})
+        val_rows = _read_annotation_rows(val_path, _expand(cfg.image_root) if cfg.image_root
+                                         else os.path.dirname(val_path))
+    classes = sort_labels({label for _, label, _ in rows})
     if val_rows is not None:
-        extra = sorted({label for _, label in val_rows} - set(classes))
+        known = set(classes)
+        extra = [(label, line) for _, label, line in val_rows if label not in known]
         if extra:
-            raise TorchferryError(f"validation labels {extra} in {cfg.val_data!r} do not occur in {cfg.data!r}")
+            raise TorchferryError(f"validation labels {sorted({label for label, _ in extra})} in {cfg.val_data!r} "
+                                  f"do not occur in {cfg.data!r} (the first at line {extra[0][1]})")
+    if len(classes) >= 2:
+        _require_two_per_label(rows, path, cfg.allow_small_classes)
     index = {name: i for i, name in enumerate(classes)}
-    samples = [(p, index[label]) for p, label in rows]
+    samples = [(p, index[label]) for p, label, _ in rows]
     samples = _unique_samples(samples, classes, cfg.data)
     if val_rows is None:
-        train, val = stratified_split(samples, cfg.val_split, cfg.seed) if len(classes) >= 2 else (samples, [])
+        train, val = (stratified_split(samples, cfg.val_split, cfg.seed) if len(classes) >= 2
+                      else (samples, []))
     else:
         train = samples
-        val = _unique_samples([(p, index[label]) for p, label in val_rows], classes, str(cfg.val_data))
+        val = _unique_samples([(p, index[label]) for p, label, _ in val_rows], classes, str(cfg.val_data))
         _require_disjoint(train, val)
     return DataSplit(classes=classes, train=train, val=val)
 
@@ -262,11 +298,29 @@ def _unique_samples(samples: list[Sample], classes: list[str], where: str) -> li
     return unique
 
 
+def _require_two_per_label(rows: Sequence[tuple[str, str, int]], path: str, allow: bool) -> None:
+    """A label with a single image is most often a typo; name it and its line (issue 14)."""
+    counts = Counter(label for _, label, _ in rows)
+    small = [label for label, n in counts.items() if n < 2]
+    if not small or allow:
+        return
+    first = {label: line for _, label, line in reversed(rows)}
+    named = ", ".join(f"{label!r} ({counts[label]} image, {path}:{first[label]})"
+                      for label in sorted(small, key=first.__getitem__)[:3])
+    raise TorchferryError(f"label(s) {named}{' ...' if len(small) > 3 else ''} with fewer than 2 images: a mistyped "
+                          "label? Fix the line, or pass --allow-small-classes to train such classes")
+
+
 def read_annotations(path: str, image_root: str) -> list[tuple[str, str]]:
     """(absolute path, label) rows of a CSV with path,label columns or of 'relative/path label' lines."""
+    return [(p, label) for p, label, _ in _read_annotation_rows(path, image_root)]
+
+
+def _read_annotation_rows(path: str, image_root: str) -> list[tuple[str, str, int]]:
+    """(absolute path, label, line number) rows of an annotation file."""
     if not os.path.isfile(path):
         raise TorchferryError(f"annotation file {path!r} does not exist")
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, int]] = []
     with open(path, newline="", encoding="utf-8") as f:
         if path.lower().endswith(".csv"):
             reader = csv.DictReader(f)
@@ -278,7 +332,7 @@ def read_annotations(path: str, image_root: str) -> list[tuple[str, str]]:
                 rel, label = (row[columns["path"]] or "").strip(), (row[columns["label"]] or "").strip()
                 if not rel or not label:
                     raise TorchferryError(f"{path}:{reader.line_num}: empty path or label")
-                rows.append((os.path.join(image_root, rel), label))
+                rows.append((os.path.join(image_root, rel), label, reader.line_num))
         else:
             for lineno, line in enumerate(f, 1):
                 text = line.strip()
@@ -287,7 +341,7 @@ def read_annotations(path: str, image_root: str) -> list[tuple[str, str]]:
                 parts = text.rsplit(None, 1)
                 if len(parts) != 2:
                     raise TorchferryError(f"{path}:{lineno}: expected 'relative/path label', got {text!r}")
-                rows.append((os.path.join(image_root, parts[0]), parts[1]))
+                rows.append((os.path.join(image_root, parts[0]), parts[1], lineno))
     if not rows:
         raise TorchferryError(f"annotation file {path!r} lists no images")
     return rows
@@ -304,16 +358,28 @@ def sort_labels(labels: set[str]) -> list[str]:
 # checking images
 
 
-def _check_one(path: str, full: bool) -> str | None:
+_Inspection = tuple[str | None, tuple[int, int], str]
+
+
+def _check_one(path: str, full: bool) -> _Inspection:
+    """(reason it cannot be read or None, size, PIL mode) of one image."""
     try:
         with Image.open(path) as img:
+            size, mode = img.size, img.mode
             if full:
                 img.load()
             else:
                 img.verify()
     except Exception as exc:  # noqa: BLE001 - any failure to read is a bad image, reported by path
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", (0, 0), ""
+    return None, size, mode
+
+
+def _inspect_images(paths: Sequence[str], full: bool) -> list[_Inspection]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+            return list(pool.map(lambda p: _check_one(p, full), paths))
 
 
 def find_bad_images(paths: Sequence[str], mode: str) -> list[tuple[str, str]]:
@@ -321,15 +387,24 @@ def find_bad_images(paths: Sequence[str], mode: str) -> list[tuple[str, str]]:
     if mode == "none" or not paths:
         return []
     full = mode == "full" or (mode == "auto" and len(paths) <= FULL_CHECK_LIMIT)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-            reasons = list(pool.map(lambda p: _check_one(p, full), paths))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    return [(p, r) for p, (r, _, _) in zip(paths, _inspect_images(paths, full)) if r is not None]
 
 
 def _check_split_images(split: DataSplit, cfg: TrainConfig) -> DataSplit:
-    bad = find_bad_images([p for p, _ in split.train + split.val], cfg.check_images)
+    """Refuse (or with --skip-bad-images leave out) unreadable images; note what the readable ones are.
+
+    The check opens every image anyway, so their sizes and modes come for free (`DataSplit.profile`);
+    with --check-images none a sample of headers is read for them.
+    """
+    paths = [p for p, _ in split.train + split.val]
+    if cfg.check_images == "none":
+        looked = _inspect_images(_sample([p for p, _ in split.train], PROFILE_SAMPLE), full=False)
+        bad: list[tuple[str, str]] = []
+    else:
+        full = cfg.check_images == "full" or (cfg.check_images == "auto" and len(paths) <= FULL_CHECK_LIMIT)
+        looked = _inspect_images(paths, full)
+        bad = [(p, r) for p, (r, _, _) in zip(paths, looked) if r is not None]
+    split.profile = image_profile([(size, mode) for r, size, mode in looked if r is None])
     if not bad:
         return split
     listing = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + (" ..." if len(bad) > 3 else "")
@@ -436,6 +511,11 @@ class LocalCIFAR10(datasets.CIFAR10):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
+def _one_line(exc: object) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
     root = _expand(cfg.data.split(":", 1)[1])
     if not cfg.download and not os.path.isdir(root):
@@ -443,8 +523,13 @@ def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
     try:
         train = _torchvision_dataset(name, root, train=True, download=cfg.download)
         _torchvision_dataset(name, root, train=False, download=False)
-    except RuntimeError as exc:
-        raise TorchferryError(f"cannot read {name} from {root!r}: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # urllib's URLError and socket errors are OSErrors
+        fetching = cfg.download and (isinstance(exc, OSError) or "download" in str(exc).lower())
+        if not fetching:
+            raise TorchferryError(f"cannot read {name} from {root!r}: {_one_line(exc)}") from None
+        reason = getattr(exc, "reason", None) or exc
+        raise TorchferryError(f"--download: cannot fetch {name} into {root!r} ({_one_line(reason)}); check the "
+                              "network or proxy, or put the files there and leave out --download") from None
     classes = [str(c) for c in getattr(train, "classes", [])] or [str(i) for i in range(102)]
     return DataSplit(classes=classes, torchvision_name=name, torchvision_root=root)
 

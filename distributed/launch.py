@@ -6,6 +6,7 @@ weights), then checks that the cluster has what was asked for, so a mistake cost
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,14 @@ from typing import Any
 
 from distributed import TorchferryError
 from distributed import checkpoint as ckpt
-from distributed.config import TrainConfig, config_from_args, resolve_defaults, validate_flags
+from distributed.config import (
+    TrainConfig,
+    absolute_paths,
+    config_from_args,
+    fit_to_images,
+    resolve_defaults,
+    validate_flags,
+)
 from distributed.models import is_custom, require_trusted_arch
 
 _logger = logging.getLogger(__name__)
@@ -24,6 +32,10 @@ _logger = logging.getLogger(__name__)
 
 class TrainingFailed(Exception):
     """Training started but did not finish; the message says what happened and where checkpoints are."""
+
+
+class ClusterUnavailable(Exception):
+    """Ray could not be started or joined; the message says what to try."""
 
 
 class Interrupted(Exception):
@@ -48,9 +60,9 @@ def setup_logging(verbose: bool) -> None:
 
 
 def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
-    """Validate flags, resolve defaults, find and check the data, build the model once; all before Ray."""
+    """Validate flags, find and check the data, resolve defaults, build the model and run it once; all before Ray."""
     from distributed.data import discover
-    from distributed.models import build_model, check_arch, weights_preprocess
+    from distributed.models import check_arch, weights_preprocess
 
     validate_flags(cfg)
     if cfg.resume:
@@ -58,12 +70,13 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     check_arch(cfg.model)
     if cfg.lr_scheduler == "plateau" and cfg.lr_warmup_epochs:
         raise TorchferryError("--lr-warmup-epochs does not combine with --lr-scheduler plateau")
-    cfg = resolve_defaults(cfg, weights_preprocess(cfg.model, cfg.pretrained))
-    if cfg.progress == "auto":
-        cfg.progress = "on" if sys.stderr.isatty() else "off"
+    cfg = absolute_paths(cfg)
+    weights = weights_preprocess(cfg.model, cfg.pretrained)
     split = discover(cfg)
     _logger.info("data: %s", split.describe())
-    build_model(cfg.model, len(split.classes), cfg.pretrained, int(cfg.channels or 3))
+    cfg = fit_model_to_input(cfg, weights, split)
+    if cfg.progress == "auto":
+        cfg.progress = "on" if sys.stderr.isatty() else "off"
     if cfg.init_from:
         from distributed.checkpoint import load_checkpoint
 
@@ -72,6 +85,78 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
             raise TorchferryError(f"--init-from {cfg.init_from}: its model is the factory {source['arch']!r}, which "
                                   f"a checkpoint cannot choose to run; train it with --model {source['arch']}")
     return cfg, split
+
+
+def fit_model_to_input(cfg: TrainConfig, weights: dict[str, Any] | None, split: Any) -> TrainConfig:
+    """Resolve the defaults and prove the model takes them: one forward pass of a batch of 2 on the driver.
+
+    Defaults chosen from the images (`fit_to_images`) are tried first; when the model cannot take them
+    (a 3-channel model of your own on grayscale images, vit_b_16 and its fixed 224 px), the next candidate
+    is tried: 3 channels, then the plain defaults. What the user asked for explicitly is never changed: a
+    mismatch then ends the command with one line naming the flag to change.
+    """
+    fitted, note = fit_to_images(cfg, split.profile, weights)
+    candidates = [resolve_defaults(cfg, weights, split.profile)]
+    if cfg.channels is None and fitted.channels == 1:
+        candidates.append(resolve_defaults(dataclasses.replace(cfg, channels=3), weights, split.profile))
+    candidates.append(resolve_defaults(cfg, weights))
+    models: dict[int, Any] = {}
+    first_error = None
+    for i, candidate in enumerate(candidates):
+        if i and candidate.to_dict() == candidates[i - 1].to_dict():
+            continue
+        channels = int(candidate.channels or 3)
+        if channels not in models:
+            models[channels] = build_checked_model(candidate, len(split.classes))
+        problem = forward_problem(models[channels], candidate, len(split.classes))
+        if problem is None:
+            if i == 0 and note:
+                _logger.info(note)
+            elif i:
+                _logger.info("not the defaults the images suggest (%s); training with --channels %d --image-size %d",
+                             first_error, channels, candidate.image_size)
+            return candidate
+        first_error = first_error or problem
+    raise TorchferryError(first_error)
+
+
+def build_checked_model(cfg: TrainConfig, num_classes: int) -> Any:
+    """build_model on the driver, so that unknown names, factories and weights fail here."""
+    from distributed.models import build_model
+
+    return build_model(cfg.model, num_classes, cfg.pretrained, int(cfg.channels or 3))
+
+
+def forward_problem(model: Any, cfg: TrainConfig, num_classes: int) -> str | None:
+    """None when `model` turns a batch of 2 inputs as configured into [2, num_classes] logits; else one line
+    that names the flag to change."""
+    import re
+
+    import torch
+
+    channels, size = int(cfg.channels or 3), int(cfg.image_size or 224)
+    shape = f"[2, {channels}, {size}, {size}]"
+    model.train()  # the mode the first training step runs in (inception's auxiliary heads included)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, channels, size, size))
+    except Exception as exc:  # noqa: BLE001 - any failure here is the model refusing this input
+        text = str(exc)
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)[:200]
+        wants = re.search(r"to have (\d+) channels", text)
+        if wants and int(wants.group(1)) != channels:
+            fix = f"pass --channels {wants.group(1)}"
+        elif (m := re.search(r"[Ee]xpected (\d+) but got (\d+)", text)) and int(m.group(2)) == size:
+            fix = f"pass --image-size {m.group(1)}"
+        else:
+            fix = f"change --image-size (now {size}) or --channels (now {channels})"
+        return f"--model {cfg.model} does not take a batch of {shape} inputs ({first}); {fix}"
+    logits = out if isinstance(out, torch.Tensor) else out[0]
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        return (f"--model {cfg.model} returns {got} for a batch of {shape} inputs; a classifier must return "
+                f"[batch, {num_classes}] logits, one per class")
+    return None
 
 
 RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir")
@@ -132,7 +217,12 @@ def start_ray(cfg: TrainConfig) -> bool:
     if address:
         import ray
 
-        ray.init(address=address, logging_level=quiet, log_to_driver=cfg.verbose)
+        try:
+            ray.init(address=address, logging_level=quiet, log_to_driver=cfg.verbose)
+        except Exception as exc:  # Ray raises plain Exception, ConnectionError, RuntimeError ...
+            raise ClusterUnavailable(f"cannot join the Ray cluster at {address}: {_lead_line(exc)}; check that it "
+                                     f"runs and is reachable (ray status --address {address}), or leave out "
+                                     "--address and $RAY_ADDRESS to start a local Ray") from exc
         return False
     if cfg.gpus > 0:
         import torch
@@ -149,9 +239,19 @@ def start_ray(cfg: TrainConfig) -> bool:
     # (CVE-2023-48022). Worker output stays in Ray's log files unless --verbose: the driver prints rank 0's
     # epoch lines itself.
     # address="local": always a fresh local instance, never a cluster some other program left running here.
-    ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
-             num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
+    try:
+        ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
+                 num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
+    except Exception as exc:  # e.g. "The current node timed out during startup" is a bare Exception
+        raise ClusterUnavailable(f"the local Ray did not start: {_lead_line(exc)}; try again when the machine is "
+                                 "less busy, check free memory and space in Ray's temp dir ($RAY_TMPDIR, default "
+                                 "/tmp/ray), or run with --verbose to see Ray's own log") from exc
     return True
+
+
+def _lead_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -318,8 +418,12 @@ def storage_path(cfg: TrainConfig) -> str:
     return cfg.storage_path
 
 
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler")
+
+
 def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
-    """Copy the best usable checkpoint to runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv.
+    """Write the best usable checkpoint, less its resume state, to runs/<name>/best.pth (atomic, sha256 sidecar);
+    rewrite metrics.csv.
 
     Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
     over with a warning, so best.pth is always a checkpoint that loads.
@@ -350,8 +454,9 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     best = max(usable, key=lambda u: (u[0], -u[1]))  # highest val_acc, the earliest epoch among equals
     latest = max(usable, key=lambda u: u[1])
     best_path = os.path.join(cfg.run_dir, "best.pth")
-    with best[2].as_directory() as d:
-        ckpt.copy_checkpoint(os.path.join(d, ckpt.CHECKPOINT_FILE), best_path)
+    # best.pth is for inference and fine-tuning: the optimizer, schedule and scaler state (as large as the
+    # weights again with momentum) stays in the per-epoch checkpoints that --resume reads.
+    ckpt.save_checkpoint({k: v for k, v in best[3].items() if k not in RESUME_ONLY_KEYS}, best_path, sidecar=True)
     ckpt.load_checkpoint(best_path)
     # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
     history = latest[3].get("history", [])
@@ -418,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingFailed as exc:
+    except (TrainingFailed, ClusterUnavailable) as exc:
         if cfg.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from distributed import checkpoint as ckpt
 from distributed.config import TrainConfig
 from distributed.data import DataSplit, build_datasets, discover
-from distributed.models import build_model, find_head, set_backbone_trainable
+from distributed.models import build_model, find_head, keep_frozen_norms_in_eval, set_backbone_trainable
 from distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
 
 _logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
                     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PhaseStats:
     """One pass over this worker's shard; returns loss/accuracy summed over all workers."""
     model.train()
+    keep_frozen_norms_in_eval(model)  # --freeze-backbone: frozen BatchNorm keeps its running statistics
     dtype = amp_dtype(device)
     # Sums stay on the device: a `.item()` per step would make the CPU wait for the GPU every step.
     loss_sum, correct = _zeros(device), _zeros(device)

@@ -8,12 +8,14 @@ local state dict. Weights are always loaded with `torch.load(..., weights_only=T
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -275,8 +277,10 @@ def _enum_state_dict(weights: Any) -> dict[str, torch.Tensor]:
     if os.path.isfile(cached):
         return load_state_dict_file(cached)
     try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True, weights_only=True,
-                                                  map_location="cpu")
+        # torch.hub announces downloads on stdout; stdout is for the command's result (issue 14).
+        with contextlib.redirect_stdout(sys.stderr):
+            return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True,
+                                                      weights_only=True, map_location="cpu")
     except Exception as exc:
         raise TorchferryError(f"cannot fetch {weights} ({exc}); place the file at {cached} or pass "
                               "--pretrained /path/to/weights.pth") from None
@@ -322,8 +326,20 @@ def _classes_in_state(state: dict[str, torch.Tensor], arch: str, channels: int, 
 
 
 def set_backbone_trainable(model: nn.Module, head_names: list[str], trainable: bool) -> None:
-    """Freeze (or unfreeze) every parameter outside the head modules."""
+    """Freeze (or unfreeze) every parameter outside the head modules; `keep_frozen_norms_in_eval` does the
+    same for the BatchNorm running statistics once the model is put in training mode."""
     head_params = {id(p) for name in head_names for p in model.get_submodule(name).parameters()}
     for p in model.parameters():
         if id(p) not in head_params:
             p.requires_grad_(trainable)
+
+
+def keep_frozen_norms_in_eval(model: nn.Module) -> None:
+    """Put every BatchNorm layer whose parameters are all frozen in eval mode, so its running statistics stay
+    as they are: frozen means frozen, as in torchvision's and timm's fine-tuning recipes. Call after
+    `model.train()`; layers that train are left alone."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()

@@ -38,6 +38,28 @@ def write_class_tree(root: Path, per_class: int, seed: int = 0, classes: tuple[s
     return written
 
 
+def write_digits_folder(root: Path, limit: int | None = None) -> Path:
+    """scikit-learn's 8×8 grayscale digits as an ImageFolder tree root/train/<digit>/, root/val/<digit>/ (80/20)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images, labels = bunch.images[:limit], bunch.target[:limit]
+    parts = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
+    for part, indices in zip(("train", "val"), parts):
+        for i in indices:
+            (root / part / str(labels[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((images[i] * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(
+                root / part / str(labels[i]) / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def digits_folder(tmp_path: Path) -> Path:
+    """300 of the 8×8 grayscale digits as PNGs in train/ and val/ (a user's own small grayscale data)."""
+    return write_digits_folder(tmp_path / "digits", limit=300)
+
+
 @pytest.fixture
 def flat_folder(tmp_path: Path) -> Path:
     """DIR/<class>/*.png, 3 classes × 20 images, for --val-split."""

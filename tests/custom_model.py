@@ -50,3 +50,9 @@ class DataDependent(nn.Module):
 def data_dependent(num_classes: int) -> nn.Module:
     """Factory for DataDependent."""
     return DataDependent(num_classes)
+
+
+def build_gray(num_classes: int) -> nn.Module:
+    """A tiny CNN for 1-channel (grayscale) input."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))

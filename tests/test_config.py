@@ -7,7 +7,7 @@ import os
 import pytest
 
 from distributed import TorchferryError
-from distributed.config import TrainConfig, config_from_args, resolve_defaults, validate_flags
+from distributed.config import TrainConfig, config_from_args, fit_to_images, resolve_defaults, validate_flags
 
 
 def test_command_line_fills_the_dataclass_and_round_trips() -> None:
@@ -72,3 +72,37 @@ def test_every_path_is_made_absolute_where_the_command_runs(tmp_path, monkeypatc
     assert (named.data, named.storage, named.pretrained) == (f"cifar10:{tmp_path}/data/c10", "s3://bucket/runs",
                                                              "DEFAULT")
     assert resolve_defaults(TrainConfig()).data == "digits"
+
+
+def test_defaults_fit_small_grayscale_images() -> None:
+    """8 px grayscale images: a small input, one channel, the built-in digits' gentle augmentation (issue 14)."""
+    profile = {"images": 300, "median_side": 8, "grayscale": True}
+    cfg, note = fit_to_images(TrainConfig(data="/data/mydigits"), profile)
+    assert (cfg.image_size, cfg.resize_size, cfg.channels, cfg.hflip, cfg.rotation, cfg.crop_scale_min) == \
+        (32, 32, 1, 0.0, 10.0, 0.5)
+    assert note and "grayscale" in note and "median side 8 px" in note and "--image-size 32" in note
+    builtin = resolve_defaults(TrainConfig())
+    fitted = resolve_defaults(TrainConfig(data="/data/mydigits"), None, profile)
+    for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min", "lr"):
+        assert getattr(fitted, key) == getattr(builtin, key), key
+
+
+def test_defaults_fit_other_images_and_yield_to_flags_and_weights() -> None:
+    color = {"images": 50, "median_side": 30, "grayscale": False}
+    small_color = resolve_defaults(TrainConfig(data="/d", model="resnet18"), None, color)
+    assert (small_color.image_size, small_color.channels, small_color.hflip, small_color.crop_scale_min) == \
+        (32, 3, 0.5, 0.5)
+    gray = {"images": 50, "median_side": 100, "grayscale": True}
+    mid = resolve_defaults(TrainConfig(data="/d"), None, gray)
+    assert (mid.image_size, mid.channels, mid.resize_size, mid.crop_scale_min) == (104, 1, 119, 0.08)
+    assert resolve_defaults(TrainConfig(data="/d", model="resnet18"), None, gray).channels == 3  # torchvision: RGB
+    large = resolve_defaults(TrainConfig(data="/d"), None, {"images": 9, "median_side": 500, "grayscale": False})
+    assert (large.image_size, large.hflip) == (224, 0.5)
+    explicit = resolve_defaults(TrainConfig(data="/d", image_size=64, channels=3, hflip=0.5), None,
+                                {"images": 9, "median_side": 8, "grayscale": True})
+    assert (explicit.image_size, explicit.channels, explicit.hflip, explicit.resize_size) == (64, 3, 0.5, 64)
+    weights = {"size": 224, "resize": 256, "mean": [0.4] * 3, "std": [0.2] * 3}
+    pretrained = resolve_defaults(TrainConfig(data="/d", model="resnet18"), weights,
+                                  {"images": 9, "median_side": 8, "grayscale": True})
+    assert (pretrained.image_size, pretrained.channels, pretrained.crop_scale_min) == (224, 3, 0.08)
+    assert fit_to_images(TrainConfig(), {"images": 9, "median_side": 8, "grayscale": True}) == (TrainConfig(), None)

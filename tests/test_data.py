@@ -303,3 +303,27 @@ def test_a_checkpoints_cache_dir_is_never_written(tmp_path: Path) -> None:
     batches, note = real_batches(checkpoint, None, 8)
     assert next(batches)[0].shape == (8, 1, 8, 8) and "digits" in note
     assert not elsewhere.exists()
+
+
+def test_the_image_check_notes_what_the_images_are(digits_folder: Path, flat_folder: Path) -> None:
+    assert discover(cfg_for(str(digits_folder))).profile == {"images": 300, "median_side": 8, "grayscale": True}
+    color = discover(cfg_for(str(flat_folder), check_images="none")).profile  # a sample of headers is read
+    assert color == {"images": 48, "median_side": 20, "grayscale": False}
+
+
+def test_a_class_of_one_image_needs_allow_small_classes(tmp_path: Path, annotation_files: dict[str, Path]) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(tmp_path / "flat", 10)
+    (tmp_path / "flat" / "violet").mkdir()
+    (tmp_path / "flat" / "red" / "000.png").rename(tmp_path / "flat" / "violet" / "000.png")
+    with pytest.raises(TorchferryError, match=r"classes \['violet'\] have a single image.*--allow-small-classes"):
+        discover(cfg_for(str(tmp_path / "flat")))
+    split = discover(cfg_for(str(tmp_path / "flat"), allow_small_classes=True))
+    violet = split.classes.index("violet")
+    assert [label for _, label in split.train].count(violet) == 1  # nothing to hold out: it trains
+    train = annotation_files["train.csv"]
+    train.write_text(train.read_text() + "images/train/red/000.png,rde\n")
+    with pytest.raises(TorchferryError, match=rf"'rde' \(1 image, {train}:74\)"):
+        discover(cfg_for(str(train)))
+    assert "rde" in discover(cfg_for(str(train), allow_small_classes=True)).classes

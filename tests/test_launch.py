@@ -21,6 +21,9 @@ from distributed.data import ImageListDataset, discover
 from distributed.presets import build_eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
+# The built-in digits reach val_acc 0.983 after 10 epochs of a 12-epoch schedule on 2 CPU workers, and so
+# does the same set as a folder; 20 leaves a margin.
+DIGITS_EPOCHS = 20
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -71,6 +74,11 @@ def test_best_checkpoint_is_the_best_epoch_and_reproduces_its_accuracy(trained_r
     assert best["classes"] == ["blue", "green", "red"] and best["num_classes"] == 3
     assert best["preprocess"]["size"] == [16, 16] and best["preprocess"]["channels"] == 3
     assert not any(k.startswith("module.") for k in best["state_dict"])
+    # inference and fine-tuning need no optimizer state; resuming reads the per-epoch checkpoints, which keep it
+    assert not {"optimizer", "scheduler", "scaler"} & set(best)
+    same_epoch = [c for c in (ckpt.load_checkpoint(str(p)) for p in run_dir.glob("checkpoint_*/checkpoint.pth"))
+                  if c["epoch"] == best["epoch"]]
+    assert same_epoch and "optimizer" in same_epoch[0]
     split = discover(TrainConfig.from_dict(best["config"]))
     assert accuracy_of(best, split.val) == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
 
@@ -257,6 +265,10 @@ def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Pat
     assert not torch.equal(by_epoch[0]["state_dict"][head], by_epoch[1]["state_dict"][head])  # head learns
     assert not torch.equal(by_epoch[1]["state_dict"][conv], by_epoch[3]["state_dict"][conv])  # unfrozen
     assert [by_epoch[e]["backbone_frozen"] for e in range(4)] == [True, True, False, False]
+    # frozen BatchNorm layers keep their (initial) running statistics; once unfrozen they learn them
+    for key, initial in (("features.1.running_mean", 0.0), ("features.1.running_var", 1.0)):
+        assert torch.equal(by_epoch[1]["state_dict"][key], torch.full_like(by_epoch[1]["state_dict"][key], initial))
+        assert not torch.equal(by_epoch[1]["state_dict"][key], by_epoch[3]["state_dict"][key])
     assert [r["lr"] for r in read_metrics(run_dir)][2] == pytest.approx(0.01)
 
 
@@ -389,3 +401,144 @@ def test_init_from_a_factory_checkpoint_needs_that_model(flat_folder: Path, tmp_
     assert code == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "--model evil:factory" in lines[0], err
+
+
+# failing before Ray, in one line (issue 14)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("model,extra,fix", [
+    ("vit_b_16", ["--image-size", "64"], "pass --image-size 224"),
+    ("custom_model:build_gray", [], "pass --channels 1"),
+    ("custom_model:build", ["--channels", "1"], "pass --channels 3"),
+])
+def test_model_that_cannot_take_the_input_fails_before_ray(model: str, extra: list[str], fix: str, flat_folder: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One forward pass of a batch of 2 on the driver; the error names the flag to change."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setattr(launch, "start_ray", lambda cfg: pytest.fail("Ray must not start"))
+    code, _, err = run_main(capsys, ["--data", str(flat_folder), "--model", model, *extra,
+                                     "--output-dir", str(tmp_path / "runs")])
+    assert code == 2
+    line = _one_error_line(err)
+    assert f"--model {model} does not take a batch of [2, " in line and line.endswith(fix), line
+    assert not (tmp_path / "runs").exists()
+
+
+def _offline_env() -> dict[str, str]:
+    """Every HTTP(S) request goes to a closed loopback port: the network is down, fast and for sure."""
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.update(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead)
+    for key in ("no_proxy", "NO_PROXY"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["download", "pretrained"])
+def test_offline_fetches_fail_in_one_line_with_a_clean_stdout(case: str, tmp_path: Path) -> None:
+    from conftest import write_class_tree
+
+    write_class_tree(tmp_path / "flat", 4)
+    args = (["--data", f"cifar10:{tmp_path / 'c10'}", "--download"] if case == "download"
+            else ["--data", str(tmp_path / "flat"), "--model", "resnet18", "--pretrained", "DEFAULT"])
+    proc = subprocess.run([sys.executable, "-m", "distributed.launch", *args, "--output-dir", str(tmp_path / "runs")],
+                          check=False, capture_output=True, text=True, cwd=tmp_path, env=_offline_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert ("--download: cannot fetch cifar10" in line if case == "download" else "cannot fetch ResNet18" in line), line
+    assert proc.stdout == ""  # not torch.hub's 'Downloading: ...'
+
+
+@pytest.mark.slow
+def test_ray_that_cannot_start_is_one_line_saying_what_to_try(flat_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "not-a-dir"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "distributed.launch", *FAST_FLAGS, "--data", str(flat_folder),
+                           "--output-dir", str(tmp_path / "runs")], check=False, capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1
+    line = _one_error_line(proc.stderr)
+    assert "the local Ray did not start: " in line and "try again" in line and "--verbose" in line, line
+
+
+@pytest.mark.parametrize("val", [False, True])
+def test_mistyped_label_is_named_with_its_line(val: bool, annotation_files: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    train = annotation_files["train.txt"]
+    lines = train.read_text().splitlines()
+    lines[5] = lines[5].rsplit(" ", 1)[0] + " rde"  # a typo for 'red' on line 6
+    train.write_text("\n".join(lines) + "\n")
+    args = ["--data", str(train), *(["--val-data", str(annotation_files["val.txt"])] if val else [])]
+    code, _, err = run_main(capsys, [*args, "--output-dir", str(tmp_path / "runs")])
+    assert code == 2
+    line = _one_error_line(err)
+    assert f"'rde' (1 image, {train}:6)" in line and "--allow-small-classes" in line, line
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults that fit the data (issue 14)
+
+
+def test_small_grayscale_folder_gets_the_builtin_digits_settings(digits_folder: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="distributed")
+    cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--output-dir", str(tmp_path)]))
+    builtin, _ = launch.prepare(launch.config_from_args(["--output-dir", str(tmp_path)]))
+    for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min"):
+        assert getattr(cfg, key) == getattr(builtin, key), key
+    assert (cfg.image_size, cfg.channels) == (32, 1)
+    assert "defaults from the data (300 images looked at: grayscale, median side 8 px" in caplog.text
+    launch._claim_run_dir(cfg)  # what was chosen is kept with the run
+    saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
+    assert (saved["image_size"], saved["channels"], saved["hflip"]) == (32, 1, 0.0)
+
+
+def test_chosen_defaults_give_way_to_a_model_that_cannot_take_them(digits_folder: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Defaults the user did not ask for never stop a run: a 3-channel model of one's own gets 3 channels."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="distributed")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "custom_model:build",
+                                                     "--output-dir", str(tmp_path)]))
+    assert (cfg.channels, cfg.image_size, cfg.hflip) == (3, 32, 0.0)
+    assert "not the defaults the images suggest" in caplog.text
+    gray, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "custom_model:build_gray",
+                                                      "--output-dir", str(tmp_path)]))
+    assert (gray.channels, gray.image_size) == (1, 32)
+    vit, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "vit_b_16",
+                                                     "--output-dir", str(tmp_path)]))
+    assert (vit.channels, vit.image_size) == (3, 224)
+
+
+@pytest.mark.slow
+def test_small_grayscale_folder_with_no_flags_learns_like_the_builtin_digits(tmp_path: Path) -> None:
+    """A folder of 8×8 grayscale digits (ImageFolder train/ and val/) and no data flags: the built-in digits'
+    input (32 px, 1 channel, so their speed) and augmentation, and their accuracy."""
+    from conftest import write_digits_folder
+
+    write_digits_folder(tmp_path / "mydigits")
+    proc = _launch_in(tmp_path, ["--gpus", "0", "--workers", "2", "--epochs", str(DIGITS_EPOCHS),
+                                 "--data", "mydigits", "--name", "mine"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "defaults from the data (1797 images looked at: grayscale, median side 8 px" in proc.stderr
+    saved = json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())
+    builtin = launch.resolve_defaults(TrainConfig(epochs=DIGITS_EPOCHS))
+    for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min",
+                "batch_size", "lr"):
+        assert saved[key] == getattr(builtin, key), key
+    match = re.search(r"best val_acc (\d\.\d+) at epoch", proc.stdout)
+    assert match and float(match.group(1)) >= 0.98, proc.stdout + proc.stderr[-2000:]

@@ -140,3 +140,26 @@ def test_resume_takes_the_newest_epoch_that_loads_whatever_the_folder_names(tmp_
     assert directory.endswith("checkpoint_a") and restored["epoch"] == 2
     assert len(warnings) == 1 and "checkpoint_c is unusable" in warnings[0]
     assert checkpoint_dirs("s3://bucket/run") == [] and checkpoint_dirs(str(tmp_path / "none")) == []
+
+
+def test_frozen_backbone_keeps_its_batchnorm_statistics() -> None:
+    """--freeze-backbone: frozen BatchNorm layers run in eval mode, their running stats unchanged (issue 14)."""
+    from distributed.loop import train_one_epoch
+    from distributed.models import build_model, find_head, set_backbone_trainable
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 3, channels=3)
+    head = find_head(model, 3)
+    set_backbone_trainable(model, head, False)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16) * 3 + 1, torch.randint(0, 3, (8,))), batch_size=4)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    head_before = model.get_submodule(head[-1]).weight.clone()
+    train_one_epoch(model, loader, nn.CrossEntropyLoss(), sgd, torch.device("cpu"))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(head_before, model.get_submodule(head[-1]).weight)  # the head still learns
+    set_backbone_trainable(model, head, True)  # unfrozen: the statistics follow the data again
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, loader, nn.CrossEntropyLoss(), sgd, torch.device("cpu"))
+    assert not torch.equal(before["features.1.running_mean"], model.state_dict()["features.1.running_mean"])
