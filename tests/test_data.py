@@ -323,7 +323,8 @@ def test_a_class_of_one_image_needs_allow_small_classes(tmp_path: Path, annotati
     violet = split.classes.index("violet")
     assert [label for _, label in split.train].count(violet) == 1  # nothing to hold out: it trains
     train = annotation_files["train.csv"]
-    train.write_text(train.read_text() + "images/train/red/000.png,rde\n")
+    Image.new("RGB", (20, 20), (200, 40, 40)).save(train.parent / "images" / "extra.png")
+    train.write_text(train.read_text() + "images/extra.png,rde\n")
     with pytest.raises(TorchferryError, match=rf"'rde' \(1 image, {train}:74\)"):
         discover(cfg_for(str(train)))
     assert "rde" in discover(cfg_for(str(train), allow_small_classes=True)).classes
