@@ -100,6 +100,9 @@ def fit_model_to_input(cfg: TrainConfig, weights: dict[str, Any] | None, split: 
     if cfg.channels is None and fitted.channels == 1:
         candidates.append(resolve_defaults(dataclasses.replace(cfg, channels=3), weights, split.profile))
     candidates.append(resolve_defaults(cfg, weights))
+    native = native_image_size(cfg.model)
+    if cfg.image_size is None and native and native != candidates[-1].image_size:
+        candidates.append(resolve_defaults(dataclasses.replace(cfg, image_size=native), weights))  # inception: 299
     models: dict[int, Any] = {}
     first_error = None
     for i, candidate in enumerate(candidates):
@@ -118,6 +121,20 @@ def fit_model_to_input(cfg: TrainConfig, weights: dict[str, Any] | None, split: 
             return candidate
         first_error = first_error or problem
     raise TorchferryError(first_error)
+
+
+def native_image_size(arch: str) -> int | None:
+    """The input size a torchvision model's default weights were trained at (299 for inception_v3), else None."""
+    from distributed.models import is_custom
+
+    if arch == "smallcnn" or is_custom(arch):
+        return None
+    from torchvision.models import get_model_weights
+
+    try:
+        return int(get_model_weights(arch).DEFAULT.transforms().crop_size[0])
+    except (ValueError, KeyError, AttributeError, IndexError):  # a model without published weights
+        return None
 
 
 def build_checked_model(cfg: TrainConfig, num_classes: int) -> Any:
@@ -148,6 +165,8 @@ def forward_problem(model: Any, cfg: TrainConfig, num_classes: int) -> str | Non
             fix = f"pass --channels {wants.group(1)}"
         elif (m := re.search(r"[Ee]xpected (\d+) but got (\d+)", text)) and int(m.group(2)) == size:
             fix = f"pass --image-size {m.group(1)}"
+        elif (native := native_image_size(cfg.model)) and native != size:
+            fix = f"pass --image-size {native} (the size its pretrained weights use)"
         else:
             fix = f"change --image-size (now {size}) or --channels (now {channels})"
         return f"--model {cfg.model} does not take a batch of {shape} inputs ({first}); {fix}"

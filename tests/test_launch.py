@@ -414,6 +414,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("model,extra,fix", [
     ("vit_b_16", ["--image-size", "64"], "pass --image-size 224"),
+    ("inception_v3", ["--image-size", "224"], "pass --image-size 299 (the size its pretrained weights use)"),
     ("custom_model:build_gray", [], "pass --channels 1"),
     ("custom_model:build", ["--channels", "1"], "pass --channels 3"),
 ])
@@ -522,6 +523,9 @@ def test_chosen_defaults_give_way_to_a_model_that_cannot_take_them(digits_folder
     vit, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "vit_b_16",
                                                      "--output-dir", str(tmp_path)]))
     assert (vit.channels, vit.image_size) == (3, 224)
+    inception, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "inception_v3",
+                                                           "--output-dir", str(tmp_path)]))
+    assert inception.image_size == 299  # its auxiliary head needs more than 224 px
 
 
 @pytest.mark.slow
