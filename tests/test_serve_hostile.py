@@ -533,8 +533,11 @@ def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> No
         assert proc.poll() is None and _workers(proc, server) == workers, "a worker died or was replaced"
         slow = [(s, round(t, 2)) for s, t in probe.results if s != 200 or t >= HEALTH_BOUND_S]
         assert len(probe.results) >= 10 and not slow, f"/healthz answers: {slow}"
-        for pid in workers:
-            over = (_status(pid, "VmHWM") - idle[pid]) / 2**20
+        peaks = {pid: (_status(pid, "VmHWM") - idle[pid]) / 2**20 for pid in workers}
+        print(f"{server}: {len(cases) + 3} requests; worker peak RSS over idle (MiB): "
+              f"{ {pid: round(mb) for pid, mb in peaks.items()} }; /healthz: {len(probe.results)} probes, slowest "
+              f"{max(t for _, t in probe.results):.3f} s")
+        for pid, over in peaks.items():
             assert over <= REQUEST_BUDGET_MB, f"worker {pid} peaked {over:.0f} MB over idle"
     finally:
         if probe is not None and probe.is_alive():
