@@ -94,16 +94,27 @@ def when_ready(server):
 
 def post_worker_init(worker):
     """Worker: SIGHUP (forwarded by the master) wakes the app's model watcher; by default it would kill the worker."""
+    worker.model_loaded.set()
     repo = worker.wsgi.extensions["torchferry"]
     signal.signal(signal.SIGHUP, lambda signum, frame: repo.request_reload())
     signal.siginterrupt(signal.SIGHUP, False)
 
 
 def post_fork(server, worker):
-    """JSON access lines from the app reach gunicorn's error log stream (stderr)."""
+    """JSON access lines from the app reach gunicorn's error log stream (stderr); a heartbeat while the model loads."""
     import logging
+    import threading
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The model loads before the worker's own loop starts beating (wsgi_app): beat for it meanwhile, so that a
+    # model that takes longer than `timeout` to load and prove is not killed as a hung worker.
+    worker.model_loaded = threading.Event()
+
+    def beat() -> None:
+        while not worker.model_loaded.wait(1.0):
+            worker.notify()
+
+    threading.Thread(target=beat, name="torchferry-load-heartbeat", daemon=True).start()
 
 
 def child_exit(server, worker):
