@@ -179,8 +179,6 @@ def check_checkpoint(obj: Any, where: str) -> None:
 
 
 MAX_CLASSES = 100_000
-MAX_IMAGE_SIDE = 2048
-MAX_RESIZE = 4096
 MAX_EPOCH = 1_000_000
 
 
@@ -199,7 +197,7 @@ def _short(value: Any) -> str:
 
 def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     """What is wrong with the checkpoint's fields, first problem first (empty when nothing is)."""
-    from distributed.config import TrainConfig
+    from distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE, TrainConfig
     from distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
 
     arch = obj["arch"]

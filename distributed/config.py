@@ -19,6 +19,10 @@ from typing import Any
 
 from distributed import TorchferryError
 
+# The largest model input side and eval resize a run may use; a checkpoint past them is refused on loading.
+MAX_IMAGE_SIDE = 2048
+MAX_RESIZE = 4096
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 GRAY_MEAN = [0.5]
@@ -352,7 +356,10 @@ def validate_flags(cfg: TrainConfig) -> None:
         (cfg.max_failures >= -1, f"--max-failures must be -1 (forever) or more, got {cfg.max_failures}"),
         (cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
-        (cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}"),
+        (cfg.image_size is None or 8 <= cfg.image_size <= MAX_IMAGE_SIDE,
+         f"--image-size must be between 8 and {MAX_IMAGE_SIDE}, got {cfg.image_size}"),
+        (cfg.resize_size is None or 1 <= cfg.resize_size <= MAX_RESIZE,
+         f"--resize-size must be between 1 and {MAX_RESIZE}, got {cfg.resize_size}"),
         (cfg.hflip is None or 0.0 <= cfg.hflip <= 1.0, f"--hflip is a probability, got {cfg.hflip}"),
         (cfg.crop_scale_min is None or 0.0 < cfg.crop_scale_min <= 1.0,
          f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}"),

@@ -321,7 +321,8 @@ def _read_annotation_rows(path: str, image_root: str) -> list[tuple[str, str, in
     if not os.path.isfile(path):
         raise TorchferryError(f"annotation file {path!r} does not exist")
     rows: list[tuple[str, str, int]] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, which is not part of the header.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         if path.lower().endswith(".csv"):
             reader = csv.DictReader(f)
             columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}

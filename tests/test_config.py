@@ -47,6 +47,8 @@ def test_dataset_dependent_defaults() -> None:
     ({"lr_scheduler": "multistep"}, "needs --lr-milestones"),
     ({"mean": [0.5]}, "go together"),
     ({"val_split": 1.5}, "--val-split"),
+    ({"image_size": 4096}, "--image-size must be between 8 and 2048"),
+    ({"resize_size": 100_000}, "--resize-size must be between 1 and 4096"),
 ])
 def test_flag_combinations_that_cannot_work(kwargs: dict, message: str) -> None:
     with pytest.raises(TorchferryError, match=message):

@@ -43,6 +43,15 @@ def test_annotation_txt_and_csv_agree(annotation_files: dict[str, Path]) -> None
     assert all(os.path.isfile(p) for p, _ in txt.train)
 
 
+def test_csv_with_a_byte_order_mark_is_read(annotation_files: dict[str, Path]) -> None:
+    """A spreadsheet's UTF-8 CSV starts with a BOM; the header is still 'path,label'."""
+    for part in ("train", "val"):
+        path = annotation_files[f"{part}.csv"]
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    split = discover(cfg_for(str(annotation_files["train.csv"]), val_data=str(annotation_files["val.csv"])))
+    assert split.classes == ["blue", "green", "red"] and len(split.train) == 72
+
+
 def test_annotation_without_val_is_split(annotation_files: dict[str, Path]) -> None:
     split = discover(cfg_for(str(annotation_files["train.txt"]), val_split=0.25))
     assert (len(split.train), len(split.val)) == (54, 18)
