@@ -462,21 +462,26 @@ def materialize_digits(cache_dir: str) -> str:
     return target
 
 
-def checkpoint_data_config(checkpoint: dict[str, Any], data: str | None) -> TrainConfig:
+def checkpoint_data_config(checkpoint: dict[str, Any], data: str | None, val_data: str | None = None,
+                           image_root: str | None = None) -> TrainConfig:
     """The training config of a checked checkpoint, as a command that reads its data (evaluate, export) uses it.
 
     A checkpoint is a file, not the operator: it never chooses which files are read nor where anything is
     written. Its recorded data are read only when `data` (the command's --data) names them again, the
-    built-in digits aside; its --val-data and --image-root are dropped; the digits cache is the operator's
-    ($TORCHFERRY_CACHE, or ~/.cache/torchferry), never the one it recorded. Its seed and --val-split stay,
-    so that the same validation split is rebuilt.
+    built-in digits aside; its --val-data and --image-root are replaced by the command's own (none unless
+    given); the digits cache is the operator's ($TORCHFERRY_CACHE, or ~/.cache/torchferry), never the one it
+    recorded. Its seed and --val-split stay, so that the same validation split is rebuilt.
     """
     cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
     if not data and data_set_key(cfg.data) != "digits":
         raise TorchferryError(f"the checkpoint was trained on {cfg.data[:200]!r}; pass --data to read it (a "
                               "checkpoint alone does not choose which files are read)")
-    return dataclasses.replace(cfg, data=data or cfg.data, val_data=None, image_root=None, check_images="none",
-                               download=False, cache_dir=default_cache_dir())
+    if (val_data or image_root) and not data:
+        raise TorchferryError("--val-data and --image-root go with --data")
+    absolute = {k: os.path.abspath(os.path.expanduser(v)) if v else None
+                for k, v in (("val_data", val_data), ("image_root", image_root))}
+    return dataclasses.replace(cfg, data=data or cfg.data, **absolute, check_images="none", download=False,
+                               cache_dir=default_cache_dir())
 
 
 def _torchvision_dataset(name: str, root: str, train: bool, download: bool) -> Any:

@@ -38,13 +38,13 @@ def predict(model: torch.nn.Module, dataset: Any, batch_size: int) -> tuple[np.n
     return np.concatenate(truth), np.concatenate(preds)
 
 
-def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64, *,
-                        factory: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64, *, factory: str | None = None,
+                        val_data: str | None = None, image_root: str | None = None) -> dict[str, Any]:
     """The evaluation report of a checkpoint on its validation data (`factory`: the command line's --model)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
-    cfg = checkpoint_data_config(checkpoint, data)
+    cfg = checkpoint_data_config(checkpoint, data, val_data, image_root)
     model = model_from_checkpoint(checkpoint, factory=factory)
     split = discover(cfg)
     classes = list(checkpoint["classes"])
@@ -96,6 +96,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
     p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout; required unless the "
                    "checkpoint was trained on the built-in digits (a checkpoint does not choose which files are read)")
+    p.add_argument("--val-data", default=None, help="the validation images, as at training (an annotation file "
+                   "or a folder); without it the validation split of --data is rebuilt (default: none)")
+    p.add_argument("--image-root", default=None, help="folder the annotation files' relative paths start from, as "
+                   "at training (default: each annotation file's own folder)")
     p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
                    "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
                    "but imports and runs a package.module:factory only when you name it here (default: none)")
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory)
+        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory,
+                                     val_data=args.val_data, image_root=args.image_root)
     except TorchferryError as exc:
         if args.debug:
             raise

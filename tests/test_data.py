@@ -303,6 +303,22 @@ def test_recorded_val_data_image_root_and_cache_are_dropped(tmp_path: Path, flat
     assert (cfg.seed, cfg.val_split) == (7, 0.3)
 
 
+def test_the_command_names_the_validation_file_again(annotation_files: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate --data train.csv --val-data val.csv reads the validation file the run was trained with."""
+    from distributed.data import checkpoint_data_config
+
+    train, val = annotation_files["train.csv"], annotation_files["val.csv"]
+    recorded = _recorded(str(train), val_data=str(val))
+    monkeypatch.chdir(val.parent)
+    cfg = checkpoint_data_config(recorded, str(train), val_data=val.name)
+    assert cfg.val_data == str(val)  # made absolute where the command runs
+    split = discover(cfg)
+    assert {os.path.dirname(p).split(os.sep)[-2] for p, _ in split.val} == {"val"} and len(split.val) == 24
+    with pytest.raises(TorchferryError, match="go with --data"):
+        checkpoint_data_config(_recorded("digits"), None, val_data=str(val))
+
+
 def test_a_checkpoints_cache_dir_is_never_written(tmp_path: Path) -> None:
     """A digits checkpoint that recorded cache_dir elsewhere: export's real-image check uses the operator's cache."""
     from export.verify import real_batches
