@@ -22,6 +22,7 @@ from torch import nn
 
 import distributed
 from distributed import TorchferryError
+from distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE
 
 FORMAT = "torchferry.checkpoint/1"
 FORMAT_MAJOR = FORMAT.rsplit("/", 1)[1].split(".")[0]
@@ -197,7 +198,7 @@ def _short(value: Any) -> str:
 
 def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     """What is wrong with the checkpoint's fields, first problem first (empty when nothing is)."""
-    from distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE, TrainConfig
+    from distributed.config import TrainConfig
     from distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
 
     arch = obj["arch"]
