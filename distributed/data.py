@@ -167,21 +167,9 @@ def _scan_folder(directory: str, classes: list[str]) -> list[Sample]:
     """(path, label) of each real image file once; one file under two classes (through links) is an error."""
     class_dirs = [os.path.join(directory, name) for name in classes]
     stop = {file_identity(directory), *(file_identity(d) for d in class_dirs if os.path.isdir(d))}
-    owner: dict[tuple[Any, ...], Sample] = {}
-    samples: list[Sample] = []
-    for index, class_dir in enumerate(class_dirs):
-        if not os.path.isdir(class_dir):
-            continue
-        for path in _walk_once(class_dir, stop):
-            key = file_identity(path)
-            if key in owner:
-                if owner[key][1] != index:
-                    raise TorchferryError(f"{owner[key][0]!r} and {path!r} are the same file in classes "
-                                          f"{classes[owner[key][1]]!r} and {classes[index]!r}; an image has one label")
-                continue
-            owner[key] = (path, index)
-            samples.append((path, index))
-    return samples
+    samples = [(path, index) for index, class_dir in enumerate(class_dirs) if os.path.isdir(class_dir)
+               for path in _walk_once(class_dir, stop)]
+    return _unique_samples(samples, classes, directory)
 
 
 def _require_disjoint(train: Sequence[Sample], val: Sequence[Sample]) -> None:
@@ -283,15 +271,16 @@ def _annotation_split(cfg: TrainConfig) -> DataSplit:
 
 
 def _unique_samples(samples: list[Sample], classes: list[str], where: str) -> list[Sample]:
-    """Each file once (an annotation file may list it twice); under two labels it is an error."""
+    """Each real file once (an annotation file may list it twice, a link may reach it again); under two labels
+    it is an error."""
     owner: dict[tuple[Any, ...], Sample] = {}
     unique: list[Sample] = []
     for path, label in samples:
         key = file_identity(path)
         if key in owner:
             if owner[key][1] != label:
-                raise TorchferryError(f"{where}: {path!r} is listed as {classes[owner[key][1]]!r} and as "
-                                      f"{classes[label]!r}; an image has one label")
+                raise TorchferryError(f"{where}: {owner[key][0]!r} and {path!r} are the same file in classes "
+                                      f"{classes[owner[key][1]]!r} and {classes[label]!r}; an image has one label")
             continue
         owner[key] = (path, label)
         unique.append((path, label))
