@@ -12,7 +12,6 @@ import base64
 import gzip
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import requests
 import yaml
 from conftest import png_bomb
 from PIL import Image
+from test_serve_live import free_port, stop
 
 from serve.app import create_app
 
@@ -147,7 +147,7 @@ def test_dev_server_exits_2_with_one_line_on_a_setting_that_cannot_work(env: dic
 def test_gunicorn_exits_2_with_one_line_before_any_worker_starts(env: dict, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
                          cwd=REPO, check=False, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{_free_port()}",
+                         env={**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{free_port()}",
                               "TORCHFERRY_MODEL": hostile.tiny_model(tmp_path / "m.onnx"), **env})
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith(f"error: {next(iter(env))}")
@@ -186,12 +186,6 @@ def test_multi_member_gzip_body_is_decoded_whole(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The corpus: every kind of hostile request against the dev server and gunicorn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def production_env() -> dict[str, str]:
@@ -488,7 +482,7 @@ def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> No
     cases = corpus()
     assert len({c["name"] for c in cases if c["status"] != 200}) >= 60
     model = hostile.tiny_model(tmp_path / "model.onnx", sidecar=True)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     limit = int(production_env()["TORCHFERRY_MAX_UPLOAD_BYTES"])
     proc = _start(server, model, port, tmp_path)
@@ -542,10 +536,4 @@ def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> No
     finally:
         if probe is not None and probe.is_alive():
             probe.stop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
