@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from distributed import TorchferryError
-from distributed import checkpoint as ckpt
 from distributed.config import (
     TrainConfig,
     absolute_paths,
@@ -25,7 +24,6 @@ from distributed.config import (
     resolve_defaults,
     validate_flags,
 )
-from distributed.models import is_custom, require_trusted_arch
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def setup_logging(verbose: bool) -> None:
 def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     """Validate flags, find and check the data, resolve defaults, build the model and run it once; all before Ray."""
     from distributed.data import discover
-    from distributed.models import check_arch, weights_preprocess
+    from distributed.models import check_arch, is_custom, weights_preprocess
 
     validate_flags(cfg)
     if cfg.resume:
@@ -183,6 +181,8 @@ RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
     """--resume: the run's saved configuration, with this command's cluster and console flags."""
+    from distributed.models import is_custom, require_trusted_arch
+
     path = os.path.join(os.path.abspath(cfg.output_dir), str(cfg.name), "config.json")
     if not os.path.isfile(path):
         raise TorchferryError(f"--resume: {path} does not exist, so there is no run {cfg.name!r} to continue")
@@ -202,6 +202,8 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _claim_run_dir(cfg: TrainConfig) -> None:
+    from distributed import checkpoint as ckpt
+
     run_dir = cfg.run_dir
     if cfg.resume:
         return
@@ -260,7 +262,7 @@ def start_ray(cfg: TrainConfig) -> bool:
     # address="local": always a fresh local instance, never a cluster some other program left running here.
     try:
         ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
-                 num_gpus=cfg.gpus if cfg.gpus > 0 else 0)
+                 num_gpus=max(0, cfg.gpus))
     except Exception as exc:  # e.g. "The current node timed out during startup" is a bare Exception
         raise ClusterUnavailable(f"the local Ray did not start: {_lead_line(exc)}; try again when the machine is "
                                  "less busy, check free memory and space in Ray's temp dir ($RAY_TMPDIR, default "
@@ -449,6 +451,8 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     """
     import ray.train
 
+    from distributed import checkpoint as ckpt
+
     kept = [c for c, _ in (result.best_checkpoints or [])]
     if not kept and result.checkpoint is not None:
         kept = [result.checkpoint]
@@ -487,6 +491,8 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
 
 def _load_or_warn(path: str) -> dict[str, Any] | None:
     """The checkpoint at `path`, or None with a warning when it is damaged."""
+    from distributed import checkpoint as ckpt
+
     try:
         return ckpt.load_checkpoint(path)
     except ckpt.CheckpointError as exc:

@@ -546,3 +546,17 @@ def test_small_grayscale_folder_with_no_flags_learns_like_the_builtin_digits(tmp
         assert saved[key] == getattr(builtin, key), key
     match = re.search(r"best val_acc (\d\.\d+) at epoch", proc.stdout)
     assert match and float(match.group(1)) >= 0.98, proc.stdout + proc.stderr[-2000:]
+
+
+def test_help_imports_neither_torch_nor_ray() -> None:
+    """--help answers at once: the heavy libraries load only when a run starts."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['launch', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('distributed.launch', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'ray', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "usage: python -m distributed.launch" in out
+    assert out.strip().splitlines()[-1] == "[]"
