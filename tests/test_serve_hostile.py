@@ -399,7 +399,7 @@ def _chunked(limit: int) -> bytes:
 
 
 class HealthProbe(threading.Thread):
-    """GET /healthz every 0.2 s until stopped; records each answer's status and seconds (timeout 30 s)."""
+    """GET /healthz every 0.05 s until stopped; records each answer's status and seconds (timeout 30 s)."""
 
     def __init__(self, base: str):
         super().__init__(daemon=True)
@@ -414,7 +414,7 @@ class HealthProbe(threading.Thread):
             except requests.RequestException as exc:
                 status = type(exc).__name__
             self.results.append((status, time.perf_counter() - t0))
-            self._stop_event.wait(0.2)
+            self._stop_event.wait(0.05)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -526,7 +526,8 @@ def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> No
         assert not problems, "\n".join(problems)
         assert proc.poll() is None and _workers(proc, server) == workers, "a worker died or was replaced"
         slow = [(s, round(t, 2)) for s, t in probe.results if s != 200 or t >= HEALTH_BOUND_S]
-        assert len(probe.results) >= 10 and not slow, f"/healthz answers: {slow}"
+        # At least a few probes ran while the corpus did (a quiet machine sends it in about 2 s).
+        assert len(probe.results) >= 5 and not slow, f"/healthz answers: {slow}"
         peaks = {pid: (_status(pid, "VmHWM") - idle[pid]) / 2**20 for pid in workers}
         print(f"{server}: {len(cases) + 3} requests; worker peak RSS over idle (MiB): "
               f"{ {pid: round(mb) for pid, mb in peaks.items()} }; /healthz: {len(probe.results)} probes, slowest "
