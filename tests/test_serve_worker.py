@@ -32,30 +32,28 @@ HEAD_TIMEOUT_S = 5.0  # serve/gunicorn.conf.py's keepalive
 MARGIN_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-weight smallcnn exported to ONNX (verified), without a training run."""
+def _exported(tmp_path_factory: pytest.TempPathFactory, arch: str, size: int) -> Path:
+    """A random-weight `arch` at `size` px exported to ONNX (verified), without a training run."""
     from export.onnx import export_checkpoint
 
-    base = tmp_path_factory.mktemp("worker-model")
+    base = tmp_path_factory.mktemp(f"worker-{arch}")
     write_class_tree(base / "data", 6)
-    checkpoint = write_checkpoint(base / "best.pth", "smallcnn", base / "data", size=16)
+    checkpoint = write_checkpoint(base / "best.pth", arch, base / "data", size=size)
     report = export_checkpoint(str(checkpoint), str(base / "model.onnx"), use_real=False)
     assert report["passed"], report
     return base / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight smallcnn exported to ONNX (verified), without a training run."""
+    return _exported(tmp_path_factory, "smallcnn", 16)
 
 
 @pytest.fixture(scope="module")
 def resnet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight resnet18 (64 px) exported to ONNX: its load and proof take long enough to be seen."""
-    from export.onnx import export_checkpoint
-
-    base = tmp_path_factory.mktemp("worker-resnet")
-    write_class_tree(base / "data", 6)
-    checkpoint = write_checkpoint(base / "best.pth", "resnet18", base / "data", size=64)
-    report = export_checkpoint(str(checkpoint), str(base / "model.onnx"), use_real=False)
-    assert report["passed"], report
-    return base / "model.onnx"
+    return _exported(tmp_path_factory, "resnet18", 64)
 
 
 def png(size: int = 20) -> bytes:
