@@ -36,13 +36,17 @@ RUN if python -m pip --version >/dev/null 2>&1; then python -m pip uninstall --y
  && mkdir -p /models /var/run/secrets/torchferry
 COPY --from=serve-deps /opt/venv /opt/venv
 WORKDIR /app
+# The serving package and the torch-free package root alone (torchferry.distributed and torchferry.export need torch),
+# and the command names `python -m serve` and `python -m serve.healthcheck` (serve/, no __init__.py).
+COPY torchferry/__init__.py /app/torchferry/
+COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/ /app/serve/
 # A numeric non-root user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 EXPOSE 8080
-# Ready, not merely alive: /readyz where TORCHFERRY_BIND says the server listens (serve/healthcheck.py).
+# Ready, not merely alive: /readyz where TORCHFERRY_BIND says the server listens (torchferry/serve/healthcheck.py).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 CMD ["python", "-m", "serve.healthcheck"]
-ENTRYPOINT ["python", "-m", "gunicorn", "-c", "/app/serve/gunicorn.conf.py"]
+ENTRYPOINT ["python", "-m", "gunicorn", "-c", "/app/torchferry/serve/gunicorn.conf.py"]
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS train
@@ -55,6 +59,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp TMPDIR=/tmp TORCHFERRY_CACHE=/tmp/torchferry-cache
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY torchferry/ /app/torchferry/
 COPY distributed/ /app/distributed/
 COPY export/ /app/export/
 COPY serve/ /app/serve/

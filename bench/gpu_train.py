@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.loop import train_one_epoch
-from distributed.models import build_model
+from torchferry.distributed.loop import train_one_epoch
+from torchferry.distributed.models import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
 from bench_io import write_result
@@ -137,9 +137,9 @@ def real_loader(root: str, size: int, batch: int, workers: int, uint8: bool) -> 
     """torchferry's training pipeline on JPEGs; `uint8`: workers stop at uint8, the GPU normalises."""
     from torch.utils.data import DataLoader
 
-    from distributed.config import TrainConfig, resolve_defaults
-    from distributed.data import build_datasets, discover
-    from distributed.presets import DeviceNormalize, build_train_transform
+    from torchferry.distributed.config import TrainConfig, resolve_defaults
+    from torchferry.distributed.data import build_datasets, discover
+    from torchferry.distributed.presets import DeviceNormalize, build_train_transform
 
     cfg = resolve_defaults(TrainConfig(data=root, image_size=size, check_images="none"))
     split = discover(cfg)

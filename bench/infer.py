@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.models import build_model
-from export.onnx import export_model, save_checked
-from export.quantize import quantize_static_qdq
+from torchferry.distributed.models import build_model
+from torchferry.export.onnx import export_model, save_checked
+from torchferry.export.quantize import quantize_static_qdq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
 from bench_io import write_result
@@ -103,11 +103,11 @@ def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list
 
 def int8_accuracy(checkpoint: str, data: str | None) -> dict:
     """Top-1 of a trained checkpoint's fp32 and INT8 ONNX models on its validation images (export --quantize)."""
-    from export.onnx import export_checkpoint
+    from torchferry.export.onnx import export_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         report = export_checkpoint(checkpoint, os.path.join(tmp, "model.onnx"), quantize="int8", data=data)
-    from distributed.checkpoint import load_checkpoint
+    from torchferry.distributed.checkpoint import load_checkpoint
 
     if "int8" not in report:
         raise RuntimeError(f"export of {checkpoint} did not get as far as INT8: {json.dumps(report)[:500]}")

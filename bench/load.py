@@ -86,8 +86,8 @@ def http_caller(url: str) -> Callable[[bytes], bool]:
 
 
 def inprocess_caller(model: str, threads: int) -> Callable[[bytes], bool]:
-    from serve.images import decode, preprocess
-    from serve.predictor import Predictor
+    from torchferry.serve.images import decode, preprocess
+    from torchferry.serve.predictor import Predictor
 
     predictor = Predictor(model, threads)
     spec = predictor.info.preprocess
@@ -130,11 +130,11 @@ def make_model(arch: str, folder: Path) -> str:
     """A random-weight checkpoint of `arch` exported (and verified) with torchferry's own exporter."""
     import torch
 
-    from distributed import checkpoint as ckpt
-    from distributed.config import TrainConfig, resolve_defaults
-    from distributed.models import build_model
-    from distributed.presets import preprocess_spec
-    from export.onnx import export_checkpoint
+    from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.config import TrainConfig, resolve_defaults
+    from torchferry.distributed.models import build_model
+    from torchferry.distributed.presets import preprocess_spec
+    from torchferry.export.onnx import export_checkpoint
 
     small = arch == "smallcnn"
     cfg = resolve_defaults(TrainConfig(data="digits" if small else str(folder), model=arch, name="bench",
@@ -155,7 +155,7 @@ def make_model(arch: str, folder: Path) -> str:
 def start_gunicorn(model: str, port: int, window_ms: float, log: Path) -> subprocess.Popen:
     env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
            "TORCHFERRY_BATCH_WINDOW_MS": str(window_ms), "TORCHFERRY_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
                             cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     import requests
 

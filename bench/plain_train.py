@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed.config import TrainConfig, resolve_defaults
-from distributed.data import build_datasets, discover
-from distributed.models import build_model
-from distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed.config import TrainConfig, resolve_defaults
+from torchferry.distributed.data import build_datasets, discover
+from torchferry.distributed.models import build_model
+from torchferry.distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
 
 START = time.perf_counter()
 

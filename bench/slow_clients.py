@@ -36,7 +36,7 @@ from bench_io import write_result
 from load import drive, http_caller, make_images, make_model, percentile
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER_CLASSES = ("gthread", "gevent", "serve.worker.BufferingWorker")
+WORKER_CLASSES = ("gthread", "gevent", "torchferry.serve.worker.BufferingWorker")
 CLIENT_TIMEOUT_S = 10.0
 STALL_LIMIT_S = 60.0
 
@@ -53,7 +53,7 @@ def start(worker_class: str, model: str, port: int, log: Path) -> subprocess.Pop
 
     env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
            "TORCHFERRY_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py"),
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py"),
                              "-k", worker_class], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:

@@ -42,7 +42,7 @@ BATCH_PER_WORKER = 64
 def subset_of_digits(root: str, fraction: float, cache: str) -> str:
     """Every k-th digit image of each class, copied into ROOT/<class>/: a smaller set with the same classes."""
     sys.path.insert(0, str(ROOT))
-    from distributed.data import materialize_digits
+    from torchferry.distributed.data import materialize_digits
 
     source = materialize_digits(cache)
     step = max(1, round(1 / fraction))

@@ -138,7 +138,7 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One real 2-worker Ray run on an ImageFolder tree; later tests read its outputs."""
-    from distributed import launch
+    from torchferry.distributed import launch
 
     base = tmp_path_factory.mktemp("trained")
     write_class_tree(base / "data" / "train", 24, seed=1)
@@ -163,7 +163,7 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
 
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-    from distributed.launch import _keep_ray_on_loopback
+    from torchferry.distributed.launch import _keep_ray_on_loopback
 
     _keep_ray_on_loopback()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -175,11 +175,11 @@ def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed
     """A torchferry checkpoint of `arch` with random weights, its config pointing at `data_dir`."""
     import torch
 
-    from distributed import checkpoint as ckpt
-    from distributed.config import TrainConfig, resolve_defaults
-    from distributed.data import discover
-    from distributed.models import build_model
-    from distributed.presets import preprocess_spec
+    from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.config import TrainConfig, resolve_defaults
+    from torchferry.distributed.data import discover
+    from torchferry.distributed.models import build_model
+    from torchferry.distributed.presets import preprocess_spec
 
     cfg = resolve_defaults(TrainConfig(data=str(data_dir), model=arch, image_size=size, resize_size=size,
                                        name="made"))
@@ -202,7 +202,7 @@ def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed
 @pytest.fixture(scope="session")
 def exported_model(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The trained smallcnn exported to ONNX (verified) once for the serving tests."""
-    from export.onnx import export_checkpoint
+    from torchferry.export.onnx import export_checkpoint
 
     assert trained_run["code"] == 0
     out = tmp_path_factory.mktemp("served") / "model.onnx"
@@ -285,7 +285,7 @@ def ray_two_nodes(tmp_path: Path):
 @pytest.fixture
 def app(exported_model: dict):
     """The serving app on the trained smallcnn, model loaded before the first request."""
-    from serve.app import create_app
+    from torchferry.serve.app import create_app
 
     return create_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True})
 

@@ -131,7 +131,7 @@ def tiny_model(path, classes: int = 3, channels: int = 3, size: int = 32, graph_
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from serve.predictor import golden_inputs
+    from torchferry.serve.predictor import golden_inputs
 
     k = graph_classes or classes
     c, s = graph_channels or channels, graph_size or size

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import TorchferryError
-from distributed import checkpoint as ckpt
-from distributed.models import build_model
+from torchferry.distributed import TorchferryError
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.distributed.models import build_model
 
 
 def sample_checkpoint() -> dict:
@@ -154,8 +154,8 @@ def test_a_factory_named_by_a_checkpoint_is_never_imported(tmp_path: Path) -> No
 def test_verify_and_evaluate_refuse_a_factory_they_were_not_given(command: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    from distributed import evaluate
-    from export import verify
+    from torchferry.distributed import evaluate
+    from torchferry.export import verify
 
     (tmp_path / "evil.py").write_text(EVIL)
     (tmp_path / "model.onnx").write_bytes(b"")
@@ -184,7 +184,7 @@ def test_a_factory_named_on_the_command_line_is_rebuilt(tmp_path: Path, monkeypa
 
 def test_arch_kwargs_cannot_call_a_library_function(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`logging:basicConfig` with filename/filemode 'w' truncated a file; now it is refused and the file is intact."""
-    from export import onnx as export_onnx
+    from torchferry.export import onnx as export_onnx
 
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
@@ -212,7 +212,7 @@ def test_arch_kwargs_are_plain_scalars_the_builder_takes(kwargs: dict, message: 
 def test_torchvision_arch_kwargs_are_checked_against_the_model_class() -> None:
     """resnet takes its model class's scalars (`zero_init_residual`); `image_size` is no ResNet argument; one
     that its builder refuses is one line."""
-    from distributed.models import build_model
+    from torchferry.distributed.models import build_model
 
     model = build_model("resnet18", 3)
     c = sample_checkpoint()
@@ -271,8 +271,8 @@ def _malformed() -> dict[str, tuple[dict, str]]:
 @pytest.mark.parametrize("case", list(_malformed()))
 def test_malformed_fields_exit_2_with_one_line_and_write_nothing(case: str, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
-    from distributed import evaluate
-    from export import onnx as export_onnx
+    from torchferry.distributed import evaluate
+    from torchferry.export import onnx as export_onnx
 
     fields, message = _malformed()[case]
     path = _cli_checkpoint(tmp_path, **fields)

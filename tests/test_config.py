@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from distributed import TorchferryError
-from distributed.config import TrainConfig, config_from_args, fit_to_images, resolve_defaults, validate_flags
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.config import TrainConfig, config_from_args, fit_to_images, resolve_defaults, validate_flags
 
 
 def test_command_line_fills_the_dataclass_and_round_trips() -> None:

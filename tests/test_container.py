@@ -32,7 +32,8 @@ MAX_IMAGE_BYTES = 400 * 1000**2  # Docker's MB
 TOKEN = "container-test-token"
 READY_TIMEOUT_S = 120
 # What a stray file anywhere in a checkout must not bring into a build (.dockerignore).
-STRAYS = ["serve/stray.onnx", "serve/model.onnx.sha256", "serve/__pycache__/app.cpython-311.pyc", "serve/.env",
+STRAYS = ["torchferry/serve/stray.onnx", "serve/model.onnx.sha256", "torchferry/serve/__pycache__/app.cpython-311.pyc",
+          "serve/.env", "torchferry/.env", "distributed/__pycache__/launch.cpython-311.pyc",
           "sub/runs/x/best.pth", "runs/r/best.pth", "venv/bin/activate", "venv/lib/site.py", ".env",
           "data/train/red/0.png", "export/notes.txt"]
 
@@ -267,7 +268,7 @@ def test_build_context_holds_the_sources_alone(context: Path, base_image: str, t
     files = {name for name in listed if not name.startswith(".dockerfile.")}  # -f from outside the context
     assert not files & set(STRAYS)
     expected = {"pyproject.toml", "README.md"} | {
-        str(p.relative_to(context)) for top in ("distributed", "export", "serve") for p in (context / top).rglob("*.py")
+        str(p.relative_to(context)) for top in ("torchferry", "distributed", "export", "serve") for p in (context / top).rglob("*.py")
         if "__pycache__" not in p.parts}
     assert files == expected
 
@@ -277,11 +278,13 @@ def test_image_is_small_and_carries_no_torch_ray_or_installer(serve_image: str) 
     assert size <= MAX_IMAGE_BYTES, f"{size / 1e6:.0f} MB"
     found = docker("run", "--rm", "--network", "none", "--entrypoint", "python", serve_image, "-c",
                    "import importlib.util as u; print(*[m for m in ('torch', 'torchvision', 'ray', 'pip', "
-                   "'setuptools', 'wheel', 'distributed', 'export') if u.find_spec(m)])").stdout.split()
+                   "'setuptools', 'wheel', 'distributed', 'export', 'torchferry.distributed', 'torchferry.export') "
+                   "if u.find_spec(m)])").stdout.split()
     assert found == []
     app = docker("run", "--rm", "--network", "none", "--entrypoint", "find", serve_image, "/app", "-type", "f",
                  "-printf", "%P\\n").stdout.split()
-    assert app and all(name.startswith("serve/") and name.endswith(".py") for name in app), app
+    assert app and all(name.endswith(".py") for name in app), app
+    assert {name for name in app if not name.startswith(("torchferry/serve/", "serve/"))} == {"torchferry/__init__.py"}
     config = inspect(serve_image)["Config"]
     assert config["User"] == "10001:10001" and config["Healthcheck"]["Test"][-2:] == ["-m", "serve.healthcheck"]
 

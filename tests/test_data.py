@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed import TorchferryError
-from distributed.config import TrainConfig, resolve_defaults
-from distributed.data import build_datasets, discover, load_image, materialize_digits, read_annotations
-from distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.config import TrainConfig, resolve_defaults
+from torchferry.distributed.data import build_datasets, discover, load_image, materialize_digits, read_annotations
+from torchferry.distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
 
 
 def cfg_for(data: str, **kw) -> TrainConfig:
@@ -185,7 +185,7 @@ def test_checkpoint_named_torchvision_root_needs_explicit_data(cifar10_root: Pat
     """A checkpoint is untrusted: it cannot make the tools unpickle files from a root it names."""
     from conftest import write_checkpoint
 
-    from distributed import evaluate
+    from torchferry.distributed import evaluate
 
     path = write_checkpoint(tmp_path / "c.pth", "smallcnn", f"cifar10:{cifar10_root}", size=32)
     assert evaluate.main([str(path), "--output-dir", str(tmp_path)]) == 2
@@ -283,7 +283,7 @@ def _recorded(data: str, **config) -> dict:
 @pytest.mark.parametrize("kind", ["folder", "annotations", "cifar10"])
 def test_recorded_data_are_read_only_when_named_again(kind: str, flat_folder: Path,
                                                       annotation_files: dict[str, Path]) -> None:
-    from distributed.data import checkpoint_data_config
+    from torchferry.distributed.data import checkpoint_data_config
 
     data = {"folder": str(flat_folder), "annotations": str(annotation_files["train.txt"]),
             "cifar10": "cifar10:/somewhere"}[kind]
@@ -293,8 +293,8 @@ def test_recorded_data_are_read_only_when_named_again(kind: str, flat_folder: Pa
 
 
 def test_recorded_val_data_image_root_and_cache_are_dropped(tmp_path: Path, flat_folder: Path) -> None:
-    from distributed.config import default_cache_dir
-    from distributed.data import checkpoint_data_config
+    from torchferry.distributed.config import default_cache_dir
+    from torchferry.distributed.data import checkpoint_data_config
 
     recorded = _recorded(str(flat_folder), val_data="/etc", image_root="/", cache_dir=str(tmp_path / "theirs"),
                          seed=7, val_split=0.3)
@@ -306,7 +306,7 @@ def test_recorded_val_data_image_root_and_cache_are_dropped(tmp_path: Path, flat
 def test_the_command_names_the_validation_file_again(annotation_files: dict[str, Path], tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate --data train.csv --val-data val.csv reads the validation file the run was trained with."""
-    from distributed.data import checkpoint_data_config
+    from torchferry.distributed.data import checkpoint_data_config
 
     train, val = annotation_files["train.csv"], annotation_files["val.csv"]
     recorded = _recorded(str(train), val_data=str(val))
@@ -321,7 +321,7 @@ def test_the_command_names_the_validation_file_again(annotation_files: dict[str,
 
 def test_a_checkpoints_cache_dir_is_never_written(tmp_path: Path) -> None:
     """A digits checkpoint that recorded cache_dir elsewhere: export's real-image check uses the operator's cache."""
-    from export.verify import real_batches
+    from torchferry.export.verify import real_batches
 
     elsewhere = tmp_path / "chosen-by-the-file"
     checkpoint = {"classes": [str(i) for i in range(10)], **_recorded("digits", cache_dir=str(elsewhere)),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed import checkpoint as ckpt
-from distributed import evaluate, report
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.distributed import evaluate, report
 
 
 def test_run_leaves_curves_and_prediction_grid(trained_run: dict) -> None:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import write_checkpoint, write_class_tree
 
-from distributed import checkpoint as ckpt
-from export import metadata as meta
-from export import onnx as export_onnx
-from export import verify as export_verify
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.export import metadata as meta
+from torchferry.export import onnx as export_onnx
+from torchferry.export import verify as export_verify
 
 
 def run(capsys: pytest.CaptureFixture, module, args: list[str]) -> tuple[int, str, str]:
@@ -235,7 +235,7 @@ def test_verifying_the_wrong_checkpoint_keeps_the_proof_of_the_good_export(small
 @pytest.mark.parametrize("name", ["model.onnx", "model.opt.onnx", "model.int8.onnx"])
 def test_every_exported_variant_has_a_sidecar_and_golden_outputs_the_server_proves(
         small_export: dict, name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from serve.predictor import ModelRefused, Predictor
+    from torchferry.serve.predictor import ModelRefused, Predictor
 
     d = small_export["dir"]
     path = d / name

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from distributed.checkpoint import load_checkpoint
-from distributed.loop import evaluate, train_one_epoch
+from torchferry.distributed.checkpoint import load_checkpoint
+from torchferry.distributed.loop import evaluate, train_one_epoch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -65,7 +65,7 @@ def _toy() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_train_one_epoch_under_autocast_learns(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16, and fp16 with a GradScaler (what a GPU without bf16 gets): the loss falls, the weights stay fp32."""
-    from distributed import loop
+    from torchferry.distributed import loop
 
     monkeypatch.setattr(loop, "amp_dtype", lambda device: dtype)
     model, batches = _toy()

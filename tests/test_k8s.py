@@ -166,7 +166,7 @@ def test_model_reaches_the_server_read_only_and_nothing_loads_models_over_http()
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models")
     volume = next(v for v in pod["volumes"] if v["name"] == "models")
     assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
-    routes = (REPO / "serve" / "app.py").read_text()
+    routes = (REPO / "torchferry" / "serve" / "app.py").read_text()
     assert "@app.post(\"/predict\")" in routes and routes.count("@app.post(") == 1  # the only write route
 
 
@@ -284,13 +284,15 @@ def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, t
     listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert not [ln for ln in listed.lower().splitlines() if ln.startswith(("torch", "nvidia-", "triton"))]
     app_dir = tmp_path / "app"
-    shutil.copytree(REPO / "serve", app_dir / "serve")  # as the image does: serve/ alone
+    # As the image does: the serving package and the package root alone.
+    shutil.copytree(REPO / "torchferry" / "serve", app_dir / "torchferry" / "serve")
+    shutil.copy(REPO / "torchferry" / "__init__.py", app_dir / "torchferry" / "__init__.py")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update({"TORCHFERRY_MODEL": str(exported_model["model"]), "TORCHFERRY_BIND": f"127.0.0.1:{port}",
                 "PATH": f"{venv / 'bin'}:{env.get('PATH', '')}"})
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([py, "-m", "gunicorn", "-c", str(app_dir / "serve" / "gunicorn.conf.py")], cwd=app_dir,
+    proc = subprocess.Popen([py, "-m", "gunicorn", "-c", str(app_dir / "torchferry" / "serve" / "gunicorn.conf.py")], cwd=app_dir,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = tmp_path / "server.log"  # type: ignore[attr-defined]
     base = f"http://127.0.0.1:{port}"

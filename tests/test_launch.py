@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import FAST_FLAGS
 
-from distributed import checkpoint as ckpt
-from distributed import launch
-from distributed.config import TrainConfig
-from distributed.data import ImageListDataset, discover
-from distributed.presets import build_eval_transform
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.distributed import launch
+from torchferry.distributed.config import TrainConfig
+from torchferry.distributed.data import ImageListDataset, discover
+from torchferry.distributed.presets import build_eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 # The built-in digits reach val_acc 0.983 after 10 epochs of a 12-epoch schedule on 2 CPU workers, and so
@@ -199,7 +199,7 @@ def test_help_explains_every_flag() -> None:
 
 def test_readme_flag_table_lists_every_flag() -> None:
     readme = (REPO / "README.md").read_text()
-    from distributed.config import get_args_parser
+    from torchferry.distributed.config import get_args_parser
 
     for action in get_args_parser()._actions:
         for flag in action.option_strings:
@@ -306,7 +306,7 @@ def test_relative_paths_from_another_directory_reach_the_workers(tmp_path: Path)
     """--data, --output-dir, --storage, --cache-dir, --init-from and a --pretrained file, all relative."""
     from conftest import write_checkpoint, write_class_tree
 
-    from distributed.models import build_model
+    from torchferry.distributed.models import build_model
 
     work = tmp_path / "work"
     write_class_tree(work / "data" / "shapes" / "train", 12, seed=1)
@@ -493,7 +493,7 @@ def test_small_grayscale_folder_gets_the_builtin_digits_settings(digits_folder: 
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    caplog.set_level(logging.INFO, logger="distributed")
+    caplog.set_level(logging.INFO, logger="torchferry.distributed")
     cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--output-dir", str(tmp_path)]))
     builtin, _ = launch.prepare(launch.config_from_args(["--output-dir", str(tmp_path)]))
     for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min"):
@@ -511,7 +511,7 @@ def test_chosen_defaults_give_way_to_a_model_that_cannot_take_them(digits_folder
     """Defaults the user did not ask for never stop a run: a 3-channel model of one's own gets 3 channels."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="distributed")
+    caplog.set_level(logging.INFO, logger="torchferry.distributed")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "custom_model:build",
                                                      "--output-dir", str(tmp_path)]))

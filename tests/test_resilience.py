@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import FAST_FLAGS
 
-from distributed import checkpoint as ckpt
+from torchferry.distributed import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300
@@ -157,7 +157,7 @@ def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    from distributed import launch as launcher
+    from torchferry.distributed import launch as launcher
 
     code = launcher.main([*FAST_FLAGS, "--epochs", "1", "--lr", "0.0001", "--data", str(trained_run["data"]),
                           "--init-from", str(trained_run["run_dir"] / "best.pth"),

@@ -16,8 +16,8 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
-from serve.app import create_app, settings_from_env
-from serve.batcher import MicroBatcher
+from torchferry.serve.app import create_app, settings_from_env
+from torchferry.serve.batcher import MicroBatcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,9 +210,10 @@ def test_settings_come_from_the_environment() -> None:
 
 
 def test_serve_never_imports_torch() -> None:
-    code = ("import sys; import serve.app, serve.__main__; serve.app.create_app({'MODEL': '/nonexistent.onnx', "
-            "'LOAD_SYNC': True}); bad = [m for m in ('torch', 'torchvision', 'distributed', 'export') if m in "
-            "sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = ("import sys; import torchferry.serve.app, torchferry.serve.__main__; torchferry.serve.app.create_app("
+            "{'MODEL': '/nonexistent.onnx', 'LOAD_SYNC': True}); bad = [m for m in ('torch', 'torchvision', "
+            "'torchferry.distributed', 'torchferry.export', 'distributed', 'export') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

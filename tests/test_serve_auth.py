@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serve.app import create_app
-from serve.auth import BearerAuth
+from torchferry.serve.app import create_app
+from torchferry.serve.auth import BearerAuth
 
 TOKEN = "s3cret-token-0123456789abcdef"
 

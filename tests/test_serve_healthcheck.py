@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.healthcheck import check, connection_for
+from torchferry.serve.healthcheck import check, connection_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from conftest import png_bomb
 from PIL import Image
 from test_serve_live import free_port, stop
 
-from serve.app import create_app
+from torchferry.serve.app import create_app
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -145,7 +145,7 @@ def test_dev_server_exits_2_with_one_line_on_a_setting_that_cannot_work(env: dic
 @pytest.mark.parametrize("env", [{"TORCHFERRY_TOP_K": "0"}, {"TORCHFERRY_AUTH_TOKEN": "jeton-café"},
                                  {"TORCHFERRY_MAX_PIXELS": "0"}])
 def test_gunicorn_exits_2_with_one_line_before_any_worker_starts(env: dict, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
+    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
                          cwd=REPO, check=False, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{free_port()}",
                               "TORCHFERRY_MODEL": hostile.tiny_model(tmp_path / "m.onnx"), **env})
@@ -441,7 +441,7 @@ def _start(server: str, model: str, port: int, tmp: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     else:
         env.update({"TORCHFERRY_BIND": f"127.0.0.1:{port}", "TORCHFERRY_MODEL": model})
-        cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")]
+        cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -11,9 +11,9 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
-from distributed.data import load_image
-from distributed.presets import build_eval_transform
-from serve.images import ImageError, PixelBudget, decode, prepare, preprocess
+from torchferry.distributed.data import load_image
+from torchferry.distributed.presets import build_eval_transform
+from torchferry.serve.images import ImageError, PixelBudget, decode, prepare, preprocess
 
 SPECS = [
     {"size": [16, 16], "resize": 18, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": 3},
@@ -131,7 +131,7 @@ def test_a_side_longer_than_the_pixel_cap_over_8_is_refused(width: int, height: 
 
 def test_box_resize_matches_the_whole_resize_on_a_wide_image() -> None:
     # Just over FULL_RESIZE_MAX_PIXELS after resizing: the region path, compared with resize-then-crop.
-    from serve import images
+    from torchferry.serve import images
 
     img = hostile.gray_noise(40_000, 7)
     assert 32 * (40_000 * 32 // 7) > images.FULL_RESIZE_MAX_PIXELS
@@ -219,7 +219,7 @@ def test_pixel_budget_lets_one_image_at_the_cap_through_and_makes_the_next_wait(
 REQUEST_BUDGET_MB = 320
 _MEASURE = """
 import sys
-from serve.images import PixelBudget, prepare
+from torchferry.serve.images import PixelBudget, prepare
 
 def status(key):  # this process's memory (VmRSS) or its peak since the last reset (VmHWM), in bytes
     with open("/proc/self/status") as f:

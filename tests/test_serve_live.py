@@ -18,9 +18,9 @@ import requests
 import torch
 from PIL import Image
 
-from distributed import checkpoint as ckpt
-from distributed.data import load_image
-from distributed.presets import build_eval_transform
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.distributed.data import load_image
+from torchferry.distributed.presets import build_eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
@@ -80,7 +80,7 @@ def start_gunicorn(model: Path | None, port: int, tmp: Path, workers: int = 2, t
            "TORCHFERRY_WORKERS": str(workers), "TORCHFERRY_THREADS": str(threads),
            "TORCHFERRY_GRACEFUL_TIMEOUT": str(graceful), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom"),
            **({"TORCHFERRY_MODEL": str(model)} if model else {}), **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
                             cwd=REPO, env=env, stdout=_log(tmp, "gunicorn"), stderr=subprocess.STDOUT)
     proc.log_path = tmp / "gunicorn.log"  # type: ignore[attr-defined]
     return proc

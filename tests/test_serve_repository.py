@@ -21,9 +21,9 @@ import pytest
 import requests
 from PIL import Image
 
-from serve.app import create_app
-from serve.batcher import MicroBatcher
-from serve.repository import ModelRepository
+from torchferry.serve.app import create_app
+from torchferry.serve.batcher import MicroBatcher
+from torchferry.serve.repository import ModelRepository
 
 NAME = "colours"
 

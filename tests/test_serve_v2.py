@@ -15,8 +15,8 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
-from serve.app import create_app
-from serve.images import decode, preprocess
+from torchferry.serve.app import create_app
+from torchferry.serve.images import decode, preprocess
 
 NAME = "smallcnn"  # a single model file is named by its metadata's architecture unless --name says otherwise
 

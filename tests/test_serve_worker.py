@@ -34,7 +34,7 @@ MARGIN_S = 3.0
 
 def _exported(tmp_path_factory: pytest.TempPathFactory, arch: str, size: int) -> Path:
     """A random-weight `arch` at `size` px exported to ONNX (verified), without a training run."""
-    from export.onnx import export_checkpoint
+    from torchferry.export.onnx import export_checkpoint
 
     base = tmp_path_factory.mktemp(f"worker-{arch}")
     write_class_tree(base / "data", 6)
@@ -291,7 +291,7 @@ def test_ready_means_every_accepting_worker_answers(small_model: Path, tmp_path:
 
 def test_a_bad_body_timeout_stops_gunicorn_at_start(tmp_path: Path) -> None:
     env = {**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{free_port()}", "TORCHFERRY_BODY_TIMEOUT": "soon"}
-    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "serve" / "gunicorn.conf.py")],
+    proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "TORCHFERRY_BODY_TIMEOUT='soon' must be a positive number of seconds" in proc.stderr

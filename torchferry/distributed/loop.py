@@ -27,11 +27,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from distributed import checkpoint as ckpt
-from distributed.config import TrainConfig
-from distributed.data import DataSplit, build_datasets, discover
-from distributed.models import build_model, find_head, keep_frozen_norms_in_eval, set_backbone_trainable
-from distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed import checkpoint as ckpt
+from torchferry.distributed.config import TrainConfig
+from torchferry.distributed.data import DataSplit, build_datasets, discover
+from torchferry.distributed.models import build_model, find_head, keep_frozen_norms_in_eval, set_backbone_trainable
+from torchferry.distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
 
 _logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class EventSink:
 
 
 def _setup_worker_logging(verbose: bool) -> None:
-    logger = logging.getLogger("distributed")
+    logger = logging.getLogger("torchferry.distributed")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve.settings import ROW_COST_PIXELS
+from torchferry.serve.settings import ROW_COST_PIXELS
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # A JPEG with a second image after it (phones: depth maps, previews) is opened by Pillow as MPO: a JPEG.

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from serve.batcher import MicroBatcher
-from serve.predictor import ModelRefused, Predictor
+from torchferry.serve.batcher import MicroBatcher
+from torchferry.serve.predictor import ModelRefused, Predictor
 
-_logger = logging.getLogger("serve")
+_logger = logging.getLogger("torchferry.serve")
 
 MODEL_FILE = "model.onnx"
 # A version folder's name: a positive integer written plainly, at most 18 digits (fits Triton's int64). Not

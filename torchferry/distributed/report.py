@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed.checkpoint import atomic_write_bytes
+from torchferry.distributed.checkpoint import atomic_write_bytes
 
 
 def _figure() -> Any:
@@ -169,7 +169,7 @@ def run_pictures(run_dir: str, best: dict[str, Any], history: Sequence[dict[str,
     """curves.png and val_predictions.png (also in TensorBoard) for a finished run (`factory`: the run's --model)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from distributed.checkpoint import model_from_checkpoint
+    from torchferry.distributed.checkpoint import model_from_checkpoint
 
     plot_curves(history, os.path.join(run_dir, "curves.png"))
     writer = SummaryWriter(os.path.join(run_dir, "tb"))

@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision import datasets
 
-from distributed import TorchferryError
-from distributed.config import TrainConfig, data_set_key, default_cache_dir
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.config import TrainConfig, data_set_key, default_cache_dir
 
 _logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from distributed.config import TrainConfig
+from torchferry.distributed.config import TrainConfig
 
 
 def preprocess_spec(cfg: TrainConfig) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
-import distributed
-from distributed import TorchferryError
-from distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE
+import torchferry
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE
 
 FORMAT = "torchferry.checkpoint/1"
 FORMAT_MAJOR = FORMAT.rsplit("/", 1)[1].split(".")[0]
@@ -38,7 +38,7 @@ class CheckpointError(TorchferryError):
 def versions() -> dict[str, str]:
     """Versions of the libraries that write a checkpoint."""
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "torchferry": distributed.__version__}
+            "torchferry": torchferry.__version__}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -198,8 +198,8 @@ def _short(value: Any) -> str:
 
 def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     """What is wrong with the checkpoint's fields, first problem first (empty when nothing is)."""
-    from distributed.config import TrainConfig
-    from distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
+    from torchferry.distributed.config import TrainConfig
+    from torchferry.distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
 
     arch = obj["arch"]
     if not isinstance(arch, str) or not (is_builtin(arch) or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
@@ -291,7 +291,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) ->
     The architecture is first built on the meta device and its parameter shapes compared with the
     checkpoint's tensors, so `arch_kwargs` cannot make it allocate more than the file itself holds.
     """
-    from distributed.models import build_model, check_arch_kwargs, require_trusted_arch
+    from torchferry.distributed.models import build_model, check_arch_kwargs, require_trusted_arch
 
     arch = checkpoint["arch"]
     require_trusted_arch(arch, factory)

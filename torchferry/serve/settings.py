@@ -83,7 +83,7 @@ def check_settings(config: dict[str, Any]) -> None:
 
 def exit_on_bad_settings(environ: dict[str, str] | None = None) -> None:
     """The environment's settings and token checked; on a problem, one line on stderr and exit status 2."""
-    from serve.auth import BearerAuth
+    from torchferry.serve.auth import BearerAuth
 
     try:
         config = settings_from_env(environ)

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 
-from serve.images import PixelBudget, prepare
-from serve.repository import ModelRepository, Served
+from torchferry.serve.images import PixelBudget, prepare
+from torchferry.serve.repository import ModelRepository, Served
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification"]

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 
-_logger = logging.getLogger("serve")
+_logger = logging.getLogger("torchferry.serve")
 
 # Liveness and readiness: kubelet and load balancers probe these without credentials.
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})

@@ -77,7 +77,7 @@ class ByteBudget:
 
 
 class BufferingWorker(GeventWorker):
-    """gunicorn worker class `serve.worker.BufferingWorker` (serve/gunicorn.conf.py sets it)."""
+    """gunicorn worker class `torchferry.serve.worker.BufferingWorker` (torchferry/serve/gunicorn.conf.py sets it)."""
 
     def patch(self) -> None:
         # Only the listening sockets become gevent sockets (what gunicorn's gevent worker does after patch_all);

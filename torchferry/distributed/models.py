@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model_weights, list_models
 
-from distributed import TorchferryError
+from torchferry.distributed import TorchferryError
 
 _logger = logging.getLogger(__name__)
 

@@ -25,18 +25,18 @@ import os
 import signal
 import sys
 
-from serve.settings import exit_on_bad_settings
+from torchferry.serve.settings import exit_on_bad_settings
 
 exit_on_bad_settings()  # a TORCHFERRY_* setting that cannot work: one line, exit 2, before any worker starts
 # The model is loaded and proven inside create_app, before the worker accepts: a worker that starts or is
 # restarted takes no connection it would answer 503, so ready means every accepting worker can answer.
-wsgi_app = "serve.app:create_app({'LOAD_FIRST': True})"
+wsgi_app = "torchferry.serve.app:create_app({'LOAD_FIRST': True})"
 bind = os.environ.get("TORCHFERRY_BIND", "127.0.0.1:8080")
 workers = int(os.environ.get("TORCHFERRY_WORKERS", "1"))
 threads = int(os.environ.get("TORCHFERRY_THREADS", "4"))
 # gevent reads each request whole (head within `keepalive` s, body within TORCHFERRY_BODY_TIMEOUT s, else 408),
 # then one of `threads` native threads runs the app: slow clients hold a greenlet, never an app thread.
-worker_class = "serve.worker.BufferingWorker"
+worker_class = "torchferry.serve.worker.BufferingWorker"
 worker_connections = int(os.environ.get("TORCHFERRY_WORKER_CONNECTIONS", "1000"))
 # SIGTERM: stop accepting, let requests in flight finish for up to graceful_timeout seconds.
 graceful_timeout = int(os.environ.get("TORCHFERRY_GRACEFUL_TIMEOUT", "30"))

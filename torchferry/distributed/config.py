@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import TorchferryError
+from torchferry.distributed import TorchferryError
 
 # The largest model input side and eval resize a run may use; a checkpoint past them is refused on loading.
 MAX_IMAGE_SIDE = 2048

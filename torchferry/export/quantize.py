@@ -18,9 +18,9 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from distributed import TorchferryError
-from export import metadata as meta
-from export.verify import ort_session
+from torchferry.distributed import TorchferryError
+from torchferry.export import metadata as meta
+from torchferry.export.verify import ort_session
 
 _logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class _ImageReader(CalibrationDataReader):
 
 
 def _datasets(checkpoint: dict[str, Any], data: str | None) -> tuple[Any, Any]:
-    from distributed.data import build_datasets, checkpoint_data_config, discover
-    from distributed.presets import build_eval_transform
+    from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
+    from torchferry.distributed.presets import build_eval_transform
 
     split = discover(checkpoint_data_config(checkpoint, data))
     eval_tf = build_eval_transform(checkpoint["preprocess"])

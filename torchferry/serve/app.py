@@ -26,14 +26,14 @@ import numpy as np
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from serve.auth import EXEMPT_PATHS, BearerAuth
-from serve.images import ImageError, PixelBudget, prepare
-from serve.repository import ModelRepository, Served
-from serve.settings import SETTINGS, check_settings, settings_from_env  # noqa: F401 - SETTINGS re-exported
-from serve.v2 import Limits, V2Error, v2_blueprint
+from torchferry.serve.auth import EXEMPT_PATHS, BearerAuth
+from torchferry.serve.images import ImageError, PixelBudget, prepare
+from torchferry.serve.repository import ModelRepository, Served
+from torchferry.serve.settings import SETTINGS, check_settings, settings_from_env  # noqa: F401 - SETTINGS re-exported
+from torchferry.serve.v2 import Limits, V2Error, v2_blueprint
 
-_logger = logging.getLogger("serve")
-_access = logging.getLogger("serve.access")
+_logger = logging.getLogger("torchferry.serve")
+_access = logging.getLogger("torchferry.serve.access")
 
 class ClientError(Exception):
     """A request the server refuses with a JSON 4xx."""
@@ -137,7 +137,7 @@ def _top_k(default: int, num_classes: int) -> int:
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The serving app; `config` overrides environment variables, which override defaults."""
-    app = Flask("serve")
+    app = Flask("torchferry.serve")
     app.config.from_mapping(settings_from_env())
     if config:
         app.config.update(config)

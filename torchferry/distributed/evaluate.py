@@ -1,0 +1,134 @@
+"""`python -m distributed.evaluate CHECKPOINT [--data DIR]`: accuracy, per-class precision/recall,
+the confusion matrix (printed and saved as PNG) and the most confused pairs of a checkpoint.
+
+--data names the data to evaluate on (the checkpoint's own, another copy, or another labelled set with the
+same classes); the split is rebuilt with the checkpoint's --seed and --val-split. A checkpoint does not
+choose which files are read, so only one trained on the built-in digits may leave --data out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
+from torchferry.distributed.presets import build_eval_transform
+from torchferry.distributed.report import confusion_table, plot_confusion
+
+_logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, dataset: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) over a dataset."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    truth, preds = [], []
+    for x, y in loader:
+        preds.append(model(x).argmax(1).numpy())
+        truth.append(np.asarray(y))
+    return np.concatenate(truth), np.concatenate(preds)
+
+
+def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64, *, factory: str | None = None,
+                        val_data: str | None = None, image_root: str | None = None) -> dict[str, Any]:
+    """The evaluation report of a checkpoint on its validation data (`factory`: the command line's --model)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    checkpoint = load_checkpoint(path)
+    cfg = checkpoint_data_config(checkpoint, data, val_data, image_root)
+    model = model_from_checkpoint(checkpoint, factory=factory)
+    split = discover(cfg)
+    classes = list(checkpoint["classes"])
+    if list(split.classes) != classes:
+        raise TorchferryError(f"the classes in {cfg.data!r} ({len(split.classes)}) differ from the checkpoint's "
+                              f"({len(classes)})")
+    _, val = build_datasets(split, int(checkpoint["preprocess"]["channels"]), None,
+                            build_eval_transform(checkpoint["preprocess"]))
+    truth, preds = predict(model, val, batch_size)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(truth, preds, labels=labels, zero_division=0)
+    matrix = confusion_matrix(truth, preds, labels=labels)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    pairs = sorted(((int(off[i, j]), classes[i], classes[j]) for i in labels for j in labels if off[i, j]),
+                   reverse=True)
+    return {
+        "checkpoint": os.path.abspath(path), "data": cfg.data, "images": int(len(truth)),
+        "accuracy": float(np.mean(truth == preds)),
+        "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
+        "confusion_matrix": matrix.tolist(), "classes": classes,
+        "most_confused": [{"true": t, "predicted": p, "count": n} for n, t, p in pairs[:10]],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The printed summary: accuracy, per-class table, confusion matrix, most confused pairs."""
+    classes = report["classes"]
+    width = max(5, *(len(c) for c in classes))
+    lines = [f"accuracy {report['accuracy']:.4f} on {report['images']} images ({report['data']})", "",
+             f"{'class':<{width}}  precision  recall     f1  support"]
+    for row in report["per_class"]:
+        lines.append(f"{row['class']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.3f}"
+                     f"  {row['support']:7d}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)"]
+    if len(classes) <= 30:
+        lines += confusion_table(report["confusion_matrix"], classes)
+    lines += ["", "most confused (true -> predicted: count)"]
+    lines += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in report["most_confused"][:5]] or ["  none"]
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """`python -m distributed.evaluate` command line."""
+    p = argparse.ArgumentParser(prog="python -m distributed.evaluate", description="Evaluate a torchferry "
+                                "checkpoint on its validation data: accuracy, per-class precision/recall, "
+                                "confusion matrix, most confused pairs.")
+    p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
+    p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout; required unless the "
+                   "checkpoint was trained on the built-in digits (a checkpoint does not choose which files are read)")
+    p.add_argument("--val-data", default=None, help="the validation images, as at training (an annotation file "
+                   "or a folder); without it the validation split of --data is rebuilt (default: none)")
+    p.add_argument("--image-root", default=None, help="folder the annotation files' relative paths start from, as "
+                   "at training (default: each annotation file's own folder)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
+                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
+                   "but imports and runs a package.module:factory only when you name it here (default: none)")
+    p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and evaluation.json go "
+                   "(default: beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 with the report, 2 on bad input."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory,
+                                     val_data=args.val_data, image_root=args.image_root)
+    except TorchferryError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint)))
+    plot_confusion(np.asarray(report["confusion_matrix"]), report["classes"], os.path.join(out, "confusion_matrix.png"))
+    atomic_write_bytes(os.path.join(out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
+    print(format_report(report))
+    print(f"\nwrote {os.path.join(out, 'confusion_matrix.png')} and {os.path.join(out, 'evaluation.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Parity of an ONNX model with its PyTorch checkpoint, measured with ONNX Runtime on the CPU.
+
+`python -m export.verify MODEL.onnx CHECKPOINT [--data DIR]` compares ONNX Runtime's logits with the
+PyTorch model's in eval mode on random inputs at several batch sizes and, when the checkpoint's data is
+reachable, on real validation images through the checkpoint's own eval transform. It reports max abs
+error, max relative error and top-1 agreement per case, and exits 1 when a logit breaks
+|onnx - torch| <= atol + rtol * |torch| (`--atol`, `--rtol`) or top-1 agreement falls below
+`--min-top1-agreement`. A passing report is written to
+`MODEL.onnx.verify.json`; a failing one to `MODEL.onnx.verify.failed.json`, so that checking the wrong
+checkpoint never erases the proof of a good export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from torchferry.distributed import TorchferryError
+from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+
+_logger = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 3, 32)
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-5
+DEFAULT_MIN_TOP1 = 1.0
+MAX_REAL_IMAGES = 512
+
+
+def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (`threads` 0: ORT's default)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def tolerance_ratio(got: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> float:
+    """max of |got - ref| / (atol + rtol * |ref|) over every logit: at most 1 when every one is within bounds.
+
+    The bound is numpy.isclose's (b = the reference): absolute for logits near zero, relative for large ones.
+    """
+    diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
+    bound = atol + rtol * np.abs(reference.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / bound)
+    return float(np.nan_to_num(ratio, nan=np.inf, posinf=np.inf).max()) if ratio.size else 0.0
+
+
+def compare(onnx_logits: np.ndarray, torch_logits: np.ndarray, atol: float = DEFAULT_ATOL,
+            rtol: float = DEFAULT_RTOL) -> dict[str, float]:
+    """max abs error, max relative error (|a-b| / max(|b|, 1e-6)), the tolerance ratio (<= 1 passes, see
+    `tolerance_ratio`) and top-1 agreement of two logit batches."""
+    diff = np.abs(onnx_logits.astype(np.float64) - torch_logits.astype(np.float64))
+    rel = diff / np.maximum(np.abs(torch_logits.astype(np.float64)), 1e-6)
+    agree = float(np.mean(onnx_logits.argmax(1) == torch_logits.argmax(1)))
+    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()),
+            "tolerance_ratio": tolerance_ratio(onnx_logits, torch_logits, atol, rtol), "top1_agreement": agree}
+
+
+def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator[tuple[Any, Any]], str]:
+    """Batches of (images, labels) from the checkpoint's validation split, with a description.
+
+    Raises TorchferryError when the data cannot be reached.
+    """
+    from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
+    from torchferry.distributed.presets import build_eval_transform
+
+    cfg = checkpoint_data_config(checkpoint, data)
+    split = discover(cfg)
+    if list(split.classes) != list(checkpoint["classes"]):
+        raise TorchferryError(f"the classes found in {cfg.data!r} differ from the checkpoint's")
+    _, val = build_datasets(split, int(checkpoint["preprocess"]["channels"]), None,
+                            build_eval_transform(checkpoint["preprocess"]))
+    indices = list(range(min(len(val), limit)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, indices), batch_size=32)
+    return iter(loader), f"{len(indices)} validation images from {cfg.data}"
+
+
+def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], *, data: str | None = None,
+                  use_real: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                  min_top1: float = DEFAULT_MIN_TOP1,
+                  batch_sizes: tuple[int, ...] = BATCH_SIZES, max_images: int = MAX_REAL_IMAGES,
+                  seed: int = 0) -> dict[str, Any]:
+    """Compare ONNX Runtime with PyTorch eval mode; returns the report (its `passed` says the verdict).
+
+    A case passes when every logit satisfies |onnx - torch| <= atol + rtol * |torch| and, on real images,
+    top-1 agreement reaches `min_top1`.
+    """
+    model = model.eval()
+    session = ort_session(onnx_path)
+    c = int(checkpoint["preprocess"]["channels"])
+    h, w = (int(v) for v in checkpoint["preprocess"]["size"])
+    cases: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(seed)
+    for b in batch_sizes:
+        x = torch.randn(b, c, h, w, generator=gen)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        try:
+            got = session.run(None, {"input": x.numpy()})[0]
+        except Exception as exc:  # noqa: BLE001 - a model that cannot run this batch fails this case
+            cases.append({"case": f"random batch {b}", "kind": "random", "batch": b, "max_abs": float("inf"),
+                          "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
+                          "error": str(exc).strip().splitlines()[0][:300]})
+            continue
+        cases.append({"case": f"random batch {b}", "kind": "random", "batch": b,
+                      **compare(got, expected, atol, rtol)})
+    real_note = "not requested"
+    if use_real:
+        try:
+            batches, real_note = real_batches(checkpoint, data, max_images)
+        except (TorchferryError, OSError, RuntimeError) as exc:
+            batches, real_note = iter(()), f"validation data not reachable ({exc}); pass --data to point at it"
+            _logger.warning(real_note)
+        outs, refs = [], []
+        try:
+            for x, _ in batches:
+                with torch.inference_mode():
+                    refs.append(model(x).numpy())
+                outs.append(session.run(None, {"input": x.numpy()})[0])
+        except Exception as exc:  # noqa: BLE001 - the model failing on real images fails that case
+            cases.append({"case": "validation images", "kind": "real", "batch": 32, "max_abs": float("inf"),
+                          "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
+                          "error": str(exc).strip().splitlines()[0][:300]})
+            outs = []
+        if outs:
+            got, expected = np.concatenate(outs), np.concatenate(refs)
+            cases.append({"case": "validation images", "kind": "real", "batch": 32, "images": len(got),
+                          **compare(got, expected, atol, rtol)})
+    for case in cases:
+        case["passed"] = (case["tolerance_ratio"] <= 1.0
+                          and (case["kind"] != "real" or case["top1_agreement"] >= min_top1))
+    contract = metadata_mismatches(session, checkpoint)
+    return {"model": os.path.abspath(onnx_path), "atol": atol, "rtol": rtol, "min_top1_agreement": min_top1,
+            "real_images": real_note, "cases": cases, "metadata_mismatches": contract,
+            "passed": all(c["passed"] for c in cases) and not contract}
+
+
+def metadata_mismatches(session: ort.InferenceSession, checkpoint: dict[str, Any]) -> list[str]:
+    """Contract fields of the model's metadata that disagree with the checkpoint (classes, preprocess, arch)."""
+    props = session.get_modelmeta().custom_metadata_map
+    problems = []
+    for key in ("classes", "preprocess", "arch"):
+        if key not in props:
+            continue  # a model exported elsewhere: only the numbers are compared
+        value = json.loads(props[key]) if key != "arch" else props[key]
+        if value != checkpoint[key]:
+            problems.append(f"{key}: model says {value!r}, checkpoint says {checkpoint[key]!r}")
+    return problems
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The short table printed after verification."""
+    lines = [f"{'case':<22}{'max abs':>12}{'max rel':>12}{'top-1 agree':>13}  ok"]
+    for c in report["cases"]:
+        lines.append(f"{c['case']:<22}{c['max_abs']:>12.3g}{c['max_rel']:>12.3g}{c['top1_agreement']:>12.1%}"
+                     f"  {'yes' if c['passed'] else 'NO'}")
+    lines.append(f"real images: {report['real_images']}")
+    for problem in report.get("metadata_mismatches", []):
+        lines.append(f"metadata mismatch: {problem}")
+    return "\n".join(lines)
+
+
+def failure_message(report: dict[str, Any]) -> str:
+    """Why verification failed, in one line, naming the flag that relaxes each broken bound."""
+    failed = [c for c in report["cases"] if not c["passed"]]
+    reasons = []
+    over = [c for c in failed if c["tolerance_ratio"] > 1.0]
+    if over:
+        worst = max(over, key=lambda c: c["tolerance_ratio"])
+        detail = f": {worst['error']}" if worst.get("error") else ""
+        reasons.append(f"{worst['case']} breaks |onnx - torch| <= atol + rtol*|torch| (max abs {worst['max_abs']:.3g}, "
+                       f"max rel {worst['max_rel']:.3g}; --atol {report['atol']:g} bounds the absolute error of "
+                       f"logits near zero, --rtol {report['rtol']:g} the error relative to large logits){detail}")
+    low = [c for c in failed if c["kind"] == "real" and c["top1_agreement"] < report["min_top1_agreement"]]
+    if low:
+        reasons.append(f"top-1 agreement {low[0]['top1_agreement']:.1%} on validation images is below "
+                       f"--min-top1-agreement {report['min_top1_agreement']:g}")
+    if report.get("metadata_mismatches"):
+        reasons.append("the model's metadata disagrees with the checkpoint (" + "; ".join(report["metadata_mismatches"])
+                       + "): it was exported from another checkpoint")
+    return "ONNX Runtime does not match PyTorch within tolerance: " + "; ".join(reasons or ["see the report"])
+
+
+def report_path(model: str, passed: bool, requested: str | None = None) -> str:
+    """Where a verification report goes: MODEL.verify.json when it passed, MODEL.verify.failed.json when not.
+
+    A failing check never replaces a passing report: that report is the proof the export was good.
+    """
+    path = requested or model + ".verify.json"
+    if passed:
+        return path
+    return path.removesuffix(".json") + ".failed.json"
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """The JSON report, atomically."""
+    atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+
+
+def add_parity_arguments(p: argparse.ArgumentParser) -> None:
+    """The verification flags `python -m export.onnx` and `python -m export.verify` share."""
+    p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration); "
+                   "without it only a checkpoint trained on the built-in digits is checked on real images (a "
+                   "checkpoint does not choose which files are read)")
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
+                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
+                   "but imports and runs a package.module:factory only when you name it here (default: none)")
+    p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute part of the bound |onnx - torch| <= "
+                   f"atol + rtol*|torch|, what counts for logits near zero (default: {DEFAULT_ATOL})")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="relative part of that bound, what counts for "
+                   f"large logits (default: {DEFAULT_RTOL})")
+    p.add_argument("--min-top1-agreement", type=float, default=DEFAULT_MIN_TOP1, help="smallest allowed top-1 "
+                   f"agreement on real images (default: {DEFAULT_MIN_TOP1})")
+    p.add_argument("--max-images", type=int, default=MAX_REAL_IMAGES, help="validation images to compare (and to "
+                   f"measure INT8 accuracy on) (default: {MAX_REAL_IMAGES})")
+
+
+def check_parity_arguments(args: argparse.Namespace) -> None:
+    """Refuse tolerances that are negative or not finite (a bound of inf or nan would prove nothing)."""
+    for flag in ("atol", "rtol"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise TorchferryError(f"--{flag} must be a finite number >= 0, got {value!r}")
+    if not 0.0 <= args.min_top1_agreement <= 1.0:
+        raise TorchferryError(f"--min-top1-agreement must be between 0 and 1, got {args.min_top1_agreement!r}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """`python -m export.verify` command line."""
+    p = argparse.ArgumentParser(prog="python -m export.verify", description="Check that an ONNX model computes "
+                                "what its torchferry checkpoint computes (ONNX Runtime vs PyTorch, CPU).")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("checkpoint", help="the torchferry checkpoint (.pth) it was exported from")
+    add_parity_arguments(p)
+    p.add_argument("--report", default=None, help="where to write the JSON report when it passes (default: "
+                   "MODEL.verify.json); a failing report goes beside it as *.failed.json, never over it")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when parity holds, 1 when it does not, 2 on bad input."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        check_parity_arguments(args)
+        if not os.path.isfile(args.model):
+            raise TorchferryError(f"model {args.model!r} does not exist")
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint, factory=args.factory)
+        report = verify_parity(args.model, model, checkpoint, data=args.data, use_real=not args.no_real_images,
+                               atol=args.atol, rtol=args.rtol, min_top1=args.min_top1_agreement,
+                               max_images=args.max_images)
+    except TorchferryError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - ORT refusing the file is bad input, said in one line
+        if args.debug:
+            raise
+        print(f"error: cannot run {args.model!r}: {str(exc).strip().splitlines()[0][:300]}", file=sys.stderr)
+        return 2
+    path = report_path(args.model, report["passed"], args.report)
+    write_report(report, path)
+    print(format_report(report))
+    if not report["passed"]:
+        print(f"error: {failure_message(report)} (report: {path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
