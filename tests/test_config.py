@@ -7,7 +7,8 @@ import os
 import pytest
 
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import TrainConfig, config_from_args, fit_to_images, resolve_defaults, validate_flags
+from torchferry.distributed.config import TrainConfig, fit_to_images, resolve_defaults, validate_flags
+from torchferry.distributed.flags import config_from_args
 
 
 def test_command_line_fills_the_dataclass_and_round_trips() -> None:

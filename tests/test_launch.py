@@ -199,7 +199,7 @@ def test_help_explains_every_flag() -> None:
 
 def test_readme_flag_table_lists_every_flag() -> None:
     readme = (REPO / "README.md").read_text()
-    from torchferry.distributed.config import get_args_parser
+    from torchferry.distributed.flags import get_args_parser
 
     for action in get_args_parser()._actions:
         for flag in action.option_strings:

@@ -16,14 +16,8 @@ import time
 from typing import Any
 
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import (
-    TrainConfig,
-    absolute_paths,
-    config_from_args,
-    fit_to_images,
-    resolve_defaults,
-    validate_flags,
-)
+from torchferry.distributed.config import TrainConfig, absolute_paths, fit_to_images, resolve_defaults, validate_flags
+from torchferry.distributed.flags import config_from_args
 
 _logger = logging.getLogger(__name__)
 
