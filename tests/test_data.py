@@ -11,7 +11,8 @@ from PIL import Image
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, resolve_defaults
-from torchferry.distributed.data import build_datasets, discover, load_image, materialize_digits, read_annotations
+from torchferry.distributed.data import build_datasets, discover, load_image, materialize_digits
+from torchferry.distributed.discovery import read_annotations
 from torchferry.distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
 
 

@@ -223,7 +223,8 @@ def validate_flags(cfg: TrainConfig) -> None:
                               f"number of workers ({cfg.num_workers_total})")
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """`path` with ~ expanded, made absolute against this process's working directory."""
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -241,19 +242,19 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     r = dataclasses.replace(cfg)
     key = data_set_key(r.data)
     if key in ("folder", "annotations"):
-        r.data = _absolute(r.data)
+        r.data = absolute_path(r.data)
     elif key != "digits":
         name, _, root = r.data.partition(":")
-        r.data = f"{name}:{_absolute(root)}"
+        r.data = f"{name}:{absolute_path(root)}"
     for attr in ("val_data", "image_root", "init_from"):
         if getattr(r, attr):
-            setattr(r, attr, _absolute(getattr(r, attr)))
-    r.cache_dir = _absolute(r.cache_dir)
-    r.output_dir = _absolute(r.output_dir)
+            setattr(r, attr, absolute_path(getattr(r, attr)))
+    r.cache_dir = absolute_path(r.cache_dir)
+    r.output_dir = absolute_path(r.output_dir)
     if r.storage and "://" not in r.storage:
-        r.storage = _absolute(r.storage)
+        r.storage = absolute_path(r.storage)
     if r.pretrained and is_weights_path(r.pretrained):
-        r.pretrained = _absolute(r.pretrained)
+        r.pretrained = absolute_path(r.pretrained)
     return r
 
 

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed.config import TrainConfig
-from torchferry.distributed.data import DataSplit, build_datasets, discover
+from torchferry.distributed.data import build_datasets, discover
+from torchferry.distributed.discovery import DataSplit
 from torchferry.distributed.models import build_model, find_head, keep_frozen_norms_in_eval, set_backbone_trainable
 from torchferry.distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
 
