@@ -1,8 +1,8 @@
 """GPU training throughput of torchferry's per-worker loop: fp32 vs bf16 channels_last vs torch.compile.
 
-    python bench/gpu_train.py [--model resnet50] [--image-size 224] [--batch-size 128] [--steps 30]
-                              [--real-data DIR] [--loader-workers 12] [--out PATH]
-    python bench/gpu_train.py --make-data DIR [--count 3072]      # JPEGs to measure the input pipeline on
+    python -m bench.gpu_train [--model resnet50] [--image-size 224] [--batch-size 128] [--steps 30]
+                                [--real-data DIR] [--loader-workers 12] [--out PATH]
+    python -m bench.gpu_train --make-data DIR [--count 3072]      # JPEGs to measure the input pipeline on
 
 Each mode runs `distributed.loop.train_one_epoch` (the function every Ray Train worker runs) on one GPU:
 `--warmup` steps first (cuDNN autotuning, compilation), then `--steps` timed steps, `--reps` times; the
@@ -30,13 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import machine_info, result_header, result_path, write_result
 from torchferry.distributed.loop import train_one_epoch
 from torchferry.distributed.models import build_model
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
-from bench_io import write_result
 
 MODES = {  # name: (amp, channels_last, compile)
     "fp32": (False, False, False),
@@ -219,7 +215,7 @@ def make_data(root: str, count: int, classes: int = 10, side: int = 320) -> None
     print(f"wrote {count} JPEGs ({side}x{side}) under {root}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
@@ -234,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=3072, help="--make-data: how many images (default: 3072)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a quick smoke run of this script")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     if args.make_data:
         make_data(args.make_data, args.count)
         return 0
@@ -266,10 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             row["tflop_s"] = row["img_s"] * flops / 1e12
             row["fraction_of_dense_bf16_peak"] = row["img_s"] * flops / peak if peak else None
             row["fraction_of_measured_matmul"] = row["img_s"] * flops / (matmul * 1e12) if matmul else None
-    result = {"benchmark": "gpu-train", "date": time.strftime("%Y-%m-%d"),
-              "machine": {"gpu": name, "cpus": os.cpu_count(), "torch": str(torch.__version__),
-                          "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-                          "python": platform.python_version()},
+    result = {**result_header("gpu-train"),
+              "machine": machine_info("torch", gpu=name, cuda=torch.version.cuda,
+                                      cudnn=torch.backends.cudnn.version() if cuda else None),
               "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
               "steps": args.steps, "warmup": args.warmup, "reps": args.reps,
               "train_gflop_per_image": flops / 1e9, "dense_bf16_peak_tflop_s": peak / 1e12 if peak else None,
@@ -278,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         "steps after warm-up, median of reps; FLOPs from torch.utils.flop_counter (fwd+bwd)",
               "rows": rows}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{slug}-gpu-train.json")
-    write_result(result, out)
+    write_result(result, Path(args.out) if args.out else result_path("gpu-train", host=slug))
     return 0
 
 

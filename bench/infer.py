@@ -1,6 +1,6 @@
 """CPU inference: ONNX Runtime (fp32 and INT8) against PyTorch eager, side by side in one run, as ratios.
 
-    python bench/infer.py [--quick] [--threads N] [--models smallcnn,resnet18,resnet50] [--checkpoint best.pth]
+    python -m bench.infer [--quick] [--threads N] [--models smallcnn,resnet18,resnet50] [--checkpoint best.pth]
 
 For each model (random weights, exported with torchferry's own exporter) and batch size 1 and 32: the
 median latency over repetitions for torch eager (inference_mode) and ONNX Runtime (CPU provider, all
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -25,14 +23,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.common import machine_info, result_header, result_path, write_result
 from torchferry.distributed.models import build_model
 from torchferry.export.onnx import export_model, save_checked
 from torchferry.export.quantize import quantize_static_qdq
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
-from bench_io import write_result
 
 MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
 
@@ -134,17 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for arch in args.models.split(",") for r in bench_model(arch, args.threads, args.quick,
                                                                           not args.no_int8)]
     accuracy = [int8_accuracy(path, args.data) for path in args.checkpoint]
-    result = {"benchmark": "infer", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version(), "torch": str(torch.__version__),
-                          "onnxruntime": ort.__version__},
+    result = {**result_header("infer"), "machine": machine_info("torch", "onnxruntime"),
               "method": "median latency over reps after 5 warm-up runs; same thread count for torch eager "
                         "(inference_mode) and ONNX Runtime (CPU, ORT_ENABLE_ALL); random weights for speed; INT8 "
                         "is onnxruntime's static QDQ (per-channel INT8 weights, UINT8 activations), its accuracy "
                         "measured on trained checkpoints' validation images",
               "rows": rows, "int8_accuracy": accuracy}
-    out = Path(args.out or Path(__file__).parent / "results" / f"{result['date']}-{result['host']}-infer.json")
-    write_result(result, out)
+    write_result(result, Path(args.out) if args.out else result_path("infer"))
     return 0
 
 

@@ -1,8 +1,8 @@
 """Load tool: N concurrent HTTP clients for T seconds against a torchferry server, beside the same predictor
 called in-process, as ratios.
 
-    python bench/load.py --url http://127.0.0.1:8080 --images DIR --clients 4 --seconds 10   # a running server
-    python bench/load.py --suite [--quick]     # starts gunicorn itself: smallcnn and resnet18, 1/4/16 clients,
+    python -m bench.load --url http://127.0.0.1:8080 --images DIR --clients 4 --seconds 10   # a running server
+    python -m bench.load --suite [--quick]     # starts gunicorn itself: smallcnn and resnet18, 1/4/16 clients,
                                                # with and without micro-batching; writes bench/results/*.json
 
 Each client is a thread with its own keep-alive session posting one real image file per request (raw
@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +28,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
-from bench_io import write_result
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.common import ROOT, free_port, machine_info, result_header, result_path, write_result
 
 MAX_REQUESTS_PER_CLIENT = 100_000
 
@@ -152,28 +146,40 @@ def make_model(arch: str, folder: Path) -> str:
     return str(folder / f"{arch}.onnx")
 
 
-def start_gunicorn(model: str, port: int, window_ms: float, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
-           "TORCHFERRY_BATCH_WINDOW_MS": str(window_ms), "TORCHFERRY_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def start_gunicorn(model: str, port: int, log: Path, window_ms: float | None = None,
+                   worker_class: str | None = None) -> subprocess.Popen:
+    """gunicorn -c torchferry/serve/gunicorn.conf.py [-k CLASS] on 127.0.0.1:port, ready (bounded wait)."""
     import requests
 
+    env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
+           "TORCHFERRY_LOG_LEVEL": "warning"}
+    if window_ms is not None:
+        env["TORCHFERRY_BATCH_WINDOW_MS"] = str(window_ms)
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "torchferry" / "serve" / "gunicorn.conf.py")]
+    if worker_class:
+        cmd += ["-k", worker_class]
+    with open(log, "w") as out:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return proc
-        except (requests.ConnectionError, requests.Timeout):  # no worker accepts before its model is proven
-            time.sleep(0.2)
+        except requests.RequestException:  # no worker accepts before its model is proven
+            pass
+        time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"server did not get ready; see {log}")
+    raise SystemExit(f"{worker_class or 'gunicorn'}: server did not get ready; see {log}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def stop_gunicorn(proc: subprocess.Popen) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL after 40 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def suite(quick: bool) -> dict[str, Any]:
@@ -191,8 +197,8 @@ def suite(quick: bool) -> dict[str, Any]:
                 print(f"{arch:<9} in-process     clients {clients:>2}: {r['req_s']:7.1f} req/s  "
                       f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms", flush=True)
             for window in (0.0, 5.0):
-                port = _free_port()
-                proc = start_gunicorn(model, port, window, tmp / f"{arch}-{window}.log")
+                port = free_port()
+                proc = start_gunicorn(model, port, tmp / f"{arch}-{window}.log", window_ms=window)
                 try:
                     call = http_caller(f"http://127.0.0.1:{port}")
                     drive(call, images, 2, 1.0)  # warm connections and code paths
@@ -203,8 +209,7 @@ def suite(quick: bool) -> dict[str, Any]:
                               f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
                               flush=True)
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait(timeout=60)
+                    stop_gunicorn(proc)
     ratios = []
     for arch in ("smallcnn", "resnet18"):
         base = {r["clients"]: r for r in rows if r["model"] == arch and r["mode"] == "in-process"}
@@ -243,14 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                                    **drive(inprocess_caller(args.model, 0), images, args.clients, args.seconds)})
         for row in result["rows"]:
             print(json.dumps(row))
-    result.update({"benchmark": "load", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
-                   "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                               "python": platform.python_version()},
+    result.update({**result_header("load"), "machine": machine_info(),
                    "method": "threads with keep-alive sessions, one JPEG per request (raw image/jpeg body), "
                              "client and server on the same machine; in-process = decode + preprocess + ORT "
                              "with the same thread count, no HTTP"})
-    out = Path(args.out or REPO / "bench" / "results" / f"{result['date']}-{result['host']}-load.json")
-    write_result(result, out)
+    write_result(result, Path(args.out) if args.out else result_path("load"))
     return 0
 
 

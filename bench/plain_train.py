@@ -1,7 +1,7 @@
 """The baseline torchferry is measured against: a plain PyTorch training loop, as one writes it by hand.
 
-    python bench/plain_train.py --data digits --model smallcnn --epochs 3 --out times.json
-    torchrun --standalone --nproc-per-node 2 bench/plain_train.py ...      # DDP over gloo (or nccl on GPUs)
+    python -m bench.plain_train --data digits --model smallcnn --epochs 3 --out times.json
+    torchrun --standalone --nproc-per-node 2 -m bench.plain_train ...      # DDP over gloo (or nccl on GPUs)
 
 The loop of torchvision's classification reference (train_one_epoch / evaluate, DistributedSampler,
 DistributedDataParallel, SGD with momentum, loss.item() logged every step), with no Ray, no checkpoints
@@ -18,13 +18,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchferry.distributed.config import TrainConfig, resolve_defaults
 from torchferry.distributed.data import build_datasets, discover
@@ -63,7 +62,7 @@ def evaluate(model, loader, device) -> float:
     return float(t[0] / max(t[1], 1))
 
 
-def main() -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="digits")
     p.add_argument("--model", default="smallcnn")
@@ -75,15 +74,12 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes per training process")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--out", required=True)
-    args = p.parse_args()
+    return p
 
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+
+def load_data(args: argparse.Namespace, world: int, distributed: bool, device: torch.device) -> tuple[Any, ...]:
+    """torchferry's datasets and transforms for --data, in the reference's loaders: (train sampler, train loader,
+    validation loader, number of classes, channels)."""
     cfg = resolve_defaults(TrainConfig(data=args.data, model=args.model, image_size=args.image_size,
                                        channels=args.channels, batch_size=args.batch_size * world,
                                        check_images="none", name="plain"))
@@ -96,9 +92,22 @@ def main() -> int:
               "persistent_workers": args.num_workers > 0}
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler, **common)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, sampler=val_sampler, **common)
+    return train_sampler, train_loader, val_loader, len(split.classes), int(cfg.channels)
+
+
+def main() -> int:
+    args = get_args_parser().parse_args()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_sampler, train_loader, val_loader, classes, channels = load_data(args, world, distributed, device)
 
     torch.manual_seed(0)
-    model = build_model(args.model, len(split.classes), channels=int(cfg.channels)).to(device)
+    model = build_model(args.model, classes, channels=channels).to(device)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss()

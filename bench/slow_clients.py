@@ -1,6 +1,6 @@
 """Slow clients against gunicorn worker classes: what 64 connections sending 1 byte/s do to a normal client.
 
-    python bench/slow_clients.py [--seconds 8] [--slow 64] [--out PATH]
+    python -m bench.slow_clients [--seconds 8] [--slow 64] [--out PATH]
 
 For each worker class (gunicorn's gthread, gunicorn's gevent, and the production serve.worker.BufferingWorker),
 the same serve/gunicorn.conf.py starts a server (all three at once) on 127.0.0.1 with a smallcnn model made here, and:
@@ -18,12 +18,8 @@ Loopback only; every loop is bounded by time and count. Writes bench/results/<da
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import selectors
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,49 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/
-from bench_io import write_result
-from load import drive, http_caller, make_images, make_model, percentile
+from bench.common import free_port, machine_info, result_header, result_path, write_result
+from bench.load import drive, http_caller, make_images, make_model, percentile, start_gunicorn, stop_gunicorn
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER_CLASSES = ("gthread", "gevent", "torchferry.serve.worker.BufferingWorker")
 CLIENT_TIMEOUT_S = 10.0
 STALL_LIMIT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(worker_class: str, model: str, port: int, log: Path) -> subprocess.Popen:
-    """gunicorn -c serve/gunicorn.conf.py -k CLASS on 127.0.0.1:port, ready (bounded wait)."""
-    import requests
-
-    env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
-           "TORCHFERRY_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py"),
-                             "-k", worker_class], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"{worker_class}: server did not get ready; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def normal_client(port: int, image: bytes, seconds: float, max_requests: int = 2000) -> dict[str, Any]:
@@ -215,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(tmp / "images")
         model = make_model("smallcnn", tmp)
         ports = {k: free_port() for k in args.classes}
-        procs = [start(k, model, port, tmp / f"{k}.log") for k, port in ports.items()]
+        procs = [start_gunicorn(model, port, tmp / f"{k}.log", worker_class=k) for k, port in ports.items()]
         try:
             for port in ports.values():
                 drive(http_caller(f"http://127.0.0.1:{port}"), images, 2, 1.0)  # warm
@@ -230,16 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"half head {row['half_head']}", flush=True)
         finally:
             for proc in procs:
-                stop(proc)
-    result = {"benchmark": "slow_clients", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version(), "load_average": os.getloadavg()},
+                stop_gunicorn(proc)
+    result = {**result_header("slow_clients"), "machine": machine_info(),
               "seconds_per_phase": args.seconds, "load_seconds": args.load_seconds, "rounds": args.rounds, "slow_connections": args.slow, "rows": rows,
               "method": "serve/gunicorn.conf.py with -k CLASS, smallcnn, 1 worker x 4 threads; normal client: "
                         "sequential 320x240 JPEG posts on fresh connections, 10 s client timeout; slow connections "
                         "send 1 byte/s (half request heads, half bodies), reopened when closed"}
-    out = Path(args.out or REPO / "bench" / "results" / f"{result['date']}-{result['host']}-slow-clients.json")
-    write_result(result, out)
+    write_result(result, Path(args.out) if args.out else result_path("slow-clients"))
     return 0
 
 

@@ -1,8 +1,8 @@
 """Training throughput, side by side: a plain PyTorch loop, torchrun DDP, and torchferry on Ray Train.
 
-    python bench/train_throughput.py [--quick] [--models smallcnn,resnet18] [--workers 1,2]
+    python -m bench.train_throughput [--quick] [--models smallcnn,resnet18] [--workers 1,2]
 
-For each model: (a) `bench/plain_train.py` in one process, (b) the same script under `torchrun` with N
+For each model: (a) `python -m bench.plain_train` in one process, (b) the same script under `torchrun` with N
 processes (DDP over gloo), (c) `python -m distributed.launch --gpus 0 --workers N` — the same data files
 and transform objects, the same batch size per worker, the same torch threads per process (the cores
 divided by N) and DataLoader processes per worker. Steady-state images/s is the median over the epochs
@@ -17,9 +17,7 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,10 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported
-from bench_io import write_result
+from bench.common import machine_info, repo_env, result_header, result_path, show, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {  # model: input flags common to every runner
     "smallcnn": [],
     "resnet18": ["--image-size", "64", "--channels", "3"],
@@ -41,7 +37,6 @@ BATCH_PER_WORKER = 64
 
 def subset_of_digits(root: str, fraction: float, cache: str) -> str:
     """Every k-th digit image of each class, copied into ROOT/<class>/: a smaller set with the same classes."""
-    sys.path.insert(0, str(ROOT))
     from torchferry.distributed.data import materialize_digits
 
     source = materialize_digits(cache)
@@ -67,7 +62,7 @@ def run_plain(model: str, data: str, world: int, torchrun: bool, epochs: int, lo
               env: dict[str, str], tmp: str) -> dict[str, Any]:
     out = os.path.join(tmp, f"plain-{model}-{world}-{int(torchrun)}-{time.monotonic_ns()}.json")
     threads = max(1, cores // world)
-    script = [str(ROOT / "bench" / "plain_train.py"), "--model", model, *_data_flags(model, data),
+    script = ["-m", "bench.plain_train", "--model", model, *_data_flags(model, data),
               "--batch-size", str(BATCH_PER_WORKER), "--epochs", str(epochs), "--num-workers", str(loader_workers),
               "--threads", str(threads), "--out", out]
     if torchrun:
@@ -75,7 +70,7 @@ def run_plain(model: str, data: str, world: int, torchrun: bool, epochs: int, lo
     else:
         cmd = [sys.executable, *script]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": str(threads)},
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(env, OMP_NUM_THREADS=str(threads)),
                           cwd=tmp, check=False, timeout=1800)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -85,7 +80,7 @@ def run_plain(model: str, data: str, world: int, torchrun: bool, epochs: int, lo
     return {"runner": f"torchrun x{world}" if torchrun else "plain loop", "workers": world, "threads": threads,
             "img_s": _steady(rates), "img_s_epochs": rates, "wall_s": wall,
             "startup_s": wall - sum(e["seconds"] for e in result["epochs"]),
-            "val_acc": result["epochs"][-1]["val_acc"], "command": _show(cmd)}
+            "val_acc": result["epochs"][-1]["val_acc"], "command": show(cmd)}
 
 
 def run_torchferry(model: str, data: str, world: int, epochs: int, loader_workers: int, cores: int,
@@ -97,7 +92,7 @@ def run_torchferry(model: str, data: str, world: int, epochs: int, loader_worker
            "--num-workers", str(loader_workers), "--output-dir", os.path.join(tmp, "runs"), "--name", name,
            "--progress", "off"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(env), cwd=tmp,
                           check=False, timeout=1800)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -108,13 +103,7 @@ def run_torchferry(model: str, data: str, world: int, epochs: int, loader_worker
     return {"runner": f"torchferry Ray x{world}", "workers": world, "threads": max(1, cores // world),
             "img_s": _steady(rates), "img_s_epochs": rates, "wall_s": wall,
             "startup_s": wall - sum(float(r["seconds"]) for r in rows), "val_acc": float(rows[-1]["val_acc"]),
-            "command": _show(cmd)}
-
-
-def _show(cmd: list[str]) -> str:
-    shown = ["python" if c == sys.executable else os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c
-             for c in cmd]
-    return " ".join(shown)
+            "command": show(cmd)}
 
 
 def bench_model(model: str, worlds: list[int], epochs: int, reps: int, fraction: float, loader_workers: int,
@@ -180,17 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     models = [bench_model(m, worlds if not (args.quick and m != "smallcnn") else [w for w in worlds if w > 1] or worlds,
                           epochs, reps, fraction if m != "smallcnn" else 1.0, args.loader_workers, cores, env)
               for m in args.models.split(",")]
-    import torch
-
-    result = {"benchmark": "train", "date": time.strftime("%Y-%m-%d"), "host": socket.gethostname(),
-              "machine": {"cpus": cores, "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version(), "torch": str(torch.__version__)},
+    result = {**result_header("train"), "machine": machine_info("torch"),
               "method": "steady-state training images/s (median over epochs 2..E of each run, the training phase "
                         "only; median over the alternating runs), start-up = wall time minus the epochs' time; same data, transforms, batch per "
                         "worker, threads per process (cores / N) and DataLoader processes for every runner",
               "models": models}
-    out = Path(args.out or ROOT / "bench" / "results" / f"{result['date']}-{result['host']}-train.json")
-    write_result(result, out)
+    write_result(result, Path(args.out) if args.out else result_path("train"))
     return 0
 
 

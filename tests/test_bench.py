@@ -1,20 +1,21 @@
-"""bench/run_all.py's verdicts and table, on a merged result written here (the benchmarks themselves run in bench/)."""
+"""The package bench: its modules run as `python -m bench.<name>`, share one module, and bench.run_all's verdicts
+and table on a merged result written here (the benchmarks themselves run in bench/, not in the suite)."""
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import common, run_all
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _run_all():
-    spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_all"] = module
-    spec.loader.exec_module(module)
-    return module
+MODULES = sorted(p.stem for p in (REPO / "bench").glob("*.py") if p.stem != "__init__")
 
 
 def _result() -> dict:
@@ -35,7 +36,6 @@ def _result() -> dict:
 
 
 def test_targets_say_met_missed_and_by_how_much() -> None:
-    run_all = _run_all()
     checks = {c["target"]: c for c in run_all.check_targets(_result())}
     smallcnn = checks["torchferry on Ray, 2 workers, vs torchrun, 2 processes (smallcnn/digits)"]
     assert smallcnn["met"] is False and smallcnn["short_by"] == "short by 7.7 %"
@@ -46,10 +46,51 @@ def test_targets_say_met_missed_and_by_how_much() -> None:
 
 
 def test_results_table_names_the_machine_the_misses_and_the_commands() -> None:
-    run_all = _run_all()
     result = _result()
     result["targets"] = run_all.check_targets(result)
     text = run_all.render(result, "bench/results/x.json")
-    assert "2 CPU cores" in text and "python bench/run_all.py --quick" in text
+    assert "2 CPU cores" in text and "python -m bench.run_all --quick" in text
     assert "**no** (short by 7.7 %)" in text and "| smallcnn | digits | torchferry Ray x2 | 2 | 1 | 90.0 |" in text
     assert "| resnet18 | 3x224x224 | 1 | 10.0 | 21.0 | 2.10 | 42.0 | 2.00 |" in text
+
+
+def test_no_benchmark_changes_sys_path_and_each_runs_as_a_module() -> None:
+    for name in MODULES:
+        source = (REPO / "bench" / f"{name}.py").read_text()
+        tree = ast.parse(source)
+        touches = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                   and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not touches, f"bench/{name}.py changes sys.path at lines {touches}"
+        local = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                 and n.module.split(".")[0] in MODULES]
+        assert not local, f"bench/{name}.py imports {local} as top-level modules; import them from the package bench"
+        if name != "common":
+            assert 'if __name__ == "__main__":' in source and "python -m bench." + name in source, name
+
+
+def test_machine_info_and_result_path_are_written_once() -> None:
+    info = common.machine_info("json", extra="x")
+    assert info["cpus"] == os.cpu_count() and len(info["load_average"]) == 3 and info["json"] and info["extra"] == "x"
+    path = common.result_path("train")
+    assert path.parent == REPO / "bench" / "results"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-.+-train\.json", path.name)
+    assert common.result_path("gpu-train", host="nvidia-h100").name.endswith("-nvidia-h100-gpu-train.json")
+    for name in MODULES:  # the machine dict and the result path are built in bench/common.py alone
+        if name != "common":
+            source = (REPO / "bench" / f"{name}.py").read_text()
+            assert "platform.python_version()" not in source and '"results" /' not in source, name
+
+
+def test_run_all_runs_as_a_module_from_the_repository_root() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=common.repo_env(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--render" in proc.stdout
+
+
+@pytest.mark.slow
+def test_every_benchmark_module_imports() -> None:
+    code = "; ".join(f"import bench.{name}" for name in MODULES)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=common.repo_env(), check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,1 @@
+"""torchferry's benchmarks: each module runs as `python -m bench.<name>` from the repository root."""
