@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 from torchferry.serve.auth import EXEMPT_PATHS, BearerAuth
 from torchferry.serve.images import ImageError, PixelBudget, prepare
 from torchferry.serve.repository import ModelRepository, Served
-from torchferry.serve.settings import SETTINGS, check_settings, settings_from_env  # noqa: F401 - SETTINGS re-exported
+from torchferry.serve.settings import ServeSettings, settings_from_env  # noqa: F401 - settings_from_env re-exported
 from torchferry.serve.v2 import Limits, V2Error, v2_blueprint
 
 _logger = logging.getLogger("torchferry.serve")
@@ -137,27 +137,25 @@ def _top_k(default: int, num_classes: int) -> int:
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """The serving app; `config` overrides environment variables, which override defaults."""
+    settings = ServeSettings.load(config)
     app = Flask("torchferry.serve")
-    app.config.from_mapping(settings_from_env())
-    if config:
-        app.config.update(config)
-    check_settings(app.config)
+    app.config.from_mapping(config or {}, **settings.as_config())  # the settings as cast and checked
     app.config.update(
         DEBUG=False, TESTING=bool(app.config.get("TESTING")), PROPAGATE_EXCEPTIONS=False,
-        MAX_CONTENT_LENGTH=int(app.config["MAX_UPLOAD_BYTES"]),
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         # Multipart limits (CVE-2023-25577, CVE-2024-49767): few parts, little memory for non-file fields.
-        MAX_FORM_PARTS=int(app.config["MAX_IMAGES"]) + 8, MAX_FORM_MEMORY_SIZE=64 * 1024,
+        MAX_FORM_PARTS=settings.max_images + 8, MAX_FORM_MEMORY_SIZE=64 * 1024,
     )
     app.debug = False
     # Pillow's own bomb check runs inside Image.open, before ours: give it our cap (never below its default).
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = max(int(app.config["MAX_PIXELS"]), Image.MAX_IMAGE_PIXELS or 0)
+    Image.MAX_IMAGE_PIXELS = max(settings.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
     # One image at the pixel cap decodes at a time per process (serve/images.py): the memory budget holds
     # whatever the number of threads.
-    budget = PixelBudget(int(app.config["MAX_PIXELS"]))
-    repo = ModelRepository(app.config)
-    auth = BearerAuth(app.config.get("AUTH_TOKEN"), app.config.get("AUTH_TOKEN_FILE"))
+    budget = PixelBudget(settings.max_pixels)
+    repo = ModelRepository(settings)
+    auth = BearerAuth(settings.auth_token, settings.auth_token_file)
     metrics = _metrics(app)
     app.extensions["torchferry"] = repo
     if app.config.get("LOAD_FIRST"):  # gunicorn: a worker takes no connection before its model is proven
@@ -165,7 +163,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         repo.start(initial_load=False)
     elif app.config.get("LOAD_SYNC"):  # tests: no watcher thread unless polling
         repo.refresh()
-        if float(app.config["POLL_SECONDS"]) > 0:
+        if settings.poll_seconds > 0:
             repo.start(initial_load=False)
     else:
         repo.start()
@@ -193,7 +191,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def _bounded_chunked_body() -> None:
-        read_chunked_body(int(app.config["MAX_UPLOAD_BYTES"]))
+        read_chunked_body(settings.max_upload_bytes)
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -275,9 +273,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     def predict():
         served = serving(repo)
         predictor = served.predictor
-        k = _top_k(int(app.config["TOP_K"]), len(predictor.info.classes))
-        images = _collect_images(int(app.config["MAX_IMAGES"]))
-        spec, max_pixels = predictor.info.preprocess, int(app.config["MAX_PIXELS"])
+        k = _top_k(settings.top_k, len(predictor.info.classes))
+        images = _collect_images(settings.max_images)
+        spec, max_pixels = predictor.info.preprocess, settings.max_pixels
         batch = np.stack([prepare(data, spec, max_pixels, name, budget) for name, data in images])
         g.images = len(images)
         logits = served.run(batch)
@@ -291,7 +289,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         metrics["images"].inc(n)
         metrics["batch"].observe(n)
 
-    limits = Limits(max_images=int(app.config["MAX_IMAGES"]), max_pixels=int(app.config["MAX_PIXELS"]),
-                    max_body=int(app.config["MAX_UPLOAD_BYTES"]), budget=budget)
+    limits = Limits(max_images=settings.max_images, max_pixels=settings.max_pixels,
+                    max_body=settings.max_upload_bytes, budget=budget)
     app.register_blueprint(v2_blueprint(repo, limits, count_images))
     return app

@@ -1,11 +1,12 @@
 """gunicorn settings for production: `gunicorn -c serve/gunicorn.conf.py`.
 
-Environment: TORCHFERRY_BIND (default 127.0.0.1:8080; the container sets 0.0.0.0:8080), TORCHFERRY_WORKERS
-(processes, default 1), TORCHFERRY_THREADS (threads per process, default 4), TORCHFERRY_ORT_THREADS (ONNX
-Runtime intra-op threads per process; default: the cores divided among the workers, so workers × ORT
-threads never oversubscribe the machine), TORCHFERRY_GRACEFUL_TIMEOUT (seconds in-flight requests get
-after SIGTERM, default 30), TORCHFERRY_BODY_TIMEOUT (seconds a request body may take after its head, default
-15; then 408), TORCHFERRY_WORKER_CONNECTIONS (open connections per worker, default 1000). PROMETHEUS_MULTIPROC_DIR
+Environment: the settings of serve/settings.py, `GunicornSettings` for the processes (TORCHFERRY_BIND, default
+127.0.0.1:8080, the container sets 0.0.0.0:8080; TORCHFERRY_WORKERS, default 1; TORCHFERRY_THREADS per worker,
+default 4; TORCHFERRY_GRACEFUL_TIMEOUT, seconds in-flight requests get after SIGTERM, default 30;
+TORCHFERRY_BODY_TIMEOUT, seconds a request body may take after its head, default 15, then 408;
+TORCHFERRY_WORKER_CONNECTIONS, default 1000; TORCHFERRY_TIMEOUT, TORCHFERRY_WORKER_TMP_DIR,
+TORCHFERRY_LOG_LEVEL) and `ServeSettings` for the app (TORCHFERRY_ORT_THREADS defaults here to the cores
+divided among the workers, so workers × ORT threads never oversubscribe the machine). PROMETHEUS_MULTIPROC_DIR
 turns on prometheus_client's multiprocess mode.
 
 Slow clients: the worker class (serve/worker.py) reads every request whole on gevent before one of the app's
@@ -23,53 +24,41 @@ restart the server (a rolling update in Kubernetes).
 
 import os
 import signal
-import sys
 
 from torchferry.serve.settings import exit_on_bad_settings
 
-exit_on_bad_settings()  # a TORCHFERRY_* setting that cannot work: one line, exit 2, before any worker starts
+# Every TORCHFERRY_* setting, read and checked once (serve/settings.py); one that cannot work: one line, exit 2,
+# before any worker starts.
+_settings, _app_settings = exit_on_bad_settings()
 # The model is loaded and proven inside create_app, before the worker accepts: a worker that starts or is
 # restarted takes no connection it would answer 503, so ready means every accepting worker can answer.
 wsgi_app = "torchferry.serve.app:create_app({'LOAD_FIRST': True})"
-bind = os.environ.get("TORCHFERRY_BIND", "127.0.0.1:8080")
-workers = int(os.environ.get("TORCHFERRY_WORKERS", "1"))
-threads = int(os.environ.get("TORCHFERRY_THREADS", "4"))
+bind = _settings.bind
+workers = _settings.workers
+threads = _settings.threads
 # gevent reads each request whole (head within `keepalive` s, body within TORCHFERRY_BODY_TIMEOUT s, else 408),
 # then one of `threads` native threads runs the app: slow clients hold a greenlet, never an app thread.
 worker_class = "torchferry.serve.worker.BufferingWorker"
-worker_connections = int(os.environ.get("TORCHFERRY_WORKER_CONNECTIONS", "1000"))
+worker_connections = _settings.worker_connections
 # SIGTERM: stop accepting, let requests in flight finish for up to graceful_timeout seconds.
-graceful_timeout = int(os.environ.get("TORCHFERRY_GRACEFUL_TIMEOUT", "30"))
-timeout = int(os.environ.get("TORCHFERRY_TIMEOUT", "60"))
+graceful_timeout = _settings.graceful_timeout
+timeout = _settings.timeout
 keepalive = 5
 # Heartbeat files in memory: works with a read-only root filesystem and never stalls on a slow disk.
-worker_tmp_dir = os.environ.get("TORCHFERRY_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+worker_tmp_dir = _settings.worker_tmp_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
 preload_app = False  # each worker builds its own ONNX Runtime session after the fork, before it accepts
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
 accesslog = None  # the app writes one JSON line per request itself
 errorlog = "-"
-loglevel = os.environ.get("TORCHFERRY_LOG_LEVEL", "info")
+loglevel = _settings.log_level
 
-def _seconds(name: str, default: str) -> float:
-    """A positive number of seconds from the environment; anything else stops the server at start (exit 2)."""
-    raw = os.environ.get(name) or default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        sys.stderr.write(f"error: {name}={raw!r} must be a positive number of seconds\n")
-        sys.exit(2)
-    return value
-
-
-# How long a request body may take to arrive after its head (serve/worker.py answers 408 after that).
-_body_timeout = _seconds("TORCHFERRY_BODY_TIMEOUT", "15")
+# ONNX Runtime threads per worker, unless set: the cores divided among the workers, so that workers × ORT
+# threads never oversubscribe the machine.
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-raw_env = [f"TORCHFERRY_ORT_THREADS={os.environ.get('TORCHFERRY_ORT_THREADS') or max(1, _cores // workers)}",
-           f"TORCHFERRY_BODY_TIMEOUT={_body_timeout:g}"]
+_ort_threads = _app_settings.ort_threads
+raw_env = [f"TORCHFERRY_ORT_THREADS={max(1, _cores // workers) if _ort_threads is None else _ort_threads}"]
 
 
 def on_starting(server):

@@ -25,6 +25,7 @@ import numpy as np
 
 from torchferry.serve.batcher import MicroBatcher
 from torchferry.serve.predictor import ModelRefused, Predictor
+from torchferry.serve.settings import ServeSettings
 
 _logger = logging.getLogger("torchferry.serve")
 
@@ -118,14 +119,14 @@ def find_versions(model_dir: str, name: str | None) -> tuple[str, dict[int, str]
 class ModelRepository:
     """The served model of this process, its versions' states, and the background re-check that swaps it."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.model_file: str | None = config.get("MODEL") or None
-        self.model_dir: str | None = config.get("MODEL_DIR") or None
-        self.name_override: str | None = config.get("MODEL_NAME") or None
-        self.threads = int(config.get("ORT_THREADS") or 0)
-        self.batch_window_ms = float(config.get("BATCH_WINDOW_MS") or 0)
-        self.max_batch = int(config.get("MAX_BATCH") or 32)
-        self.poll_seconds = float(config.get("POLL_SECONDS") or 0)
+    def __init__(self, settings: ServeSettings):
+        self.model_file: str | None = settings.model or None
+        self.model_dir: str | None = settings.model_dir or None
+        self.name_override: str | None = settings.model_name or None
+        self.threads = settings.ort_threads or 0
+        self.batch_window_ms = settings.batch_window_ms
+        self.max_batch = settings.max_batch
+        self.poll_seconds = settings.poll_seconds
         self.active: Served | None = None
         self.reason = "loading the model"
         self.name: str | None = self.name_override

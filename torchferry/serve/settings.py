@@ -1,4 +1,10 @@
-"""The server's settings: defaults, TORCHFERRY_* environment variables, and the check that they can work.
+"""The server's settings, each declared once: its TORCHFERRY_* variable, type, default, range and help.
+
+Two typed dataclasses hold them: `ServeSettings`, what the app reads (`create_app`, and `python -m serve`,
+whose flags are made from the same declarations), and `GunicornSettings`, what serve/gunicorn.conf.py and the
+worker class read. `load()` takes the defaults, then the environment, then explicit overrides (the app's
+config mapping or the command line), and casts and checks each value once: a value that cannot work is a
+ValueError naming its variable.
 
 Light on purpose (no Flask, numpy or ONNX Runtime): gunicorn's master runs `exit_on_bad_settings()` from
 serve/gunicorn.conf.py before it starts any worker, so a setting that cannot work stops the server with one
@@ -7,89 +13,195 @@ line and exit status 2, as `python -m serve` does, instead of workers failing to
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
-from typing import Any
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
 
 # Pillow keeps an 8-byte pointer per row, so a side may be at most the pixel limit / 8 (serve/images.py).
 ROW_COST_PIXELS = 8
-
-# Settings where an empty value is kept as "", not read as unset: an empty token must not turn auth off.
-KEEP_EMPTY = frozenset({"AUTH_TOKEN", "AUTH_TOKEN_FILE"})
-
-# name: (environment variable, type, default)
-SETTINGS: dict[str, tuple[str, type, Any]] = {
-    "MODEL": ("TORCHFERRY_MODEL", str, None),
-    "MODEL_DIR": ("TORCHFERRY_MODEL_DIR", str, None),
-    "MODEL_NAME": ("TORCHFERRY_MODEL_NAME", str, None),
-    "POLL_SECONDS": ("TORCHFERRY_POLL_SECONDS", float, 0.0),
-    "AUTH_TOKEN": ("TORCHFERRY_AUTH_TOKEN", str, None),
-    "AUTH_TOKEN_FILE": ("TORCHFERRY_AUTH_TOKEN_FILE", str, None),
-    "MAX_UPLOAD_BYTES": ("TORCHFERRY_MAX_UPLOAD_BYTES", int, 16 * 1024 * 1024),
-    "MAX_IMAGES": ("TORCHFERRY_MAX_IMAGES", int, 16),
-    "MAX_PIXELS": ("TORCHFERRY_MAX_PIXELS", int, 40_000_000),
-    "TOP_K": ("TORCHFERRY_TOP_K", int, 5),
-    "ORT_THREADS": ("TORCHFERRY_ORT_THREADS", int, 0),
-    "BATCH_WINDOW_MS": ("TORCHFERRY_BATCH_WINDOW_MS", float, 0.0),
-    "MAX_BATCH": ("TORCHFERRY_MAX_BATCH", int, 32),
-}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Defaults overridden by TORCHFERRY_* environment variables; a malformed value is a clear error."""
-    env = os.environ if environ is None else environ
-    out = {}
-    for name, (var, kind, default) in SETTINGS.items():
-        raw = env.get(var)
-        if raw is None or (raw == "" and name not in KEEP_EMPTY):
-            out[name] = default
-            continue
-        try:
-            out[name] = kind(raw)
-        except ValueError:
-            raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
-    return out
+@dataclass(frozen=True)
+class Setting:
+    """How one setting is read: its variable, range (`low`..`high`, inclusive unless `positive`) and help."""
+
+    env: str
+    help: str
+    low: float | None = None
+    high: float | None = None
+    positive: bool = False  # above `low`, not equal to it
+    rule: str | None = None  # the error says "must be <rule>" instead of the range
+    choices: tuple[str, ...] = ()
+    flag: str | None = None  # the `python -m serve` flag
+    unset: str | None = None  # what happens when a setting without a default is unset (for the help)
+    keep_empty: bool = False  # "" is a value, not unset: an empty token must not turn auth off
 
 
-# The range each numeric setting must lie in: (smallest, largest or None); a value outside cannot work.
-BOUNDS: dict[str, tuple[float, float | None]] = {
-    "POLL_SECONDS": (0, 86_400 * 365),
-    "MAX_UPLOAD_BYTES": (1, 2**31),
-    "MAX_IMAGES": (1, 4096),
-    "MAX_PIXELS": (ROW_COST_PIXELS, 2**31),
-    "TOP_K": (1, None),
-    "ORT_THREADS": (0, 1024),
-    "BATCH_WINDOW_MS": (0, 60_000),
-    "MAX_BATCH": (1, 65_536),
-}
+def setting(env: str, default: Any, help: str, **how: Any) -> Any:
+    """A dataclass field that is a setting; `how` holds the rest of its `Setting`."""
+    return field(default=default, metadata={"setting": Setting(env, help, **how)})
 
 
-def check_settings(config: dict[str, Any]) -> None:
-    """A setting that cannot work is a ValueError naming it, raised before the server starts."""
-    for name, (low, high) in BOUNDS.items():
-        value = config.get(name)
-        if value is None:
-            continue
-        var = SETTINGS[name][0]
-        kind = SETTINGS[name][1]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise ValueError(f"{var}={value!r} is not a valid {kind.__name__}")
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            allowed = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
-            raise ValueError(f"{var}={value!r} cannot work; it must be {allowed}")
+def _kind(annotation: Any) -> type:
+    """`int` for `int` and `int | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
 
 
+def _cast(spec: Setting, kind: type, raw: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        problem = f"must be {spec.rule}" if spec.rule else f"is not a valid {kind.__name__}"
+        raise ValueError(f"{spec.env}={raw!r} {problem}") from None
 
-def exit_on_bad_settings(environ: dict[str, str] | None = None) -> None:
-    """The environment's settings and token checked; on a problem, one line on stderr and exit status 2."""
+
+def _checked(spec: Setting, kind: type, value: Any, shown: Any) -> Any:
+    """`value` as `kind`, or a ValueError naming the variable when it has another type or lies outside its range."""
+    if value is None:
+        return None
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{spec.env}={shown!r} is not a valid str")
+        if spec.choices and value.lower() not in spec.choices:
+            raise ValueError(f"{spec.env}={shown!r} is not one of {', '.join(spec.choices)}")
+        return value.lower() if spec.choices else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ValueError(f"{spec.env}={shown!r} is not a valid {kind.__name__}")
+    low, high = spec.low, spec.high
+    if not math.isfinite(value) or (low is not None and (value < low or (spec.positive and value == low))) or (
+            high is not None and value > high):
+        if spec.rule:
+            raise ValueError(f"{spec.env}={shown!r} must be {spec.rule}")
+        allowed = f"from {low:g} to {high:g}" if high is not None else f"{low:g} or more"
+        raise ValueError(f"{spec.env}={shown!r} cannot work; it must be {allowed}")
+    return kind(value)
+
+
+class _Settings:
+    """What both settings dataclasses share: reading them from the environment and overrides, once."""
+
+    @classmethod
+    def table(cls) -> dict[str, tuple[Setting, type]]:
+        """Each field's name: its `Setting` and its type."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: (f.metadata["setting"], _kind(hints[f.name])) for f in fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Self:
+        """Defaults, then TORCHFERRY_* variables, then `overrides` (keyed by the capitalised field name, as in
+        Flask's config; None for the default); ValueError naming the variable for a value that cannot work."""
+        env = os.environ if environ is None else environ
+        overrides = overrides or {}
+        values = {}
+        for name, (spec, kind) in cls.table().items():
+            raw = env.get(spec.env)
+            if name.upper() in overrides:  # None: unset, whatever the environment says
+                value = overrides[name.upper()]
+                values[name] = getattr(cls, name) if value is None else _checked(spec, kind, value, value)
+            elif raw is not None and (raw != "" or spec.keep_empty):
+                shown = raw if spec.rule else None
+                value = _cast(spec, kind, raw)
+                values[name] = _checked(spec, kind, value, value if shown is None else shown)
+        return cls(**values)
+
+    def as_config(self) -> dict[str, Any]:
+        """The settings keyed as in Flask's config: MAX_IMAGES, TOP_K, ..."""
+        return {f.name.upper(): getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ServeSettings(_Settings):
+    """What the app needs: the model, its limits, authentication, ONNX Runtime and micro-batching."""
+
+    model: str | None = setting("TORCHFERRY_MODEL", None, "the .onnx file", flag="--model")
+    model_dir: str | None = setting(
+        "TORCHFERRY_MODEL_DIR", None, "instead of --model: a folder in Triton's layout, DIR/<name>/<version>/"
+        "model.onnx; the highest proven version is served and SIGHUP swaps in a newer one", flag="--model-dir")
+    model_name: str | None = setting(
+        "TORCHFERRY_MODEL_NAME", None, "the model's name in /v2 URLs; with --model-dir, which <name> folder",
+        flag="--name", unset="the folder's name or the model's metadata")
+    poll_seconds: float = setting("TORCHFERRY_POLL_SECONDS", 0.0, "also look for new versions this often, in "
+                                  "seconds (0: only on SIGHUP)", low=0, high=86_400 * 365, flag="--poll-seconds")
+    auth_token: str | None = setting("TORCHFERRY_AUTH_TOKEN", None, "the bearer token every route but the probes "
+                                     "requires", unset="authentication off", keep_empty=True)
+    auth_token_file: str | None = setting("TORCHFERRY_AUTH_TOKEN_FILE", None, "a file holding the bearer token, "
+                                          "re-read when it changes", unset="authentication off", keep_empty=True)
+    max_upload_bytes: int = setting("TORCHFERRY_MAX_UPLOAD_BYTES", 16 * 1024 * 1024, "largest request body",
+                                    low=1, high=2**31, flag="--max-upload-bytes")
+    max_images: int = setting("TORCHFERRY_MAX_IMAGES", 16, "images per request", low=1, high=4096,
+                              flag="--max-images")
+    max_pixels: int = setting("TORCHFERRY_MAX_PIXELS", 40_000_000, "largest image, width × height",
+                              low=ROW_COST_PIXELS, high=2**31, flag="--max-pixels")
+    top_k: int = setting("TORCHFERRY_TOP_K", 5, "labels per image when the request does not say", low=1,
+                         flag="--top-k")
+    ort_threads: int | None = setting(
+        "TORCHFERRY_ORT_THREADS", None, "ONNX Runtime intra-op threads per process (0: ORT's own)", low=0,
+        high=1024, flag="--threads", unset="ORT's own; under gunicorn the cores divided among the workers")
+    batch_window_ms: float = setting("TORCHFERRY_BATCH_WINDOW_MS", 0.0, "gather concurrent requests for up to "
+                                     "this long into one ONNX Runtime call (0: off)", low=0, high=60_000,
+                                     flag="--batch-window-ms")
+    max_batch: int = setting("TORCHFERRY_MAX_BATCH", 32, "largest micro-batch", low=1, high=65_536,
+                             flag="--max-batch")
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per setting that has one, its help ending in its variable and default."""
+        for name, (spec, kind) in cls.table().items():
+            if spec.flag is None:
+                continue
+            default = getattr(cls, name)
+            fallback = spec.unset if default is None else f"{default:,}" if kind is int else f"{default:g}"
+            parser.add_argument(spec.flag, dest=name, type=kind, default=None, help=f"{spec.help} (default: "
+                                f"${spec.env}" + (f", else {fallback})" if fallback else ")"))
+
+    @classmethod
+    def flag_overrides(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The flags given on the command line, keyed as `load()`'s overrides."""
+        return {name.upper(): getattr(args, name) for name, (spec, _) in cls.table().items()
+                if spec.flag is not None and getattr(args, name) is not None}
+
+
+@dataclass(frozen=True)
+class GunicornSettings(_Settings):
+    """What serve/gunicorn.conf.py and the worker class (serve/worker.py) need: processes, threads, timeouts."""
+
+    bind: str = setting("TORCHFERRY_BIND", "127.0.0.1:8080", "address to listen on (the container: 0.0.0.0:8080)")
+    workers: int = setting("TORCHFERRY_WORKERS", 1, "worker processes", low=1, high=1024)
+    threads: int = setting("TORCHFERRY_THREADS", 4, "native threads per worker that run the app", low=1, high=1024)
+    worker_connections: int = setting("TORCHFERRY_WORKER_CONNECTIONS", 1000, "open connections per worker",
+                                      low=1, high=1_000_000)
+    graceful_timeout: int = setting("TORCHFERRY_GRACEFUL_TIMEOUT", 30, "seconds requests in flight get after "
+                                    "SIGTERM", low=0, high=86_400)
+    timeout: int = setting("TORCHFERRY_TIMEOUT", 60, "seconds a silent worker lives before it is replaced "
+                           "(0: never)", low=0, high=86_400)
+    body_timeout: float = setting("TORCHFERRY_BODY_TIMEOUT", 15.0, "seconds a request body may take after its "
+                                  "head, then 408", low=0, positive=True, rule="a positive number of seconds")
+    worker_tmp_dir: str | None = setting("TORCHFERRY_WORKER_TMP_DIR", None, "where workers keep their heartbeat "
+                                         "files", unset="/dev/shm where it exists")
+    log_level: str = setting("TORCHFERRY_LOG_LEVEL", "info", "gunicorn's log level", choices=LOG_LEVELS)
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The app's settings from defaults and TORCHFERRY_* variables, keyed as in Flask's config."""
+    return ServeSettings.load(environ=environ).as_config()
+
+
+def exit_on_bad_settings(environ: Mapping[str, str] | None = None) -> tuple[GunicornSettings, ServeSettings]:
+    """Every setting and the token checked; on a problem, one line on stderr and exit status 2."""
     from torchferry.serve.auth import BearerAuth
 
     try:
-        config = settings_from_env(environ)
-        check_settings(config)
-        if config["AUTH_TOKEN"] is not None or config["AUTH_TOKEN_FILE"] is not None:
-            BearerAuth(config["AUTH_TOKEN"], config["AUTH_TOKEN_FILE"])
+        app = ServeSettings.load(environ=environ)
+        if app.auth_token is not None or app.auth_token_file is not None:
+            BearerAuth(app.auth_token, app.auth_token_file)
+        return GunicornSettings.load(environ=environ), app
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 
 import gevent
@@ -32,26 +31,14 @@ from gevent.event import Event
 from gevent.threadpool import ThreadPool
 from gunicorn.workers.ggevent import GeventWorker
 
+from torchferry.serve.settings import GunicornSettings
+
 READ_STEP = 64 * 1024
-DEFAULT_BODY_TIMEOUT_S = 15.0
 DEFAULT_UPLOAD_LIMIT = 16 * 1024 * 1024
 # The hub's thread does every connection's reading and writing; with Python's default GIL switch interval (5 ms)
 # it waits that long behind a busy app thread each time. Measured (bench/slow_clients.py's 4-client smallcnn
 # throughput, interleaved with gthread on 2 cores): 0.88x gthread at 5 ms, 0.94x at 0.5 ms.
 SWITCH_INTERVAL_S = 0.0005
-
-
-def body_timeout(environ: dict[str, str] | None = None) -> float:
-    """TORCHFERRY_BODY_TIMEOUT: seconds a request body may take to arrive after its head; a positive number."""
-    env = os.environ if environ is None else environ
-    raw = env.get("TORCHFERRY_BODY_TIMEOUT") or str(DEFAULT_BODY_TIMEOUT_S)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"TORCHFERRY_BODY_TIMEOUT={raw!r} must be a positive number of seconds")
-    return value
 
 
 class BodyTimeout(Exception):
@@ -85,7 +72,7 @@ class BufferingWorker(GeventWorker):
         self.sockets = [gsocket.socket(s.FAMILY, gsocket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def run(self) -> None:
-        self.body_timeout = body_timeout()
+        self.body_timeout = GunicornSettings.load().body_timeout
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         config = getattr(self.wsgi, "config", {}) or {}
         self.upload_limit = int(config.get("MAX_CONTENT_LENGTH") or DEFAULT_UPLOAD_LIMIT)
