@@ -13,7 +13,8 @@ from PIL import Image
 
 from torchferry.distributed.data import load_image
 from torchferry.distributed.presets import build_eval_transform
-from torchferry.serve.images import ImageError, PixelBudget, decode, prepare, preprocess
+from torchferry.serve.errors import HTTPError as ImageError
+from torchferry.serve.images import PixelBudget, decode, prepare, preprocess
 
 SPECS = [
     {"size": [16, 16], "resize": 18, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": 3},

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from torchferry.serve.errors import HTTPError
 from torchferry.serve.settings import ROW_COST_PIXELS
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -46,14 +47,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STRIP_PIXELS = 1 << 20
 
 
-class ImageError(Exception):
-    """A client's image that cannot be used; carries the HTTP status and an error code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 class PixelBudget:
     """At most `limit` pixels decoded at once in this process: a thread waits for its turn, up to `timeout_s`.
 
@@ -66,11 +59,11 @@ class PixelBudget:
         self._cond = threading.Condition()
 
     def acquire(self, pixels: int) -> None:
-        """Reserve `pixels` (at most the limit); ImageError 503 when the process stays busy past the timeout."""
+        """Reserve `pixels` (at most the limit); HTTPError 503 when the process stays busy past the timeout."""
         pixels = min(int(pixels), self.limit)
         with self._cond:
             if not self._cond.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.timeout_s):
-                raise ImageError(503, "busy", "the server is decoding other large images; retry shortly")
+                raise HTTPError(503, "busy", "the server is decoding other large images; retry shortly")
             self.used += pixels
 
     def release(self, pixels: int) -> None:
@@ -88,7 +81,7 @@ def check_png_chunks(data: bytes, name: str) -> None:
         length, kind = struct.unpack_from(">I4s", data, pos)
         count += 1
         if count > limit:
-            raise ImageError(400, "too_many_chunks", f"{name}: a PNG of {len(data)} bytes with more than {limit} "
+            raise HTTPError(400, "too_many_chunks", f"{name}: a PNG of {len(data)} bytes with more than {limit} "
                              "chunks is refused")
         if kind == b"IEND":
             return
@@ -98,7 +91,7 @@ def check_png_chunks(data: bytes, name: str) -> None:
 def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
     """Open untrusted bytes, header only: allow-listed format, pixel cap from the header; no pixel decoded yet."""
     if not data:
-        raise ImageError(400, "empty_image", f"{name}: empty body")
+        raise HTTPError(400, "empty_image", f"{name}: empty body")
     if data.startswith(PNG_SIGNATURE):
         check_png_chunks(data, name)
     with warnings.catch_warnings():
@@ -106,24 +99,24 @@ def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except UnidentifiedImageError:
-            raise ImageError(400, "not_an_image", f"{name}: not a recognised image (accepted: "
+            raise HTTPError(400, "not_an_image", f"{name}: not a recognised image (accepted: "
                              f"{', '.join(ALLOWED_FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(413, "too_many_pixels", f"{name}: {exc}") from None
+            raise HTTPError(413, "too_many_pixels", f"{name}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any failure to parse a header is the client's bad image
-            raise ImageError(400, "not_an_image", f"{name}: cannot read image header ({type(exc).__name__})") from None
+            raise HTTPError(400, "not_an_image", f"{name}: cannot read image header ({type(exc).__name__})") from None
     if img.format not in OPENED_FORMATS:
-        raise ImageError(415, "unsupported_image_format",
+        raise HTTPError(415, "unsupported_image_format",
                          f"{name}: {img.format} images are not accepted; send one of {', '.join(ALLOWED_FORMATS)}")
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise ImageError(400, "not_an_image", f"{name}: image has no pixels")
+        raise HTTPError(400, "not_an_image", f"{name}: image has no pixels")
     if width * height > max_pixels:
-        raise ImageError(413, "too_many_pixels",
+        raise HTTPError(413, "too_many_pixels",
                          f"{name}: {width}×{height} = {width * height} pixels is over the limit of {max_pixels}")
     longest = max_pixels // ROW_COST_PIXELS
     if max(width, height) > longest:
-        raise ImageError(413, "too_many_pixels", f"{name}: a side of {max(width, height)} pixels is over the "
+        raise HTTPError(413, "too_many_pixels", f"{name}: a side of {max(width, height)} pixels is over the "
                          f"limit of {longest} (the pixel limit / {ROW_COST_PIXELS})")
     return img
 
@@ -135,9 +128,9 @@ def _load(img: Image.Image, name: str) -> Image.Image:
         try:
             img.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise ImageError(413, "too_many_pixels", f"{name}: {exc}") from None
+            raise HTTPError(413, "too_many_pixels", f"{name}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
-            raise ImageError(400, "corrupt_image", f"{name}: cannot decode image ({exc})") from None
+            raise HTTPError(400, "corrupt_image", f"{name}: cannot decode image ({exc})") from None
     return img
 
 
@@ -148,7 +141,7 @@ def _guarded(step: str, name: str, fn, *args):
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a CIELab or premultiplied-alpha TIFF Pillow cannot convert
-        raise ImageError(415, "unsupported_image_mode",
+        raise HTTPError(415, "unsupported_image_mode",
                          f"{name}: cannot {step} this image ({type(exc).__name__}: {exc}); send 8-bit or 16-bit "
                          "gray, RGB, RGBA, palette or CMYK") from None
 

@@ -212,24 +212,36 @@ class ModelRepository:
         try:
             name, found = self._candidates()
         except ModelRefused as exc:
-            self._log_refused(self.name_override, None, str(exc))
-            if self.active is None:
-                self.reason = str(exc)
-            self.versions = {}
+            self._no_source(str(exc))
             return
-        active, chosen, states = self.active, None, {}
+        active = self.active
+        chosen, states = self._choose(name, found, active)
+        self._publish(self._settle_states(found, states, chosen), chosen, active, name)
+        if chosen is not None and chosen is not active:
+            self._swap(chosen, active)
+
+    def _no_source(self, reason: str) -> None:
+        """No model source to look at (nothing configured, a folder without versions): no versions to report."""
+        self._log_refused(self.name_override, None, reason)
+        if self.active is None:
+            self.reason = reason
+        self.versions = {}
+
+    def _choose(self, name: str | None, found: dict[int, str],
+                active: Served | None) -> tuple[Served | None, dict[str, dict[str, str]]]:
+        """The highest version that proves itself (the active one when unchanged; one refused before and
+        unchanged since is not retried), and the states of those above it."""
+        states: dict[str, dict[str, str]] = {}
         for version in sorted(found, reverse=True):
             path, fp = found[version], fingerprint(found[version])
             if active is not None and active.version == str(version) and active.fingerprint == fp:
-                chosen = active
-                break
+                return active, states
             prior = self._refused.get(version)
             if prior is not None and prior[0] == fp:
                 states[str(version)] = {"state": "refused", "reason": prior[1]}
                 continue
             try:
-                chosen = self._load(name, version, path, fp)
-                break
+                return self._load(name, version, path, fp), states
             except ModelRefused as exc:
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001 - any failure to load refuses this version only
@@ -237,51 +249,51 @@ class ModelRepository:
             self._refused[version] = (fp, reason)
             states[str(version)] = {"state": "refused", "reason": reason}
             self._log_refused(name, version, reason, path)
-        for version in found:
+        return None, states
+
+    def _settle_states(self, found: dict[int, str], states: dict[str, dict[str, str]],
+                       chosen: Served | None) -> dict[str, dict[str, str]]:
+        """Every version found with its state: refused (unchanged since), available, or serving."""
+        for version, path in found.items():
             prior = self._refused.get(version)
-            if prior is not None and prior[0] == fingerprint(found[version]):
+            if prior is not None and prior[0] == fingerprint(path):
                 states.setdefault(str(version), {"state": "refused", "reason": prior[1]})
             states.setdefault(str(version), {"state": "available", "reason": "a higher version is served"})
         self._refused = {v: r for v, r in self._refused.items() if v in found}
         if chosen is not None:
             states[chosen.version] = {"state": "serving", "reason": "proven at load"}
-            self.name = chosen.name
-        ordered = sorted(states.items(), key=lambda kv: -int(kv[0]))
-        reasons = "; ".join(f"version {v}: {s['reason']}" for v, s in ordered)
+        return states
+
+    def _publish(self, states: dict[str, dict[str, str]], chosen: Served | None, active: Served | None,
+                 name: str | None) -> None:
+        """The versions' report, and why nothing answers when no version proves itself."""
+        def by_version(s: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+            return dict(sorted(s.items(), key=lambda kv: -int(kv[0])))
+
+        reasons = "; ".join(f"version {v}: {s['reason']}" for v, s in by_version(states).items())
         if chosen is None and active is not None:  # nothing on disk proves itself: keep the one in memory
             kept = "kept in memory: no version on disk passes its proof"
-            ordered = sorted({**states, active.version: {"state": "serving", "reason": kept}}.items(),
-                             key=lambda kv: -int(kv[0]))
+            states = {**states, active.version: {"state": "serving", "reason": kept}}
         # Published whole, never changed after: request threads serialise this dict while we work.
-        self.versions = dict(ordered)
-        if chosen is None:
-            if active is None:
-                self.reason = reasons if self.model_dir else next(iter(self.versions.values()))["reason"]
-            else:
-                _logger.error(
-                    json.dumps(
-                        {"event": "no_servable_version", "model": name, "serving": active.version, "reason": reasons}
-                    )
-                )
-            return
-        if chosen is not active:
-            self.active = chosen  # the swap: requests that already hold `active` finish on it
-            self.reason = "ready"
-            _logger.info(
-                json.dumps(
-                    {
-                        "event": "model_swapped" if active else "model_ready",
-                        "model": chosen.name,
-                        "version": chosen.version,
-                        "from_version": active.version if active else None,
-                        "path": chosen.predictor.info.path,
-                        "sha256": chosen.predictor.info.sha256,
-                        **chosen.proof,
-                    }
-                )
-            )
-            if active is not None:
-                active.retire()
+        self.versions = by_version(states)
+        if chosen is not None:
+            self.name = chosen.name
+        elif active is None:
+            self.reason = reasons if self.model_dir else next(iter(self.versions.values()))["reason"]
+        else:
+            _logger.error(json.dumps({"event": "no_servable_version", "model": name, "serving": active.version,
+                                      "reason": reasons}))
+
+    def _swap(self, chosen: Served, active: Served | None) -> None:
+        """`chosen` answers from now on; requests that already hold `active` finish on it."""
+        self.active = chosen
+        self.reason = "ready"
+        _logger.info(json.dumps({"event": "model_swapped" if active else "model_ready", "model": chosen.name,
+                                 "version": chosen.version, "from_version": active.version if active else None,
+                                 "path": chosen.predictor.info.path, "sha256": chosen.predictor.info.sha256,
+                                 **chosen.proof}))
+        if active is not None:
+            active.retire()
 
     def _load(self, name: str | None, version: int, path: str, fp: tuple) -> Served:
         t0 = time.perf_counter()

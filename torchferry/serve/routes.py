@@ -1,0 +1,172 @@
+"""The server's own routes (`/healthz`, `/readyz`, `/metadata`, `/metrics`, `POST /predict`) and what runs
+around every request of the app: its timer, the bearer token, a chunked body's limit, its metrics and its
+one JSON access line. The Open Inference Protocol routes are in serve/v2.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+
+import numpy as np
+from flask import Blueprint, Response, g, jsonify, request
+
+from torchferry.serve.auth import EXEMPT_PATHS
+from torchferry.serve.errors import HTTPError
+from torchferry.serve.repository import Served
+from torchferry.serve.state import count_images, reason_for_caller, state, versions_for_caller
+
+_access = logging.getLogger("torchferry.serve.access")
+
+bp = Blueprint("torchferry", __name__)
+
+
+@bp.before_app_request
+def _start_timer() -> None:
+    g.start = time.perf_counter()
+    g.images = 0
+
+
+@bp.before_app_request
+def _authenticate() -> None:
+    auth = state().auth
+    if not auth.enabled:
+        return
+    header = request.headers.get("Authorization")
+    if request.path in EXEMPT_PATHS:  # probes answer anyone; a valid token still shows whole reasons
+        g.authenticated = header is not None and auth.check(header) is None
+        return
+    problem = auth.check(header)
+    if problem is not None:
+        raise HTTPError(401, "unauthorized", problem[1], {"WWW-Authenticate": auth.challenge(problem[0])})
+    g.authenticated = True
+
+
+@bp.before_app_request
+def _bounded_chunked_body() -> None:
+    read_chunked_body(state().settings.max_upload_bytes)
+
+
+@bp.after_app_request
+def _observe(response: Response) -> Response:
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    seconds = time.perf_counter() - g.get("start", time.perf_counter())
+    state().metrics.observe_request(route, response.status_code, seconds)
+    _access.info(json.dumps({"method": request.method, "route": route, "status": response.status_code,
+                             "ms": round(1000 * seconds, 2), "images": g.get("images", 0),
+                             "bytes": request.content_length or 0}))
+    return response
+
+
+def read_chunked_body(limit: int) -> None:
+    """A body sent without Content-Length (chunked): read up to `limit` + 1 bytes; past the limit it is a 413.
+
+    Werkzeug would stop reading at the limit and hand on a cut body (then refused as a truncated image);
+    here the body is read whole or refused, and the request carries it with its length, as if it had been
+    sent with a Content-Length.
+    """
+    env = request.environ
+    if request.content_length is not None or "wsgi.input_terminated" not in env:
+        return
+    if "chunked" not in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return
+    stream, parts, size = env["wsgi.input"], [], 0
+    while size <= limit:
+        part = stream.read(min(64 * 1024, limit + 1 - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    if size > limit:
+        raise HTTPError(413, "request_entity_too_large", f"the body is larger than the limit of {limit} bytes")
+    body = b"".join(parts)
+    env["wsgi.input"], env["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    del env["wsgi.input_terminated"], env["HTTP_TRANSFER_ENCODING"]
+
+
+def serving() -> Served:
+    """The model that answers this request (read once: a swap mid-request does not touch it), or a 503."""
+    served = state().repo.active
+    if served is None:
+        raise HTTPError(503, "not_ready", reason_for_caller())
+    return served
+
+
+def _collect_images(max_images: int) -> list[tuple[str, bytes]]:
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        files = [(f.filename or key, f) for key, f in request.files.items(multi=True)]
+        if not files:
+            raise HTTPError(400, "no_image", "the multipart body holds no file fields")
+        if len(files) > max_images:
+            raise HTTPError(413, "too_many_images", f"{len(files)} images in one request; the limit is {max_images}")
+        return [(name, f.read()) for name, f in files]
+    if mimetype.startswith("image/"):
+        return [("body", request.get_data(cache=False))]
+    raise HTTPError(415, "unsupported_media_type", f"Content-Type {mimetype or 'missing'!r}: send "
+                    "multipart/form-data with image files, or a raw body with an image/* type")
+
+
+def _top_k(default: int, num_classes: int) -> int:
+    raw = request.args.get("top_k")
+    if raw is None:
+        return min(default, num_classes)
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= num_classes:
+        raise HTTPError(400, "bad_top_k", f"top_k must be an integer from 1 to {num_classes}, got {raw!r}")
+    return k
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    served = state().repo.active
+    state().metrics.set_ready(served is not None)
+    if served:
+        return jsonify({"status": "ready", "model": served.name, "version": served.version, **served.proof})
+    return jsonify({"status": "not_ready", "reason": reason_for_caller()}), 503
+
+
+@bp.get("/metadata")
+def metadata():
+    served = serving()
+    info = served.predictor.info
+    meta = info.metadata
+    return jsonify({"name": served.name, "version": served.version, "model_versions": versions_for_caller(),
+                    "classes": info.classes, "input_shape": info.input_shape, "input": served.predictor.input_name,
+                    "output": served.predictor.output_name, "preprocess": info.preprocess, "sha256": info.sha256,
+                    "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),
+                    "checkpoint_sha256": meta.get("checkpoint_sha256"), "exporter": meta.get("exporter"),
+                    "versions": {**(meta.get("versions") or {}), "torchferry": meta.get("torchferry_version")},
+                    "ready": True, "proof": served.proof})
+
+
+@bp.get("/metrics")
+def prometheus():
+    state().metrics.set_ready(state().repo.ready)
+    body, content_type = state().metrics.exposition()
+    return Response(body, mimetype=content_type)
+
+
+@bp.post("/predict")
+def predict():
+    served, settings = serving(), state().settings
+    predictor = served.predictor
+    k = _top_k(settings.top_k, len(predictor.info.classes))
+    images = _collect_images(settings.max_images)
+    batch = np.stack([state().prepare(data, predictor.info.preprocess, name) for name, data in images])
+    g.images = len(images)
+    logits = served.run(batch)
+    count_images(len(images))
+    return jsonify({"predictions": predictor.top_k(logits, k),
+                    "model": {"name": served.name, "version": served.version, "sha256": predictor.info.sha256,
+                              "arch": predictor.info.metadata.get("arch"), "classes": len(predictor.info.classes)}})
