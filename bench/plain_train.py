@@ -29,11 +29,12 @@ from torchferry.distributed.config import TrainConfig, resolve_defaults
 from torchferry.distributed.data import build_datasets, discover
 from torchferry.distributed.models import build_model
 from torchferry.distributed.presets import build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed.timeline import mark, process_started
 
 START = time.perf_counter()
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device) -> tuple[int, float]:
+def train_one_epoch(model, criterion, optimizer, loader, device, first: bool = False) -> tuple[int, float]:
     model.train()
     images_seen, start = 0, time.perf_counter()
     for image, target in loader:
@@ -45,6 +46,9 @@ def train_one_epoch(model, criterion, optimizer, loader, device) -> tuple[int, f
         optimizer.step()
         loss.item()  # the reference logs it every step
         images_seen += image.shape[0]
+        if first:  # bench.startup's timeline
+            mark("first_step")
+            first = False
     return images_seen, time.perf_counter() - start
 
 
@@ -97,14 +101,17 @@ def load_data(args: argparse.Namespace, world: int, distributed: bool, device: t
 
 def main() -> int:
     args = get_args_parser().parse_args()
+    mark("worker_entry", rank=int(os.environ.get("RANK", "0")), process_started=process_started())
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    mark("pg_ready")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     train_sampler, train_loader, val_loader, classes, channels = load_data(args, world, distributed, device)
+    mark("loaders_built")
 
     torch.manual_seed(0)
     model = build_model(args.model, classes, channels=channels).to(device)
@@ -113,6 +120,7 @@ def main() -> int:
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    mark("model_built")
 
     epochs = []
     first_step_at = time.perf_counter() - START
@@ -120,7 +128,7 @@ def main() -> int:
         epoch_start = time.perf_counter()
         if distributed:
             train_sampler.set_epoch(epoch)
-        images, seconds = train_one_epoch(model, criterion, optimizer, train_loader, device)
+        images, seconds = train_one_epoch(model, criterion, optimizer, train_loader, device, first=epoch == 0)
         acc = evaluate(model, val_loader, device)
         scheduler.step()
         totals = torch.tensor([images, seconds], dtype=torch.float64)
@@ -132,6 +140,7 @@ def main() -> int:
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}  {epochs[-1]['images_per_s']:.0f} img/s  val_acc {acc:.4f}",
                   flush=True)
+    mark("last_epoch_end")
     if rank == 0:
         Path(args.out).write_text(json.dumps({"world": world, "first_step_at_s": first_step_at,
                                               "epochs": epochs}, indent=2) + "\n")

@@ -94,3 +94,31 @@ def test_every_benchmark_module_imports() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=common.repo_env(), check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_startup_breakdown_adds_up_and_takes_the_last_rank() -> None:
+    from bench import startup
+
+    start = 1000.0
+    lines = [{"event": "driver_main", "t": 1000.5}, {"event": "data_checked", "t": 1002.0},
+             {"event": "model_checked", "t": 1003.0}, {"event": "ray_init", "t": 1003.1},
+             {"event": "ray_ready", "t": 1006.0}, {"event": "fit_called", "t": 1007.0},
+             # rank 1's process was started by Ray in advance (before fit): it counts as reached at fit_called
+             {"event": "worker_entry", "t": 1010.0, "rank": 0, "process_started": 1008.0},
+             {"event": "worker_entry", "t": 1011.0, "rank": 1, "process_started": 1004.0},
+             {"event": "loaders_built", "t": 1011.5}, {"event": "model_built", "t": 1011.6},
+             {"event": "first_step", "t": 1012.0}, {"event": "first_step", "t": 1012.5},
+             {"event": "last_epoch_end", "t": 1020.0}, {"event": "fit_returned", "t": 1021.0},
+             {"event": "best_written", "t": 1021.2}, {"event": "pictures_done", "t": 1022.0},
+             {"event": "ray_shutdown", "t": 1022.0}, {"event": "ray_shutdown_done", "t": 1023.0}]
+    at = startup.points(lines, start, 1023.5)
+    assert at["first_step"] == 12.5 and at["worker_process"] == 8.0
+    phases = startup.breakdown("torchferry", at)
+    assert abs(sum(phases.values()) - 23.5) < 1e-9
+    assert phases["Train controller until the worker processes exist"] == 1.0
+    assert phases["worker imports, process group, train_func"] == 3.0
+    summary = startup.summarise([{"runner": "torchferry", "phases": phases, **startup._summary(at)},
+                                 {"runner": "--help", "help_s": 0.4}])
+    checks = {c["target"].split()[1]: c for c in summary["targets"]}
+    assert checks["command_to_first_step_s"]["met"] is False and checks["last_epoch_end_to_exit_s"]["met"] is False
+    assert checks["help_s"]["met"] is True and summary["torchferry"]["last_epoch_end_to_exit_s"] == 3.5

@@ -18,6 +18,7 @@ from typing import Any
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, absolute_paths, fit_to_images, resolve_defaults, validate_flags
 from torchferry.distributed.flags import config_from_args
+from torchferry.distributed.timeline import mark
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
     weights = weights_preprocess(cfg.model, cfg.pretrained)
     split = discover(cfg)
     _logger.info("data: %s", split.describe())
+    mark("data_checked")
     cfg = fit_model_to_input(cfg, weights, split)
+    mark("model_checked")
     if cfg.progress == "auto":
         cfg.progress = "on" if sys.stderr.isatty() else "off"
     if cfg.init_from:
@@ -325,6 +328,7 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
     )
     console = Console(events, cfg)
     console.start()
+    mark("fit_called")
     try:
         return trainer.fit()
     except SystemExit:
@@ -478,8 +482,10 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
     history = latest[3].get("history", [])
     ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history)
+    mark("best_written")
     if split is not None:
         _pictures(cfg, best[3], history, split)
+        mark("pictures_done")
     return {"best": best_path, "epoch": best[3]["epoch"], "val_acc": best[3]["metrics"]["val_acc"]}
 
 
@@ -514,25 +520,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     cfg, split = prepare(cfg)
     _claim_run_dir(cfg)
+    mark("ray_init")
     started = start_ray(cfg)
     try:
         if cfg.resource_check:
             check_resources(cfg)
+        mark("ray_ready")
         t0 = time.perf_counter()
         try:
             result = fit(cfg, split.bad_images)
         except KeyboardInterrupt:
             raise Interrupted(cfg) from None
+        mark("fit_returned")
         summary = finish(cfg, result, split)
         summary["seconds"] = time.perf_counter() - t0
         return summary
     finally:
         if started:
+            mark("ray_shutdown")
             ray.shutdown()
+            mark("ray_shutdown_done")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: exit 0 on success, 2 on bad input, 1 when training fails."""
+    mark("driver_main")
     cfg = config_from_args(argv)
     setup_logging(cfg.verbose)
     try:

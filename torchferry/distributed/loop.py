@@ -33,6 +33,7 @@ from torchferry.distributed.data import build_datasets, discover
 from torchferry.distributed.discovery import DataSplit
 from torchferry.distributed.models import build_model, find_head, keep_frozen_norms_in_eval, set_backbone_trainable
 from torchferry.distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed.timeline import mark, process_started
 
 _logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class EventSink:
         self.queue, self.progress = queue, progress
         self.epoch = self.total = self.done = 0
         self.every = 1
+        self.first_step_pending = True
 
     def send(self, kind: str, **payload: Any) -> None:
         if self.queue is None or not is_main_process():
@@ -246,6 +248,9 @@ class EventSink:
         return self
 
     def update(self, n: int = 1) -> None:
+        if self.first_step_pending:  # for the start-up timeline
+            self.first_step_pending = False
+            mark("first_step")
         self.done += n
         if self.progress and (self.done % self.every == 0 or self.done == self.total):
             self.send("progress", epoch=self.epoch, done=self.done, total=self.total)
@@ -390,6 +395,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     events = EventSink(loop_config.get("events"), progress=cfg.progress == "on")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    mark("worker_entry", rank=rank, process_started=process_started())
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -403,6 +409,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     split.train = [s for s in split.train if s[0] not in bad]
     split.val = [s for s in split.val if s[0] not in bad]
     train_loader, val_loader = build_loaders(split, cfg, rank, world, device.type == "cuda")
+    mark("loaders_built", rank=rank)
 
     num_classes = len(split.classes)
     bare = build_model(cfg.model, num_classes, cfg.pretrained, int(cfg.channels or 3))
@@ -430,6 +437,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         start_epoch = int(restored["epoch"]) + 1
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
+    mark("model_built", rank=rank)
     normalize = DeviceNormalize(list(cfg.mean or []), list(cfg.std or [])) if device.type == "cuda" else None
     writer = None
     if is_main_process():
@@ -471,6 +479,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         best_acc = max(best_acc, val.accuracy)
         _report(row, history, best_acc, stage, scaler, split, cfg, writer)
         events.send("epoch", row=row)
+    mark("last_epoch_end", rank=rank)
     if writer is not None:
         writer.close()
 
