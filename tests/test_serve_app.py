@@ -209,6 +209,19 @@ def test_settings_come_from_the_environment() -> None:
         settings_from_env({"TORCHFERRY_MAX_IMAGES": "many"})
 
 
+def test_flags_and_environment_fill_the_same_typed_settings() -> None:
+    from torchferry.serve.__main__ import get_args_parser
+    from torchferry.serve.settings import ServeSettings
+
+    args = get_args_parser().parse_args(["--max-images", "3", "--threads", "2", "--poll-seconds", "1.5"])
+    s = ServeSettings.load(ServeSettings.flag_overrides(args),
+                           environ={"TORCHFERRY_MAX_IMAGES": "9", "TORCHFERRY_TOP_K": "2"})
+    assert (s.max_images, s.top_k, s.ort_threads, s.poll_seconds, s.max_batch) == (3, 2, 2, 1.5, 32)
+    help_text = " ".join(get_args_parser().format_help().split())
+    flagged = [spec for spec, _ in ServeSettings.table().values() if spec.flag]
+    assert len(flagged) == 11 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
+
+
 def test_serve_never_imports_torch() -> None:
     code = ("import sys; import torchferry.serve.app, torchferry.serve.__main__; torchferry.serve.app.create_app("
             "{'MODEL': '/nonexistent.onnx', 'LOAD_SYNC': True}); bad = [m for m in ('torch', 'torchvision', "

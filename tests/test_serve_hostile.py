@@ -143,7 +143,8 @@ def test_dev_server_exits_2_with_one_line_on_a_setting_that_cannot_work(env: dic
 
 
 @pytest.mark.parametrize("env", [{"TORCHFERRY_TOP_K": "0"}, {"TORCHFERRY_AUTH_TOKEN": "jeton-café"},
-                                 {"TORCHFERRY_MAX_PIXELS": "0"}])
+                                 {"TORCHFERRY_MAX_PIXELS": "0"}, {"TORCHFERRY_WORKERS": "0"},
+                                 {"TORCHFERRY_GRACEFUL_TIMEOUT": "soon"}])
 def test_gunicorn_exits_2_with_one_line_before_any_worker_starts(env: dict, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
                          cwd=REPO, check=False, capture_output=True, text=True, timeout=120,
