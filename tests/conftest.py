@@ -1,57 +1,29 @@
-"""Shared fixtures: tiny generated image sets in every layout, and one trained run reused by later tests."""
+"""Shared fixtures: tiny generated image sets in every layout, a small model made without Ray for the serving and
+export tests, one trained run reused by the tests that need a real one, real servers (`live_server`).
+
+Plain helpers (data writers, request bodies, server processes) are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-# Three classes a small CNN tells apart in a few epochs: the dominant colour of a noisy image.
-PALETTE = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
-
-# Small and quick: 16 px crops, 4 epochs, global batch 16 over 2 CPU workers.
-FAST_FLAGS = ["--gpus", "0", "--workers", "2", "--epochs", "4", "--batch-size", "16", "--lr", "0.05",
-              "--image-size", "16", "--num-workers", "0", "--hflip", "0.5", "--crop-scale-min", "0.6"]
-
-
-def colour_image(rng: np.random.Generator, rgb: tuple[int, int, int], size: int = 20) -> Image.Image:
-    """A noisy image whose mean colour is `rgb`."""
-    noise = rng.integers(-40, 41, size=(size, size, 3))
-    return Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype("uint8"), "RGB")
-
-
-def write_class_tree(root: Path, per_class: int, seed: int = 0, classes: tuple[str, ...] = tuple(PALETTE),
-                     ext: str = "png") -> list[tuple[Path, str]]:
-    """root/<class>/<i>.<ext> for each class; returns (path, class) pairs."""
-    rng = np.random.default_rng(seed)
-    written = []
-    for name in classes:
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            path = root / name / f"{i:03d}.{ext}"
-            colour_image(rng, PALETTE[name]).save(path)
-            written.append((path, name))
-    return written
-
-
-def write_digits_folder(root: Path, limit: int | None = None) -> Path:
-    """scikit-learn's 8×8 grayscale digits as an ImageFolder tree root/train/<digit>/, root/val/<digit>/ (80/20)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images, labels = bunch.images[:limit], bunch.target[:limit]
-    parts = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
-    for part, indices in zip(("train", "val"), parts):
-        for i in indices:
-            (root / part / str(labels[i])).mkdir(parents=True, exist_ok=True)
-            Image.fromarray((images[i] * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(
-                root / part / str(labels[i]) / f"{i:04d}.png")
-    return root
+from helpers import (
+    FAST_FLAGS,
+    LiveServer,
+    free_port,
+    start_dev,
+    start_gunicorn,
+    stop,
+    wait_ready,
+    write_checkpoint,
+    write_cifar10,
+    write_class_tree,
+    write_digits_folder,
+    write_split_tree,
+)
 
 
 @pytest.fixture
@@ -70,9 +42,7 @@ def flat_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def split_folder(tmp_path: Path) -> Path:
     """DIR/train/<class>/* and DIR/val/<class>/*, 3 classes × 24 + 8 images."""
-    write_class_tree(tmp_path / "ds" / "train", 24, seed=1)
-    write_class_tree(tmp_path / "ds" / "val", 8, seed=2)
-    return tmp_path / "ds"
+    return write_split_tree(tmp_path / "ds")
 
 
 @pytest.fixture
@@ -89,35 +59,6 @@ def annotation_files(tmp_path: Path) -> dict[str, Path]:
         files[f"{part}.csv"] = root / f"{part}.csv"
         files[f"{part}.csv"].write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in rel))
     return files
-
-
-def write_cifar10(root: Path, per_class_train: int = 24, per_class_test: int = 8) -> Path:
-    """A tiny CIFAR-10-format root (cifar-10-batches-py with 5 data batches, a test batch, batches.meta).
-
-    Only the first three classes have images (colour classes), so the set is learnable in a few epochs.
-    """
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(5)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def batch(per_class: int) -> dict:
-        images, labels = [], []
-        for label, rgb in enumerate(PALETTE.values()):
-            for _ in range(per_class):
-                arr = np.asarray(colour_image(rng, rgb, 32))
-                images.append(arr.transpose(2, 0, 1).reshape(-1))
-                labels.append(label)
-        return {"data": np.stack(images).astype(np.uint8), "labels": labels}
-
-    for i in range(1, 6):
-        with open(base / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(max(1, per_class_train // 5)), f)
-    with open(base / "test_batch", "wb") as f:
-        pickle.dump(batch(per_class_test), f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names}, f)
-    return root
 
 
 @pytest.fixture
@@ -141,8 +82,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from torchferry.distributed import launch
 
     base = tmp_path_factory.mktemp("trained")
-    write_class_tree(base / "data" / "train", 24, seed=1)
-    write_class_tree(base / "data" / "val", 8, seed=2)
+    write_split_tree(base / "data")
     old = os.environ.get("TORCHFERRY_CACHE")
     os.environ["TORCHFERRY_CACHE"] = str(base / "cache")
     try:
@@ -171,56 +111,55 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
     ray.shutdown()
 
 
-def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed: int = 0) -> Path:
-    """A torchferry checkpoint of `arch` with random weights, its config pointing at `data_dir`."""
-    import torch
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A smallcnn checkpoint made in this process, no Ray: random weights fitted 3 epochs on the colour set
+    (train/ and val/, 3 classes × 24 + 8 images at 16 px), so a red image is predicted "red"."""
+    base = tmp_path_factory.mktemp("small")
+    data = write_split_tree(base / "data")
+    checkpoint = write_checkpoint(base / "best.pth", "smallcnn", data, size=16, fit_epochs=3)
+    from torchferry.distributed.checkpoint import load_checkpoint
 
-    from torchferry.distributed import checkpoint as ckpt
-    from torchferry.distributed.config import TrainConfig, resolve_defaults
-    from torchferry.distributed.data import discover
-    from torchferry.distributed.models import build_model
-    from torchferry.distributed.presets import preprocess_spec
-
-    cfg = resolve_defaults(TrainConfig(data=str(data_dir), model=arch, image_size=size, resize_size=size,
-                                       name="made"))
-    classes = discover(cfg).classes
-    torch.manual_seed(seed)
-    model = build_model(arch, len(classes), channels=int(cfg.channels or 3))
-    with torch.no_grad():  # random BN statistics, so that eval-mode BN is not the identity
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    ckpt.save_checkpoint({
-        "format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": len(classes), "classes": classes,
-        "preprocess": preprocess_spec(cfg), "state_dict": ckpt.clean_state_dict(model), "epoch": 0,
-        "metrics": {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0},
-        "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path), sidecar=True)
-    return path
+    assert load_checkpoint(str(checkpoint))["metrics"]["val_acc"] == 1.0  # the serving tests' "red" is red
+    return {"checkpoint": checkpoint, "data": data}
 
 
 @pytest.fixture(scope="session")
-def exported_model(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The trained smallcnn exported to ONNX (verified) once for the serving tests."""
+def exported_model(small_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`small_checkpoint` exported to ONNX (verified) once by the project's export, for the serving tests."""
     from torchferry.export.onnx import export_checkpoint
 
-    assert trained_run["code"] == 0
     out = tmp_path_factory.mktemp("served") / "model.onnx"
-    report = export_checkpoint(str(trained_run["run_dir"] / "best.pth"), str(out))
-    assert report["passed"]
-    return {"model": out, "checkpoint": trained_run["run_dir"] / "best.pth", "data": trained_run["data"]}
+    report = export_checkpoint(str(small_checkpoint["checkpoint"]), str(out))
+    assert report["passed"], report
+    return {"model": out, **small_checkpoint}
 
 
-def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid PNG header claiming width × height grayscale pixels, in a few dozen bytes."""
-    import struct
-    import zlib
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
+    """Starts real servers on 127.0.0.1 and stops them (SIGTERM, bounded) after the test:
+    `live_server("dev" | "gunicorn", model, args=..., env=..., ready=True, **gunicorn_settings)` waits (bounded)
+    until /readyz answers 200 unless `ready=False`, and returns the LiveServer (base URL, port, process, log)."""
+    started: list[LiveServer] = []
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    def start(kind: str, model: Path | None = None, *, args: list[str] | None = None,
+              env: dict[str, str] | None = None, ready: bool = True, **settings: int) -> LiveServer:
+        port, tmp = free_port(), tmp_path / f"{kind}-{len(started)}"
+        if kind == "dev":
+            proc = start_dev(model, port, tmp, args=args, env=env)
+        elif kind == "gunicorn":
+            proc = start_gunicorn(model, port, tmp, env=env, **settings)
+        else:
+            raise ValueError(f"unknown server kind {kind!r}; choose dev or gunicorn")
+        server = LiveServer(kind, port, proc)
+        started.append(server)
+        if ready:
+            wait_ready(server.base, proc)
+        return server
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    yield start
+    for server in started:
+        stop(server.proc)
 
 
 @pytest.fixture

@@ -302,7 +302,7 @@ def _labels(base: str, paths: list[Path]) -> list[str]:
 def test_serves_as_the_pod_runs_it(serve_image: str, exported_model: dict, run_container, tmp_path: Path) -> None:
     """Ready, right, authenticated, healthy on a non-default bind, nothing written, and `docker stop` under load
     answers every request in flight, then exits 0."""
-    from test_serve_live import _slow_request_body, pytorch_labels, val_images
+    from helpers import pytorch_labels, slow_request_body, val_images
 
     port = free_port()
     sources = {"models": model_volume(exported_model, tmp_path / "models"), "auth-token": token_volume(tmp_path / "s")}
@@ -328,7 +328,7 @@ def test_serves_as_the_pod_runs_it(serve_image: str, exported_model: dict, run_c
     assert health["Status"] == "healthy", health["Log"][-1:]
     assert docker("diff", name).stdout.strip() == ""  # nothing written outside the mounts
 
-    _stop_under_load(name, base, _slow_request_body())
+    _stop_under_load(name, base, slow_request_body())
 
 
 def _stop_under_load(name: str, base: str, body: bytes) -> None:

@@ -123,7 +123,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_fewer_than_two_classes(tmp_path: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "one", 5, classes=("red",))
     with pytest.raises(TorchferryError, match="at least 2"):
@@ -131,7 +131,7 @@ def test_fewer_than_two_classes(tmp_path: Path) -> None:
 
 
 def test_val_class_missing_from_train(split_folder: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(split_folder / "val", 2, classes=("red",))
     (split_folder / "val" / "purple").mkdir()
@@ -166,7 +166,7 @@ def test_unreadable_images_are_counted_and_skippable(flat_folder: Path) -> None:
 
 
 def test_val_folder_without_train_folder_is_refused_not_learned(flat_folder: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(flat_folder / "val", 3)
     with pytest.raises(TorchferryError, match="has a val/ folder but no train/ folder"):
@@ -174,7 +174,7 @@ def test_val_folder_without_train_folder_is_refused_not_learned(flat_folder: Pat
 
 
 def test_train_folder_without_val_is_split(tmp_path: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "ds" / "train", 10)
     split = discover(cfg_for(str(tmp_path / "ds"), val_split=0.2))
@@ -184,7 +184,7 @@ def test_train_folder_without_val_is_split(tmp_path: Path) -> None:
 def test_checkpoint_named_torchvision_root_needs_explicit_data(cifar10_root: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     """A checkpoint is untrusted: it cannot make the tools unpickle files from a root it names."""
-    from conftest import write_checkpoint
+    from helpers import write_checkpoint
 
     from torchferry.distributed import evaluate
 
@@ -216,7 +216,7 @@ def no_hang():
 
 def test_symlink_loops_are_walked_once(tmp_path: Path, no_hang: None) -> None:
     """Two links to the root and a link to itself in a class folder: 12 files stay 12 samples, none in both parts."""
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     root = tmp_path / "loops"
     write_class_tree(root, 4)
@@ -232,7 +232,7 @@ def test_symlink_loops_are_walked_once(tmp_path: Path, no_hang: None) -> None:
 
 
 def test_a_linked_folder_of_new_images_still_counts(tmp_path: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "data", 4)
     write_class_tree(tmp_path / "more", 3, seed=9, classes=("red",))
@@ -339,7 +339,7 @@ def test_the_image_check_notes_what_the_images_are(digits_folder: Path, flat_fol
 
 
 def test_a_class_of_one_image_needs_allow_small_classes(tmp_path: Path, annotation_files: dict[str, Path]) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "flat", 10)
     (tmp_path / "flat" / "violet").mkdir()

@@ -13,12 +13,14 @@ from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed import evaluate, report
 
 
+@pytest.mark.slow
 def test_run_leaves_curves_and_prediction_grid(trained_run: dict) -> None:
     for name in ("curves.png", "val_predictions.png"):
         with Image.open(trained_run["run_dir"] / name) as img:
             assert img.format == "PNG" and img.size[0] > 200
 
 
+@pytest.mark.slow
 def test_evaluate_reports_what_training_recorded(trained_run: dict, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     best_path = trained_run["run_dir"] / "best.pth"
@@ -36,12 +38,12 @@ def test_evaluate_reports_what_training_recorded(trained_run: dict, tmp_path: Pa
         assert img.format == "PNG"
 
 
-def test_evaluate_on_other_data_with_other_classes_is_refused(trained_run: dict, tmp_path: Path,
+def test_evaluate_on_other_data_with_other_classes_is_refused(small_checkpoint: dict, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "other", 5, classes=("red", "green"))
-    code = evaluate.main([str(trained_run["run_dir"] / "best.pth"), "--data", str(tmp_path / "other")])
+    code = evaluate.main([str(small_checkpoint["checkpoint"]), "--data", str(tmp_path / "other")])
     assert code == 2 and "differ from the checkpoint's" in capsys.readouterr().err
 
 

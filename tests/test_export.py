@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import write_checkpoint, write_class_tree
+from helpers import write_checkpoint, write_class_tree, write_model_with_external_data
 
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.export import metadata as meta
@@ -26,14 +26,12 @@ def run(capsys: pytest.CaptureFixture, module, args: list[str]) -> tuple[int, st
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The training tests' smallcnn checkpoint, exported once with --optimize --quantize int8."""
-    assert trained_run["code"] == 0
+def exported(small_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The fitted smallcnn checkpoint (no Ray), exported once with --optimize --quantize int8."""
     out = tmp_path_factory.mktemp("exported") / "model.onnx"
-    report = export_onnx.export_checkpoint(str(trained_run["run_dir"] / "best.pth"), str(out), optimize=True,
-                                           quantize="int8", data=str(trained_run["data"]))
-    return {"report": report, "model": out, "checkpoint": trained_run["run_dir"] / "best.pth",
-            "data": trained_run["data"]}
+    report = export_onnx.export_checkpoint(str(small_checkpoint["checkpoint"]), str(out), optimize=True,
+                                           quantize="int8", data=str(small_checkpoint["data"]))
+    return {"report": report, "model": out, **small_checkpoint}
 
 
 def test_trained_checkpoint_exports_and_verifies(exported: dict) -> None:
@@ -191,19 +189,6 @@ def test_bad_checkpoints_exit_2_and_write_nothing(case: str, message: str, tmp_p
 def test_external_data_is_detected(tmp_path: Path) -> None:
     proto = onnx.load(str(write_model_with_external_data(tmp_path)), load_external_data=False)
     assert meta.external_data_tensors(proto) == ["w"]
-
-
-def write_model_with_external_data(tmp: Path) -> Path:
-    from onnx import helper, numpy_helper
-
-    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph)
-    onnx.save_model(model, str(tmp / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
-    return tmp / "ext.onnx"
 
 
 @pytest.fixture

@@ -272,7 +272,7 @@ def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, t
     """The closest thing to running the serve image here: a fresh venv with only the pinned [serve] list,
     the serve/ folder, gunicorn on 127.0.0.1 against an exported model."""
     import requests
-    from test_serve_live import free_port, stop, wait_ready
+    from helpers import free_port, stop, wait_ready
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -6,13 +6,14 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_FLAGS
+from helpers import FAST_FLAGS
 
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed import launch
@@ -53,6 +54,7 @@ def run_main(capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int, str, 
 # a real run and what it leaves behind
 
 
+@pytest.mark.slow
 def test_imagefolder_run_learns_and_leaves_its_outputs(trained_run: dict) -> None:
     assert trained_run["code"] == 0
     run_dir: Path = trained_run["run_dir"]
@@ -65,6 +67,7 @@ def test_imagefolder_run_learns_and_leaves_its_outputs(trained_run: dict) -> Non
     assert (run_dir / "config.json").is_file() and (run_dir / "best.pth.sha256").is_file()
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_best_epoch_and_reproduces_its_accuracy(trained_run: dict) -> None:
     run_dir: Path = trained_run["run_dir"]
     best = ckpt.load_checkpoint(str(run_dir / "best.pth"))  # weights_only=True inside
@@ -83,15 +86,19 @@ def test_best_checkpoint_is_the_best_epoch_and_reproduces_its_accuracy(trained_r
     assert accuracy_of(best, split.val) == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
 
 
-def test_existing_run_is_never_overwritten(trained_run: dict, capsys: pytest.CaptureFixture) -> None:
-    run_dir: Path = trained_run["run_dir"]
+def test_existing_run_is_never_overwritten(small_checkpoint: dict, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "runs" / "folder"  # a run's folder: its best.pth (the check comes before Ray starts)
+    run_dir.mkdir(parents=True)
+    shutil.copy2(small_checkpoint["checkpoint"], run_dir / "best.pth")
     before = (run_dir / "best.pth").read_bytes()
-    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(trained_run["data"]),
+    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(small_checkpoint["data"]),
                                      "--output-dir", str(run_dir.parent), "--name", run_dir.name])
     assert code == 2 and "already holds a run" in err
     assert (run_dir / "best.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["txt", "csv"])
 def test_annotation_file_runs_learn(layout: str, annotation_files: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
@@ -103,6 +110,7 @@ def test_annotation_file_runs_learn(layout: str, annotation_files: dict[str, Pat
     assert max(r["val_acc"] for r in read_metrics(tmp_path / "runs" / layout)) >= 0.8
 
 
+@pytest.mark.slow
 def test_torchvision_cifar10_root_run_learns(cifar10_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", f"cifar10:{cifar10_root}",
                                      "--output-dir", str(tmp_path / "runs"), "--name", "cifar"])
@@ -112,6 +120,7 @@ def test_torchvision_cifar10_root_run_learns(cifar10_root: Path, tmp_path: Path,
     assert best["metrics"]["val_acc"] >= 0.8  # 3 populated classes of 10
 
 
+@pytest.mark.slow
 def test_own_model_factory_runs_on_the_workers(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -128,7 +137,7 @@ def test_own_model_factory_runs_on_the_workers(flat_folder: Path, tmp_path: Path
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "one", 4, classes=("red",))
     write_class_tree(tmp_path / "ok" / "train", 4)
@@ -160,9 +169,10 @@ def test_bad_input_fails_with_one_line(case: str, tmp_path: Path, capsys: pytest
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_skip_bad_images_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture,
                                  caplog: pytest.LogCaptureFixture) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "broken", 12)
     (tmp_path / "broken" / "red" / "zz.png").write_bytes(b"garbage")
@@ -180,6 +190,7 @@ def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, caps
     assert re.search(r"--gpus 2 asks for 2 GPU worker\(s\) but this machine has \d GPU", err)
 
 
+@pytest.mark.slow
 def test_more_cpus_than_the_cluster_has_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The check runs against the real Ray cluster's resources, not a guess."""
     code, _, err = run_main(capsys, ["--workers", "64", "--batch-size", "64", "--data", str(flat_folder),
@@ -207,6 +218,7 @@ def test_readme_flag_table_lists_every_flag() -> None:
                 assert f"`{flag}`" in readme, f"README flag table lacks {flag}"
 
 
+@pytest.mark.slow
 def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
     """The README's main command with its defaults, as a user runs it (about 90 s on 2 cores)."""
     env = {**os.environ, "TORCHFERRY_CACHE": str(tmp_path / "cache")}
@@ -228,6 +240,7 @@ def _is_loopback(ip: str) -> bool:
     return (mapped or addr).is_loopback
 
 
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     """Nothing the launcher's local Ray starts accepts connections from beyond this machine."""
     import psutil
@@ -247,6 +260,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(flat_folder), "--freeze-backbone",
@@ -272,6 +286,7 @@ def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Pat
     assert [r["lr"] for r in read_metrics(run_dir)][2] == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_same_seed_repeats_the_run(trained_run: dict, capsys: pytest.CaptureFixture) -> None:
     run_dir: Path = trained_run["run_dir"]
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(trained_run["data"]),
@@ -304,7 +319,7 @@ def _tb_scalar_tags(tb_dir: Path) -> set[str]:
 @pytest.mark.slow
 def test_relative_paths_from_another_directory_reach_the_workers(tmp_path: Path) -> None:
     """--data, --output-dir, --storage, --cache-dir, --init-from and a --pretrained file, all relative."""
-    from conftest import write_checkpoint, write_class_tree
+    from helpers import write_checkpoint, write_class_tree
 
     from torchferry.distributed.models import build_model
 
@@ -389,7 +404,7 @@ def test_resume_runs_a_factory_only_when_named_again(flat_folder: Path, tmp_path
 
 def test_init_from_a_factory_checkpoint_needs_that_model(flat_folder: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    from conftest import write_checkpoint
+    from helpers import write_checkpoint
 
     path = write_checkpoint(tmp_path / "src.pth", "smallcnn", flat_folder, size=16)
     source = ckpt.load_checkpoint(str(path))
@@ -445,7 +460,7 @@ def _offline_env() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["download", "pretrained"])
 def test_offline_fetches_fail_in_one_line_with_a_clean_stdout(case: str, tmp_path: Path) -> None:
-    from conftest import write_class_tree
+    from helpers import write_class_tree
 
     write_class_tree(tmp_path / "flat", 4)
     args = (["--data", f"cifar10:{tmp_path / 'c10'}", "--download"] if case == "download"
@@ -532,7 +547,7 @@ def test_chosen_defaults_give_way_to_a_model_that_cannot_take_them(digits_folder
 def test_small_grayscale_folder_with_no_flags_learns_like_the_builtin_digits(tmp_path: Path) -> None:
     """A folder of 8×8 grayscale digits (ImageFolder train/ and val/) and no data flags: the built-in digits'
     input (32 px, 1 channel, so their speed) and augmentation, and their accuracy."""
-    from conftest import write_digits_folder
+    from helpers import write_digits_folder
 
     write_digits_folder(tmp_path / "mydigits")
     proc = _launch_in(tmp_path, ["--gpus", "0", "--workers", "2", "--epochs", str(DIGITS_EPOCHS),

@@ -32,6 +32,7 @@ def _uneven_shards() -> dict:
             "train_images": train.images, "rank": rank}
 
 
+@pytest.mark.slow
 def test_metrics_are_summed_over_all_workers_not_rank0(ray_2_cpus, tmp_path) -> None:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -119,7 +120,7 @@ def test_uint8_training_images_are_normalised_like_the_cpu_transform() -> None:
 
 def test_resume_takes_the_newest_epoch_that_loads_whatever_the_folder_names(tmp_path) -> None:
     """Folder names do not order epochs (Ray's record may lag them); a damaged newest one is passed over."""
-    from conftest import write_checkpoint, write_class_tree
+    from helpers import write_checkpoint, write_class_tree
 
     from torchferry.distributed import checkpoint as ckpt
     from torchferry.distributed.loop import checkpoint_dirs, newest_usable

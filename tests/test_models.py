@@ -10,7 +10,13 @@ import torch
 import torchvision
 
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.models import build_model, find_head, resolve_weights, set_backbone_trainable, weights_preprocess
+from torchferry.distributed.models import (
+    build_model,
+    find_head,
+    resolve_weights,
+    set_backbone_trainable,
+    weights_preprocess,
+)
 
 ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_0", "densenet121", "convnext_tiny",
        "vgg11", "vit_b_16", "regnet_x_400mf", "shufflenet_v2_x0_5"]

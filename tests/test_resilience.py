@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FAST_FLAGS
+from helpers import FAST_FLAGS
 
 from torchferry.distributed import checkpoint as ckpt
 
@@ -54,6 +54,7 @@ def train_workers(pid: int) -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.cmdline() or [p.name()])]
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
     flags = [*DIGITS, "--epochs", "4", "--output-dir", str(tmp_path)]
     proc = launch([*flags, "--name", "cut"], tmp_path, "cut")
@@ -85,6 +86,7 @@ def usable_epochs(run_storage: Path, known: dict[Path, int] | None = None) -> li
     return sorted(known.values())
 
 
+@pytest.mark.slow
 def test_sigint_right_after_a_checkpoint_resumes_after_the_newest_on_disk(tmp_path: Path) -> None:
     """Ray's record of the checkpoints lags the folders; resume takes the newest checkpoint that loads."""
     flags = [*DIGITS, "--epochs", "4", "--keep-checkpoints", "4", "--output-dir", str(tmp_path)]
@@ -106,6 +108,7 @@ def test_sigint_right_after_a_checkpoint_resumes_after_the_newest_on_disk(tmp_pa
     ckpt.load_checkpoint(str(tmp_path / "lag" / "best.pth"))
 
 
+@pytest.mark.slow
 def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
     proc = launch([*DIGITS, "--epochs", "5", "--max-failures", "2", "--output-dir", str(tmp_path), "--name", "kill"],
                   tmp_path, "kill")
@@ -121,6 +124,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
     ckpt.load_checkpoint(str(tmp_path / "kill" / "best.pth"))
 
 
+@pytest.mark.slow
 def test_killed_worker_without_retries_fails_with_one_clear_error(tmp_path: Path) -> None:
     proc = launch([*DIGITS, "--epochs", "5", "--max-failures", "0", "--output-dir", str(tmp_path), "--name", "dead"],
                   tmp_path, "dead")
@@ -135,6 +139,7 @@ def test_killed_worker_without_retries_fails_with_one_clear_error(tmp_path: Path
     assert kept and all(ckpt.load_checkpoint(str(p)) for p in kept)  # intact
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_one_before(trained_run: dict, tmp_path: Path) -> None:
     args = [*FAST_FLAGS, "--epochs", "3", "--keep-checkpoints", "3", "--data", str(trained_run["data"]),
             "--output-dir", str(tmp_path), "--name", "dmg"]
@@ -155,6 +160,7 @@ def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no run 'ghost' to continue" in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     from torchferry.distributed import launch as launcher
@@ -166,6 +172,7 @@ def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Pa
     assert best_val_acc(tmp_path / "ft") >= 0.8  # one epoch at a tiny lr: the weights came from the checkpoint
 
 
+@pytest.mark.slow
 def test_two_node_cluster_runs_one_worker_per_node(ray_two_nodes: dict, trained_run: dict, tmp_path: Path) -> None:
     """--address joins a running cluster of two nodes; STRICT_SPREAD places one worker on each; both node
     ids show up among the workers; checkpoints go to a shared --storage."""

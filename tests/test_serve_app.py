@@ -13,33 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import png_bomb
+from helpers import bad_requests, jpeg, multipart, png, red, write_model_with_external_data
 from PIL import Image
 
 from torchferry.serve.app import create_app, settings_from_env
 from torchferry.serve.batcher import MicroBatcher
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB" if img.mode not in ("RGB", "CMYK", "L") else img.mode).save(buf, "JPEG", **kw)
-    return buf.getvalue()
-
-
-def red() -> Image.Image:
-    return Image.new("RGB", (20, 20), (210, 30, 30))
-
-
-def multipart(files: list[tuple[str, bytes]]) -> dict:
-    return {f"f{i}": (io.BytesIO(data), name) for i, (name, data) in enumerate(files)}
 
 
 def test_factory_is_never_in_debug_mode(app, monkeypatch: pytest.MonkeyPatch, exported_model: dict) -> None:
@@ -62,36 +42,9 @@ def test_predict_answers_with_labels_in_input_order(client) -> None:
     assert len(raw.json["predictions"][0]["top_k"]) == 3  # default top_k 5, capped at the class count
 
 
-def _bad_requests() -> dict[str, tuple[dict, int, str]]:
-    rng = np.random.default_rng(0)
-    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    many = multipart([(f"{i}.png", png(red())) for i in range(100)])
-    return {
-        "random bytes": ({"data": rng.bytes(2048), "content_type": "image/png"}, 400, "not_an_image"),
-        "truncated jpeg": ({"data": jpeg(noisy)[:2000], "content_type": "image/jpeg"}, 400, "corrupt_image"),
-        "zero-byte file": ({"data": multipart([("empty.png", b"")]), "content_type": "multipart/form-data"},
-                           400, "empty_image"),
-        "30 MB body": ({"data": b"\xff" * (30 * 1024 * 1024), "content_type": "image/jpeg"}, 413,
-                       "request_entity_too_large"),
-        "pixel bomb": ({"data": png_bomb(), "content_type": "image/png"}, 413, "too_many_pixels"),
-        "text/plain": ({"data": b"hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
-        "no content type": ({"data": b"hello"}, 415, "unsupported_media_type"),
-        "malformed multipart": ({"data": b"--xx\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a\"\r\n\r\n"
-                                          b"abc", "content_type": "multipart/form-data; boundary=xx"}, 400, ""),
-        "100 images": ({"data": many, "content_type": "multipart/form-data"}, 413, ""),
-        "17 images": ({"data": multipart([(f"{i}.png", png(red())) for i in range(17)]),
-                       "content_type": "multipart/form-data"}, 413, "too_many_images"),
-        "top_k=-1": ({"data": png(red()), "content_type": "image/png", "query_string": {"top_k": "-1"}}, 400,
-                     "bad_top_k"),
-        "top_k=abc": ({"data": png(red()), "content_type": "image/png", "query_string": {"top_k": "abc"}}, 400,
-                      "bad_top_k"),
-        "no files": ({"data": {"field": "value"}, "content_type": "multipart/form-data"}, 400, "no_image"),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_requests()))
+@pytest.mark.parametrize("case", list(bad_requests()))
 def test_bad_input_gets_its_json_4xx_and_the_server_stays_alive(client, case: str) -> None:
-    kwargs, status, code = _bad_requests()[case]
+    kwargs, status, code = bad_requests()[case]
     r = client.post("/predict", **kwargs)
     assert r.status_code == status, (case, r.data[:300])
     body = r.json
@@ -188,8 +141,6 @@ def test_model_whose_golden_outputs_do_not_reproduce_stays_not_ready(exported_mo
 
 
 def test_model_with_external_data_is_refused(tmp_path: Path) -> None:
-    from test_export import write_model_with_external_data
-
     path = write_model_with_external_data(tmp_path)
     r = create_app({"MODEL": str(path), "LOAD_SYNC": True}).test_client().get("/readyz")
     assert r.status_code == 503 and "external data" in r.json["reason"]

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from helpers import png
 
 from torchferry.serve.app import create_app
 from torchferry.serve.auth import BearerAuth
 
 TOKEN = "s3cret-token-0123456789abcdef"
-
-
-def png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), (210, 30, 30)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 # (method, path, kwargs): every route that needs the token once one is configured.

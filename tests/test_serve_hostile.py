@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import png_bomb
+from helpers import free_port, png_bomb
 from PIL import Image
-from test_serve_live import free_port, stop
 
 from torchferry.serve.app import create_app
 
@@ -435,30 +434,6 @@ def _workers(proc: subprocess.Popen, server: str) -> list[int]:
     return sorted(c.pid for c in psutil.Process(proc.pid).children())
 
 
-def _start(server: str, model: str, port: int, tmp: Path) -> subprocess.Popen:
-    env = {**os.environ, **production_env()}
-    log = open(tmp / f"{server}.log", "w")  # noqa: SIM115 - a file the server writes to while it runs
-    if server == "dev":
-        cmd = [sys.executable, "-m", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
-    else:
-        env.update({"TORCHFERRY_BIND": f"127.0.0.1:{port}", "TORCHFERRY_MODEL": model})
-        cmd = [sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server not ready: " + log.read_text()[-3000:])
-
-
 def _check_answer(case: dict, status: int, body: bytes, content_type: str) -> str | None:
     """None when the answer is what the case expects, else what is wrong."""
     if status >= 500 or status != case["status"]:
@@ -479,17 +454,15 @@ def _check_answer(case: dict, status: int, body: bytes, content_type: str) -> st
 
 @pytest.mark.slow
 @pytest.mark.parametrize("server", ["dev", "gunicorn"])
-def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> None:
+def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path, live_server) -> None:
     cases = corpus()
     assert len({c["name"] for c in cases if c["status"] != 200}) >= 60
     model = hostile.tiny_model(tmp_path / "model.onnx", sidecar=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     limit = int(production_env()["TORCHFERRY_MAX_UPLOAD_BYTES"])
-    proc = _start(server, model, port, tmp_path)
+    live = live_server(server, Path(model), env=production_env())  # the Deployment's settings, a token
+    port, base, proc = live.port, live.base, live.proc
     probe = None
     try:
-        _wait_ready(base, proc, tmp_path / f"{server}.log")
         auth = {"Authorization": f"Bearer {TOKEN}"}
         session = requests.Session()
         warm = session.post(f"{base}/predict", data=hostile.save(Image.new("RGB", (300, 200)), "JPEG"),
@@ -538,4 +511,3 @@ def test_hostile_corpus_against_a_real_server(server: str, tmp_path: Path) -> No
     finally:
         if probe is not None and probe.is_alive():
             probe.stop()
-        stop(proc)

@@ -8,7 +8,7 @@ from pathlib import Path
 import hostile
 import numpy as np
 import pytest
-from conftest import png_bomb
+from helpers import jpeg, png_bomb
 from PIL import Image
 
 from torchferry.distributed.data import load_image
@@ -69,16 +69,10 @@ def test_sixteen_bit_gray_is_scaled_not_clipped(tmp_path: Path) -> None:
     assert prepare((tmp_path / "mid.png").read_bytes(), spec, 100).max() == pytest.approx(128 / 255)
 
 
-def _jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", **kw)
-    return buf.getvalue()
-
-
 def test_exif_rotation_and_first_frame() -> None:
     exif = Image.Exif()
     exif[0x0112] = 8
-    assert decode(_jpeg(Image.new("RGB", (30, 10)), exif=exif), 10**6).size == (10, 30)
+    assert decode(jpeg(Image.new("RGB", (30, 10)), exif=exif), 10**6).size == (10, 30)
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
@@ -89,7 +83,7 @@ def test_exif_rotation_and_first_frame() -> None:
 @pytest.mark.parametrize("data,status,code", [
     (b"", 400, "empty_image"),
     (b"\x00\x01garbage" * 50, 400, "not_an_image"),
-    (_jpeg(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))[:2000], 400,
+    (jpeg(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)))[:2000], 400,
      "corrupt_image"),
     (png_bomb(), 413, "too_many_pixels"),
     (png_bomb(5000, 5000), 413, "too_many_pixels"),
@@ -194,7 +188,7 @@ def test_every_mode_pillow_opens_is_answered_or_refused_with_a_4xx(make, channel
         prepare(hostile.tiff_premultiplied_gray(), spec, 10**6)
 
 
-def test_a_phone_jpeg_with_a_second_frame_is_a_jpeg() -> None:
+def test_a_phone_jpeg_with_a_second_frame_is_ajpeg() -> None:
     data = hostile.mpo()
     assert Image.open(io.BytesIO(data)).format == "MPO"
     out = prepare(data, {"size": [8, 8], "resize": 8, "mean": [0.0] * 3, "std": [1.0] * 3, "channels": 3}, 10**6)

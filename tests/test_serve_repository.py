@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import requests
-from PIL import Image
+from helpers import png
 
 from torchferry.serve.app import create_app
 from torchferry.serve.batcher import MicroBatcher
@@ -60,12 +59,6 @@ def place_version(
 def app_on(root: Path, **config):
     """The serving app on the versioned folder `root`, loaded before the first request."""
     return create_app({"MODEL_DIR": str(root), "LOAD_SYNC": True, **config})
-
-
-def png(rgb: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), rgb).save(buf, "PNG")
-    return buf.getvalue()
 
 
 RED = png((210, 30, 30))
@@ -310,52 +303,44 @@ def wait_for_log(proc, pattern: dict, count: int) -> None:
     raise AssertionError(f"no {count} × {pattern} in the log: {Path(proc.log_path).read_text()[-3000:]}")
 
 
-@pytest.mark.parametrize("server", ["dev", "gunicorn"])
-def test_hot_swap_under_load_drops_no_request(server: str, exported_model: dict, tmp_path: Path) -> None:
-    from test_serve_live import free_port, start_dev, start_gunicorn, stop, wait_ready
-
+@pytest.mark.parametrize("server", ["dev", pytest.param("gunicorn", marks=pytest.mark.slow)])
+def test_hot_swap_under_load_drops_no_request(server: str, exported_model: dict, tmp_path: Path,
+                                              live_server) -> None:
     root = tmp_path / "models"
     place_version(root, 1, exported_model["model"])
-    port, workers = free_port(), (2 if server == "gunicorn" else 1)
-    proc = (
-        start_dev(exported_model["model"], port, tmp_path, args=["--model-dir", str(root)])
-        if server == "dev"
-        else start_gunicorn(None, port, tmp_path, workers=workers, env={"TORCHFERRY_MODEL_DIR": str(root)})
-    )
-    base = f"http://127.0.0.1:{port}"
+    workers = 2 if server == "gunicorn" else 1
+    live = (live_server("dev", args=["--model-dir", str(root)]) if server == "dev"
+            else live_server("gunicorn", workers=workers, env={"TORCHFERRY_MODEL_DIR": str(root)}))
+    base, proc = live.base, live.proc
+    stream = RequestStream(base)
+    stream.start()
     try:
-        wait_ready(base, proc)
-        stream = RequestStream(base)
-        stream.start()
-        try:
-            stream.wait_for(20, since=0)  # the stream is flowing on version 1
-            place_version(root, 2, exported_model["model"], note="v2")
-            proc.send_signal(signal.SIGHUP)
-            wait_for_log(proc, {"event": "model_swapped", "version": "2"}, workers)
-            on_v2 = time.monotonic()
+        stream.wait_for(20, since=0)  # the stream is flowing on version 1
+        place_version(root, 2, exported_model["model"], note="v2")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(proc, {"event": "model_swapped", "version": "2"}, workers)
+        on_v2 = time.monotonic()
 
-            place_version(root, 3, exported_model["model"], broken=True)
-            proc.send_signal(signal.SIGHUP)
-            wait_for_log(proc, {"event": "model_refused", "version": "3"}, workers)
-            meta = requests.get(f"{base}/v2/models/{NAME}", timeout=10).json()
-            assert meta["versions"] == ["2"] and meta["parameters"]["model_versions"]["3"]["state"] == "refused"
-            time.sleep(0.5)  # let the stream run on past the refusal
+        place_version(root, 3, exported_model["model"], broken=True)
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(proc, {"event": "model_refused", "version": "3"}, workers)
+        meta = requests.get(f"{base}/v2/models/{NAME}", timeout=10).json()
+        assert meta["versions"] == ["2"] and meta["parameters"]["model_versions"]["3"]["state"] == "refused"
+        time.sleep(0.5)  # let the stream run on past the refusal
 
-            rollback = time.monotonic()
-            shutil.rmtree(root / NAME / "3")
-            shutil.rmtree(root / NAME / "2")
-            proc.send_signal(signal.SIGHUP)
-            wait_for_log(proc, {"event": "model_swapped", "version": "1", "from_version": "2"}, workers)
-            on_v1 = time.monotonic()
-            stream.wait_for(10, since=on_v1)
-        finally:
-            stream.stop()
-        records = stream.since(0)
-        failures = [r for r in records if r[1] != 200]
-        assert not failures, failures[:10]
-        assert {v for _, _, v in records} == {"1", "2"}  # version 3 never answered
-        assert {v for t, _, v in records if on_v2 < t < rollback} == {"2"}
-        assert {v for t, _, v in records if t > on_v1} == {"1"}
-        assert proc.poll() is None
+        rollback = time.monotonic()
+        shutil.rmtree(root / NAME / "3")
+        shutil.rmtree(root / NAME / "2")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(proc, {"event": "model_swapped", "version": "1", "from_version": "2"}, workers)
+        on_v1 = time.monotonic()
+        stream.wait_for(10, since=on_v1)
     finally:
-        stop(proc)
+        stream.stop()
+    records = stream.since(0)
+    failures = [r for r in records if r[1] != 200]
+    assert not failures, failures[:10]
+    assert {v for _, _, v in records} == {"1", "2"}  # version 3 never answered
+    assert {v for t, _, v in records if on_v2 < t < rollback} == {"2"}
+    assert {v for t, _, v in records if t > on_v1} == {"1"}
+    assert proc.poll() is None

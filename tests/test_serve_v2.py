@@ -12,19 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import png_bomb
-from PIL import Image
+from helpers import png, png_bomb, pytorch_labels, val_images
 
 from torchferry.serve.app import create_app
 from torchferry.serve.images import decode, preprocess
 
 NAME = "smallcnn"  # a single model file is named by its metadata's architecture unless --name says otherwise
-
-
-def png(rgb: tuple[int, int, int], size: int = 20) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, "PNG")
-    return buf.getvalue()
 
 
 RED, GREEN, BLUE = png((210, 30, 30)), png((30, 210, 30)), png((30, 30, 210))
@@ -346,89 +339,78 @@ def test_infer_counts_images_in_the_metrics(client) -> None:
 @pytest.fixture(scope="module")
 def pytorch_truth(exported_model: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Validation images (PNG and JPEG) and the labels the PyTorch checkpoint gives them."""
-    from test_serve_live import pytorch_labels, val_images
-
     paths = val_images(exported_model["data"], tmp_path_factory.mktemp("v2-images"))[:16]
     return {"paths": paths, "labels": pytorch_labels(exported_model["checkpoint"], paths)}
 
 
-@pytest.mark.parametrize("server", ["dev", "gunicorn"])
+@pytest.mark.parametrize("server", ["dev", pytest.param("gunicorn", marks=pytest.mark.slow)])
 def test_tritonclient_gets_the_labels_pytorch_predicts(
-    server: str, exported_model: dict, pytorch_truth: dict, tmp_path: Path
+    server: str, exported_model: dict, pytorch_truth: dict, tmp_path: Path, live_server
 ) -> None:
     import tritonclient.http as httpclient
-    from test_serve_live import free_port, start_dev, start_gunicorn, stop, wait_ready
     from tritonclient.utils import InferenceServerException
 
-    port, base = free_port(), ""
     token = None
     if server == "dev":
-        proc = start_dev(
-            exported_model["model"], port, tmp_path, args=["--model", str(exported_model["model"]), "--name", "colours"]
-        )
+        live = live_server("dev", args=["--model", str(exported_model["model"]), "--name", "colours"])
     else:  # with a token, read from a file as a Kubernetes Secret mounts it
         (tmp_path / "token").write_text("live-token-42\n")
-        proc = start_gunicorn(
+        live = live_server(
+            "gunicorn",
             exported_model["model"],
-            port,
-            tmp_path,
             env={"TORCHFERRY_MODEL_NAME": "colours", "TORCHFERRY_AUTH_TOKEN_FILE": str(tmp_path / "token")},
         )
         token = "live-token-42"
+    port, base = live.port, live.base
 
     def headers() -> dict[str, str] | None:  # a fresh dict per call: tritonclient adds its own headers to it
         return {"Authorization": f"Bearer {token}"} if token else None
 
     paths, expected = pytorch_truth["paths"], pytorch_truth["labels"]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc)
-        if token:
-            check_auth_live(base, paths[0].read_bytes())
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-        assert (
-            client.is_server_live() and client.is_server_ready() and client.is_model_ready("colours", headers=headers())
-        )
-        meta = client.get_model_metadata("colours", headers=headers())
-        assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
-        assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}
-        assert "classification" in client.get_server_metadata(headers=headers())["extensions"]
-        spec = meta["parameters"]
-        assert spec["classes"] == ["blue", "green", "red"]
-        pre = exported_model_preprocess(exported_model)
-        for batch in (1, 8):
-            for binary in (True, False):
-                blobs = [p.read_bytes() for p in paths[:batch]]
-                images = httpclient.InferInput("input", [batch], "BYTES")
-                if binary:
-                    images.set_data_from_numpy(np.array(blobs, dtype=np.object_))
-                else:  # JSON carries strings: the images' base64
-                    images.set_data_from_numpy(
-                        np.array([base64.b64encode(b) for b in blobs], dtype=np.object_), binary_data=False
-                    )
-                wanted = httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=1)
-                result = client.infer("colours", [images], outputs=[wanted], headers=headers())
-                top1 = [row[0] for row in result.as_numpy("logits")]  # bytes from binary outputs, str from JSON
-                labels = [(t.decode() if isinstance(t, bytes) else t).split(":")[2] for t in top1]
-                assert labels == expected[:batch], (batch, binary)
-                assert result.get_response()["model_version"] == "1"
+    if token:
+        check_auth_live(base, paths[0].read_bytes())
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    assert (
+        client.is_server_live() and client.is_server_ready() and client.is_model_ready("colours", headers=headers())
+    )
+    meta = client.get_model_metadata("colours", headers=headers())
+    assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}
+    assert "classification" in client.get_server_metadata(headers=headers())["extensions"]
+    spec = meta["parameters"]
+    assert spec["classes"] == ["blue", "green", "red"]
+    pre = exported_model_preprocess(exported_model)
+    for batch in (1, 8):
+        for binary in (True, False):
+            blobs = [p.read_bytes() for p in paths[:batch]]
+            images = httpclient.InferInput("input", [batch], "BYTES")
+            if binary:
+                images.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+            else:  # JSON carries strings: the images' base64
+                images.set_data_from_numpy(
+                    np.array([base64.b64encode(b) for b in blobs], dtype=np.object_), binary_data=False
+                )
+            wanted = httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=1)
+            result = client.infer("colours", [images], outputs=[wanted], headers=headers())
+            top1 = [row[0] for row in result.as_numpy("logits")]  # bytes from binary outputs, str from JSON
+            labels = [(t.decode() if isinstance(t, bytes) else t).split(":")[2] for t in top1]
+            assert labels == expected[:batch], (batch, binary)
+            assert result.get_response()["model_version"] == "1"
 
-                x = np.stack([preprocess(decode(b, 40_000_000), pre) for b in blobs])
-                tensor_in = httpclient.InferInput("input", list(x.shape), "FP32")
-                tensor_in.set_data_from_numpy(x, binary_data=binary)
-                # No outputs named: all of them, in binary.
-                result = client.infer("colours", [tensor_in], model_version="1", headers=headers())
-                logits = result.as_numpy("logits")
-                assert logits.shape == (batch, 3)
-                assert [spec["classes"][i] for i in logits.argmax(1)] == expected[:batch], (batch, binary)
-        with pytest.raises(InferenceServerException, match="unknown model"):
-            client.infer("nope", [tensor_in], headers=headers())
-        if token:
-            with pytest.raises(InferenceServerException, match="bearer token is not valid"):
-                client.infer("colours", [tensor_in], headers={"Authorization": "Bearer wrong"})
-        client.close()
-    finally:
-        stop(proc)
+            x = np.stack([preprocess(decode(b, 40_000_000), pre) for b in blobs])
+            tensor_in = httpclient.InferInput("input", list(x.shape), "FP32")
+            tensor_in.set_data_from_numpy(x, binary_data=binary)
+            # No outputs named: all of them, in binary.
+            result = client.infer("colours", [tensor_in], model_version="1", headers=headers())
+            logits = result.as_numpy("logits")
+            assert logits.shape == (batch, 3)
+            assert [spec["classes"][i] for i in logits.argmax(1)] == expected[:batch], (batch, binary)
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.infer("nope", [tensor_in], headers=headers())
+    if token:
+        with pytest.raises(InferenceServerException, match="bearer token is not valid"):
+            client.infer("colours", [tensor_in], headers={"Authorization": "Bearer wrong"})
+    client.close()
 
 
 def check_auth_live(base: str, image: bytes) -> None:

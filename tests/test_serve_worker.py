@@ -8,7 +8,6 @@ The only wall-clock bounds asserted are the stated ones, which are the requireme
 
 from __future__ import annotations
 
-import io
 import os
 import selectors
 import signal
@@ -23,43 +22,23 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import write_checkpoint, write_class_tree
-from PIL import Image
-from test_serve_live import REPO, free_port, start_gunicorn, stop, wait_ready
+from helpers import REPO, export_random_model, free_port, png
 
 BODY_TIMEOUT_S = 15.0  # serve/gunicorn.conf.py's default TORCHFERRY_BODY_TIMEOUT
 HEAD_TIMEOUT_S = 5.0  # serve/gunicorn.conf.py's keepalive
 MARGIN_S = 3.0
 
 
-def _exported(tmp_path_factory: pytest.TempPathFactory, arch: str, size: int) -> Path:
-    """A random-weight `arch` at `size` px exported to ONNX (verified), without a training run."""
-    from torchferry.export.onnx import export_checkpoint
-
-    base = tmp_path_factory.mktemp(f"worker-{arch}")
-    write_class_tree(base / "data", 6)
-    checkpoint = write_checkpoint(base / "best.pth", arch, base / "data", size=size)
-    report = export_checkpoint(str(checkpoint), str(base / "model.onnx"), use_real=False)
-    assert report["passed"], report
-    return base / "model.onnx"
-
-
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight smallcnn exported to ONNX (verified), without a training run."""
-    return _exported(tmp_path_factory, "smallcnn", 16)
+    return export_random_model(tmp_path_factory.mktemp("worker-smallcnn"), "smallcnn", 16)
 
 
 @pytest.fixture(scope="module")
 def resnet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight resnet18 (64 px) exported to ONNX: its load and proof take long enough to be seen."""
-    return _exported(tmp_path_factory, "resnet18", 64)
-
-
-def png(size: int = 20) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    return export_random_model(tmp_path_factory.mktemp("worker-resnet18"), "resnet18", 64)
 
 
 def post(base: str, body: bytes, timeout: float = 10.0) -> object:
@@ -142,69 +121,58 @@ def wait_for_answer(sock: socket.socket, limit_s: float) -> tuple[float, bytes]:
 
 
 @pytest.mark.slow
-def test_64_slow_clients_do_not_delay_a_normal_client(small_model: Path, tmp_path: Path) -> None:
-    port = free_port()
-    proc = start_gunicorn(small_model, port, tmp_path, workers=1, threads=4)  # the production defaults
-    base = f"http://127.0.0.1:{port}"
-    body = png()
-    try:
-        wait_ready(base, proc)
-        latencies, statuses = [], []
-        with SlowClients(port, 64, seconds=120):
-            for _ in range(40):  # bounded; a request that fails ends the loop (the assertion below says so)
-                t = time.perf_counter()
-                statuses.append(post(base, body, timeout=5))
-                latencies.append(time.perf_counter() - t)
-                if statuses[-1] != 200:
-                    break
-        assert statuses == [200] * 40, statuses
-        assert np.percentile(latencies, 99) < 1.0, sorted(latencies)[-5:]
-        assert proc.poll() is None
-    finally:
-        stop(proc)
+def test_64_slow_clients_do_not_delay_a_normal_client(small_model: Path, live_server) -> None:
+    server = live_server("gunicorn", small_model, workers=1, threads=4)  # the production defaults
+    port, base, proc = server.port, server.base, server.proc
+    body = png("noise")
+    latencies, statuses = [], []
+    with SlowClients(port, 64, seconds=120):
+        for _ in range(40):  # bounded; a request that fails ends the loop (the assertion below says so)
+            t = time.perf_counter()
+            statuses.append(post(base, body, timeout=5))
+            latencies.append(time.perf_counter() - t)
+            if statuses[-1] != 200:
+                break
+    assert statuses == [200] * 40, statuses
+    assert np.percentile(latencies, 99) < 1.0, sorted(latencies)[-5:]
+    assert proc.poll() is None
 
 
 @pytest.mark.slow
-def test_a_half_sent_request_is_timed_out(small_model: Path, tmp_path: Path) -> None:
-    port = free_port()
-    proc = start_gunicorn(small_model, port, tmp_path, workers=1, threads=4)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        half_body = socket.create_connection(("127.0.0.1", port), timeout=5)
-        half_head = socket.create_connection(("127.0.0.1", port), timeout=5)
-        half_body.sendall(BODY_HEAD + b"\xff" * 500)
-        half_head.sendall(HEAD)
-        head_s, head_answer = wait_for_answer(half_head, HEAD_TIMEOUT_S + 30)
-        body_s, body_answer = wait_for_answer(half_body, BODY_TIMEOUT_S + 30)
-        half_body.close()
-        half_head.close()
-        assert head_s < HEAD_TIMEOUT_S + MARGIN_S, (head_s, head_answer)
-        assert body_s < BODY_TIMEOUT_S + MARGIN_S, (body_s, body_answer)
-        assert body_answer.startswith(b"HTTP/1.1 408 "), body_answer
-        assert b'"code": "request_timeout"' in body_answer and b"Connection: close" in body_answer
-        # A client that waits for "100 Continue" before its body (curl, over 1 MB) is asked for it and answered.
-        body = png()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                      b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
-            assert s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
-            s.sendall(body)
-            _, answer = wait_for_answer(s, 30)
-        assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer
-        assert answer.count(b"100 Continue") == 0
-        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-    finally:
-        stop(proc)
+def test_a_half_sent_request_is_timed_out(small_model: Path, live_server) -> None:
+    port = live_server("gunicorn", small_model, workers=1, threads=4).port
+    half_body = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half_head = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half_body.sendall(BODY_HEAD + b"\xff" * 500)
+    half_head.sendall(HEAD)
+    head_s, head_answer = wait_for_answer(half_head, HEAD_TIMEOUT_S + 30)
+    body_s, body_answer = wait_for_answer(half_body, BODY_TIMEOUT_S + 30)
+    half_body.close()
+    half_head.close()
+    assert head_s < HEAD_TIMEOUT_S + MARGIN_S, (head_s, head_answer)
+    assert body_s < BODY_TIMEOUT_S + MARGIN_S, (body_s, body_answer)
+    assert body_answer.startswith(b"HTTP/1.1 408 "), body_answer
+    assert b'"code": "request_timeout"' in body_answer and b"Connection: close" in body_answer
+    # A client that waits for "100 Continue" before its body (curl, over 1 MB) is asked for it and answered.
+    body = png("noise")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                  b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        _, answer = wait_for_answer(s, 30)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer
+    assert answer.count(b"100 Continue") == 0
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, tmp_path: Path) -> None:
+def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, live_server) -> None:
     """SIGKILL, as the OOM killer sends it, to 1 of 3 workers under a request stream: its replacement takes no
     connection before its model is proven, so no request gets a 503 (only the one the killed worker held may fail)."""
-    port = free_port()
-    proc = start_gunicorn(resnet_model, port, tmp_path, workers=3, threads=4)
-    base = f"http://127.0.0.1:{port}"
-    body = png()
+    server = live_server("gunicorn", resnet_model, workers=3, threads=4)
+    base, proc = server.base, server.proc
+    body = png("noise")
     records: list[object] = []
     done = threading.Event()
 
@@ -215,7 +183,6 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, tmp_path:
             records.append(post(base, body))
 
     try:
-        wait_ready(base, proc)
         deadline = time.monotonic() + 60
         while len(workers_of(proc)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -243,49 +210,44 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, tmp_path:
         assert len(workers_of(proc) - before) == 1 and victim not in workers_of(proc)
     finally:
         done.set()
-        stop(proc)
     assert 503 not in records, records
     assert all(r == 200 or r == "ConnectionError" for r in records), records
     assert sum(r == "ConnectionError" for r in records) <= 4 and len(records) >= replaced_at + 20
 
 
 @pytest.mark.slow
-def test_ready_means_every_accepting_worker_answers(small_model: Path, tmp_path: Path) -> None:
+def test_ready_means_every_accepting_worker_answers(small_model: Path, live_server) -> None:
     """A 2-worker start: from the first 200 of /readyz on, no request gets a 503 from a worker still loading."""
-    port = free_port()
-    proc = start_gunicorn(small_model, port, tmp_path, workers=2, threads=4)
-    base = f"http://127.0.0.1:{port}"
-    body = png()
+    server = live_server("gunicorn", small_model, workers=2, threads=4, ready=False)
+    base, proc = server.base, server.proc
+    body = png("noise")
     records: list[object] = []
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except (requests.ConnectionError, requests.Timeout):
+            pass
+        time.sleep(0.02)
+    ready_at = time.monotonic()
+
+    def client() -> None:
+        for _ in range(300):  # bounded, and by time: the 1.5 s after the first ready
+            if time.monotonic() - ready_at > 1.5:
+                return
+            records.append(post(base, body))
             try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            time.sleep(0.02)
-        ready_at = time.monotonic()
+                records.append(requests.get(f"{base}/readyz", timeout=10,
+                                            headers={"Connection": "close"}).status_code)
+            except requests.RequestException as exc:
+                records.append(type(exc).__name__)
 
-        def client() -> None:
-            for _ in range(300):  # bounded, and by time: the 1.5 s after the first ready
-                if time.monotonic() - ready_at > 1.5:
-                    return
-                records.append(post(base, body))
-                try:
-                    records.append(requests.get(f"{base}/readyz", timeout=10,
-                                                headers={"Connection": "close"}).status_code)
-                except requests.RequestException as exc:
-                    records.append(type(exc).__name__)
-
-        threads = [threading.Thread(target=client) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        stop(proc)
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
     assert records and all(r == 200 for r in records), records
 
 

@@ -1,0 +1,382 @@
+"""Plain helpers the tests share: generated data, checkpoints and models made without Ray, request bodies, and
+real server processes on 127.0.0.1. Fixtures live in conftest.py; tests import these with `from helpers import`."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 90
+
+# Three classes a small CNN tells apart in a few epochs: the dominant colour of a noisy image.
+PALETTE = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+RED = (210, 30, 30)
+
+# Small and quick: 16 px crops, 4 epochs, global batch 16 over 2 CPU workers.
+FAST_FLAGS = ["--gpus", "0", "--workers", "2", "--epochs", "4", "--batch-size", "16", "--lr", "0.05",
+              "--image-size", "16", "--num-workers", "0", "--hflip", "0.5", "--crop-scale-min", "0.6"]
+
+
+# ------------------------------------------------------------------------------------------------
+# generated data
+
+
+def colour_image(rng: np.random.Generator, rgb: tuple[int, int, int], size: int = 20) -> Image.Image:
+    """A noisy image whose mean colour is `rgb`."""
+    noise = rng.integers(-40, 41, size=(size, size, 3))
+    return Image.fromarray(np.clip(np.array(rgb) + noise, 0, 255).astype("uint8"), "RGB")
+
+
+def write_class_tree(root: Path, per_class: int, seed: int = 0, classes: tuple[str, ...] = tuple(PALETTE),
+                     ext: str = "png") -> list[tuple[Path, str]]:
+    """root/<class>/<i>.<ext> for each class; returns (path, class) pairs."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = root / name / f"{i:03d}.{ext}"
+            colour_image(rng, PALETTE[name]).save(path)
+            written.append((path, name))
+    return written
+
+
+def write_split_tree(root: Path) -> Path:
+    """root/train/<class>/* and root/val/<class>/*, 3 classes × 24 + 8 images (the training tests' set)."""
+    write_class_tree(root / "train", 24, seed=1)
+    write_class_tree(root / "val", 8, seed=2)
+    return root
+
+
+def write_digits_folder(root: Path, limit: int | None = None) -> Path:
+    """scikit-learn's 8×8 grayscale digits as an ImageFolder tree root/train/<digit>/, root/val/<digit>/ (80/20)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images, labels = bunch.images[:limit], bunch.target[:limit]
+    parts = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=labels)
+    for part, indices in zip(("train", "val"), parts):
+        for i in indices:
+            (root / part / str(labels[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((images[i] * (255.0 / 16.0)).round().astype("uint8"), mode="L").save(
+                root / part / str(labels[i]) / f"{i:04d}.png")
+    return root
+
+
+def write_cifar10(root: Path, per_class_train: int = 24, per_class_test: int = 8) -> Path:
+    """A tiny CIFAR-10-format root (cifar-10-batches-py with 5 data batches, a test batch, batches.meta).
+
+    Only the first three classes have images (colour classes), so the set is learnable in a few epochs.
+    """
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def batch(per_class: int) -> dict:
+        images, labels = [], []
+        for label, rgb in enumerate(PALETTE.values()):
+            for _ in range(per_class):
+                arr = np.asarray(colour_image(rng, rgb, 32))
+                images.append(arr.transpose(2, 0, 1).reshape(-1))
+                labels.append(label)
+        return {"data": np.stack(images).astype(np.uint8), "labels": labels}
+
+    for i in range(1, 6):
+        with open(base / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(max(1, per_class_train // 5)), f)
+    with open(base / "test_batch", "wb") as f:
+        pickle.dump(batch(per_class_test), f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and models without a Ray run
+
+
+def _fit(model, split, preprocess: dict, epochs: int, seed: int) -> dict[str, float]:
+    """`epochs` passes of the project's train_one_epoch over `split.train` in this process; the val metrics."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from torchferry.distributed.data import ImageListDataset
+    from torchferry.distributed.loop import evaluate, train_one_epoch
+    from torchferry.distributed.presets import build_eval_transform
+
+    tf, cpu, loss = build_eval_transform(preprocess), torch.device("cpu"), torch.nn.CrossEntropyLoss()
+    channels = int(preprocess["channels"])
+    train = DataLoader(ImageListDataset(split.train, channels, tf), batch_size=16, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    stats = None
+    for _ in range(epochs):
+        stats = train_one_epoch(model, train, loss, optimizer, cpu)
+    val = evaluate(model, DataLoader(ImageListDataset(split.val, channels, tf), batch_size=32), loss, cpu)
+    return {"val_acc": val.accuracy, "val_loss": val.loss, "train_loss": stats.loss if stats else 0.0,
+            "train_acc": stats.accuracy if stats else 0.0}
+
+
+def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed: int = 0,
+                     fit_epochs: int = 0) -> Path:
+    """A torchferry checkpoint of `arch` with random weights, its config pointing at `data_dir`; with
+    `fit_epochs`, those weights trained that many epochs on the data in this process first (no Ray)."""
+    import torch
+
+    from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.config import TrainConfig, resolve_defaults
+    from torchferry.distributed.data import discover
+    from torchferry.distributed.models import build_model
+    from torchferry.distributed.presets import preprocess_spec
+
+    cfg = resolve_defaults(TrainConfig(data=str(data_dir), model=arch, image_size=size, resize_size=size,
+                                       name="made"))
+    split = discover(cfg)
+    classes = split.classes
+    torch.manual_seed(seed)
+    model = build_model(arch, len(classes), channels=int(cfg.channels or 3))
+    with torch.no_grad():  # random BN statistics, so that eval-mode BN is not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    metrics = {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0}
+    if fit_epochs:
+        metrics = _fit(model, split, preprocess_spec(cfg), fit_epochs, seed)
+        model.eval()
+    ckpt.save_checkpoint({
+        "format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": len(classes), "classes": classes,
+        "preprocess": preprocess_spec(cfg), "state_dict": ckpt.clean_state_dict(model), "epoch": max(fit_epochs - 1, 0),
+        "metrics": metrics, "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path), sidecar=True)
+    return path
+
+
+def export_random_model(base: Path, arch: str = "smallcnn", size: int = 16) -> Path:
+    """A random-weight `arch` at `size` px exported to ONNX by the project's export (verified on random
+    inputs), without a training run: base/model.onnx."""
+    from torchferry.export.onnx import export_checkpoint
+
+    write_class_tree(base / "data", 6)
+    checkpoint = write_checkpoint(base / "best.pth", arch, base / "data", size=size)
+    report = export_checkpoint(str(checkpoint), str(base / "model.onnx"), use_real=False)
+    assert report["passed"], report
+    return base / "model.onnx"
+
+
+# ------------------------------------------------------------------------------------------------
+# request bodies
+
+
+def png(content: Image.Image | tuple[int, int, int] | str = RED, size: int = 20) -> bytes:
+    """PNG bytes of `content`: an image as it is, a solid colour, or "noise" (seeded RGB noise), size × size."""
+    if isinstance(content, Image.Image):
+        img = content
+    elif content == "noise":
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    else:
+        img = Image.new("RGB", (size, size), content)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    """JPEG bytes of `img` (converted to RGB unless it is RGB, CMYK or L); `kw` go to PIL's save."""
+    buf = io.BytesIO()
+    img.convert("RGB" if img.mode not in ("RGB", "CMYK", "L") else img.mode).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def red() -> Image.Image:
+    """A solid red 20×20 image: the model made for the serving tests calls it "red"."""
+    return Image.new("RGB", (20, 20), RED)
+
+
+def multipart(files: list[tuple[str, bytes]]) -> dict:
+    """Flask test-client form data with one file field per (filename, bytes)."""
+    return {f"f{i}": (io.BytesIO(data), name) for i, (name, data) in enumerate(files)}
+
+
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid PNG header claiming width × height grayscale pixels, in a few dozen bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def slow_request_body() -> bytes:
+    """A 900×900 noise PNG: a request that takes the server a while to decode."""
+    rng = np.random.default_rng(0)
+    return png(Image.fromarray(rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)))
+
+
+def bad_requests() -> dict[str, tuple[dict, int, str]]:
+    """The documented bad /predict inputs: case → (the test client's post kwargs, status, error code or "")."""
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    many = multipart([(f"{i}.png", png(red())) for i in range(100)])
+    return {
+        "random bytes": ({"data": rng.bytes(2048), "content_type": "image/png"}, 400, "not_an_image"),
+        "truncated jpeg": ({"data": jpeg(noisy)[:2000], "content_type": "image/jpeg"}, 400, "corrupt_image"),
+        "zero-byte file": ({"data": multipart([("empty.png", b"")]), "content_type": "multipart/form-data"},
+                           400, "empty_image"),
+        "30 MB body": ({"data": b"\xff" * (30 * 1024 * 1024), "content_type": "image/jpeg"}, 413,
+                       "request_entity_too_large"),
+        "pixel bomb": ({"data": png_bomb(), "content_type": "image/png"}, 413, "too_many_pixels"),
+        "text/plain": ({"data": b"hello", "content_type": "text/plain"}, 415, "unsupported_media_type"),
+        "no content type": ({"data": b"hello"}, 415, "unsupported_media_type"),
+        "malformed multipart": ({"data": b"--xx\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a\"\r\n\r\n"
+                                          b"abc", "content_type": "multipart/form-data; boundary=xx"}, 400, ""),
+        "100 images": ({"data": many, "content_type": "multipart/form-data"}, 413, ""),
+        "17 images": ({"data": multipart([(f"{i}.png", png(red())) for i in range(17)]),
+                       "content_type": "multipart/form-data"}, 413, "too_many_images"),
+        "top_k=-1": ({"data": png(red()), "content_type": "image/png", "query_string": {"top_k": "-1"}}, 400,
+                     "bad_top_k"),
+        "top_k=abc": ({"data": png(red()), "content_type": "image/png", "query_string": {"top_k": "abc"}}, 400,
+                      "bad_top_k"),
+        "no files": ({"data": {"field": "value"}, "content_type": "multipart/form-data"}, 400, "no_image"),
+    }
+
+
+def write_model_with_external_data(tmp: Path) -> Path:
+    """A 4×4 MatMul model whose weights live in an external file, tmp/weights.bin beside tmp/ext.onnx."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph)
+    onnx.save_model(model, str(tmp / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    return tmp / "ext.onnx"
+
+
+# ------------------------------------------------------------------------------------------------
+# real server processes on 127.0.0.1 (the `live_server` fixture starts and stops them)
+
+
+@dataclass
+class LiveServer:
+    """A server process the `live_server` fixture started on 127.0.0.1:`port`."""
+
+    kind: str  # "dev" (python -m serve) or "gunicorn"
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return Path(self.proc.log_path).read_text()  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc: subprocess.Popen) -> None:
+    """Poll /readyz until 200 (bounded); fail with the server's output if it dies or never gets ready."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {Path(proc.log_path).read_text()[-3000:]}")
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # under gunicorn no worker accepts before its model
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server not ready in time")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _log(tmp: Path, name: str):
+    tmp.mkdir(parents=True, exist_ok=True)
+    return open(tmp / f"{name}.log", "w")  # a file, not an unread pipe that could fill and stall the server
+
+
+def start_dev(model: Path | None, port: int, tmp: Path, args: list[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m serve` on 127.0.0.1:port; `args` replace `--model MODEL` (e.g. `--model-dir DIR`)."""
+    source = args if args is not None else ["--model", str(model)]
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *source, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO, env={**os.environ, **(env or {})}, stdout=_log(tmp, "dev"),
+                            stderr=subprocess.STDOUT)
+    proc.log_path = tmp / "dev.log"  # type: ignore[attr-defined]
+    return proc
+
+
+def start_gunicorn(model: Path | None, port: int, tmp: Path, workers: int = 2, threads: int = 4,
+                   graceful: int = 20, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """gunicorn with serve/gunicorn.conf.py on 127.0.0.1:port; `env` adds TORCHFERRY_* settings."""
+    env = {**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
+           "TORCHFERRY_WORKERS": str(workers), "TORCHFERRY_THREADS": str(threads),
+           "TORCHFERRY_GRACEFUL_TIMEOUT": str(graceful), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom"),
+           **({"TORCHFERRY_MODEL": str(model)} if model else {}), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
+                             str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
+                            cwd=REPO, env=env, stdout=_log(tmp, "gunicorn"), stderr=subprocess.STDOUT)
+    proc.log_path = tmp / "gunicorn.log"  # type: ignore[attr-defined]
+    return proc
+
+
+def pytorch_labels(checkpoint_path: Path, paths: list[Path]) -> list[str]:
+    """What the checkpoint predicts for `paths` in PyTorch, with the training side's eval preprocessing."""
+    import torch
+
+    from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.data import load_image
+    from torchferry.distributed.presets import build_eval_transform
+
+    best = ckpt.load_checkpoint(str(checkpoint_path))
+    model = ckpt.model_from_checkpoint(best, factory=None)
+    tf = build_eval_transform(best["preprocess"])
+    x = torch.stack([tf(load_image(str(p), best["preprocess"]["channels"])) for p in paths])
+    with torch.inference_mode():
+        return [best["classes"][i] for i in model(x).argmax(1).tolist()]
+
+
+def val_images(data: Path, tmp: Path) -> list[Path]:
+    """The validation PNGs of `data`, plus JPEG copies of a few."""
+    pngs = sorted((data / "val").rglob("*.png"))
+    jpgs = []
+    for p in pngs[::6]:
+        jpgs.append(tmp / f"{p.parent.name}-{p.stem}.jpg")
+        Image.open(p).save(jpgs[-1], quality=95)
+    return pngs + jpgs
