@@ -103,9 +103,9 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
 
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-    from torchferry.distributed.launch import _keep_ray_on_loopback
+    from torchferry.distributed.cluster import keep_ray_on_loopback
 
-    _keep_ray_on_loopback()
+    keep_ray_on_loopback()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

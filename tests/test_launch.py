@@ -16,9 +16,11 @@ import torch
 from helpers import FAST_FLAGS
 
 from torchferry.distributed import checkpoint as ckpt
-from torchferry.distributed import launch
-from torchferry.distributed.config import TrainConfig
+from torchferry.distributed import launch, preflight
+from torchferry.distributed.cluster import start_ray
+from torchferry.distributed.config import TrainConfig, resolve_defaults
 from torchferry.distributed.data import ImageListDataset, discover
+from torchferry.distributed.flags import config_from_args
 from torchferry.distributed.presets import build_eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +249,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     import ray
 
     cfg = TrainConfig(output_dir=str(tmp_path))
-    assert launch.start_ray(cfg) is True
+    assert start_ray(cfg) is True
     try:
         ray.get(ray.remote(lambda: 1).remote())  # a worker process exists too
         ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
@@ -509,13 +511,13 @@ def test_small_grayscale_folder_gets_the_builtin_digits_settings(digits_folder: 
     import logging
 
     caplog.set_level(logging.INFO, logger="torchferry.distributed")
-    cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--output-dir", str(tmp_path)]))
-    builtin, _ = launch.prepare(launch.config_from_args(["--output-dir", str(tmp_path)]))
+    cfg, _ = preflight.prepare(config_from_args(["--data", str(digits_folder), "--output-dir", str(tmp_path)]))
+    builtin, _ = preflight.prepare(config_from_args(["--output-dir", str(tmp_path)]))
     for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min"):
         assert getattr(cfg, key) == getattr(builtin, key), key
     assert (cfg.image_size, cfg.channels) == (32, 1)
     assert "defaults from the data (300 images looked at: grayscale, median side 8 px" in caplog.text
-    launch._claim_run_dir(cfg)  # what was chosen is kept with the run
+    preflight.claim_run_dir(cfg)  # what was chosen is kept with the run
     saved = json.loads((Path(cfg.run_dir) / "config.json").read_text())
     assert (saved["image_size"], saved["channels"], saved["hflip"]) == (32, 1, 0.0)
 
@@ -528,18 +530,18 @@ def test_chosen_defaults_give_way_to_a_model_that_cannot_take_them(digits_folder
 
     caplog.set_level(logging.INFO, logger="torchferry.distributed")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    cfg, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "custom_model:build",
-                                                     "--output-dir", str(tmp_path)]))
+    cfg, _ = preflight.prepare(config_from_args(["--data", str(digits_folder), "--model", "custom_model:build",
+                                                 "--output-dir", str(tmp_path)]))
     assert (cfg.channels, cfg.image_size, cfg.hflip) == (3, 32, 0.0)
     assert "not the defaults the images suggest" in caplog.text
-    gray, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "custom_model:build_gray",
-                                                      "--output-dir", str(tmp_path)]))
+    gray, _ = preflight.prepare(config_from_args(["--data", str(digits_folder), "--model", "custom_model:build_gray",
+                                                  "--output-dir", str(tmp_path)]))
     assert (gray.channels, gray.image_size) == (1, 32)
-    vit, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "vit_b_16",
-                                                     "--output-dir", str(tmp_path)]))
+    vit, _ = preflight.prepare(config_from_args(["--data", str(digits_folder), "--model", "vit_b_16",
+                                                 "--output-dir", str(tmp_path)]))
     assert (vit.channels, vit.image_size) == (3, 224)
-    inception, _ = launch.prepare(launch.config_from_args(["--data", str(digits_folder), "--model", "inception_v3",
-                                                           "--output-dir", str(tmp_path)]))
+    inception, _ = preflight.prepare(config_from_args(["--data", str(digits_folder), "--model", "inception_v3",
+                                                       "--output-dir", str(tmp_path)]))
     assert inception.image_size == 299  # its auxiliary head needs more than 224 px
 
 
@@ -555,7 +557,7 @@ def test_small_grayscale_folder_with_no_flags_learns_like_the_builtin_digits(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "defaults from the data (1797 images looked at: grayscale, median side 8 px" in proc.stderr
     saved = json.loads((tmp_path / "runs" / "mine" / "config.json").read_text())
-    builtin = launch.resolve_defaults(TrainConfig(epochs=DIGITS_EPOCHS))
+    builtin = resolve_defaults(TrainConfig(epochs=DIGITS_EPOCHS))
     for key in ("image_size", "resize_size", "channels", "mean", "std", "hflip", "rotation", "crop_scale_min",
                 "batch_size", "lr"):
         assert saved[key] == getattr(builtin, key), key
