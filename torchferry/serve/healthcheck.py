@@ -14,7 +14,9 @@ import os
 import socket
 import sys
 
-DEFAULT_BIND = "127.0.0.1:8080"  # serve/gunicorn.conf.py's default
+from torchferry.serve.settings import GunicornSettings
+
+DEFAULT_BIND: str = GunicornSettings.bind  # TORCHFERRY_BIND's default (serve/settings.py)
 TIMEOUT_S = 2.0
 
 

@@ -43,9 +43,9 @@ class Setting:
     keep_empty: bool = False  # "" is a value, not unset: an empty token must not turn auth off
 
 
-def setting(env: str, default: Any, help: str, **how: Any) -> Any:
-    """A dataclass field that is a setting; `how` holds the rest of its `Setting`."""
-    return field(default=default, metadata={"setting": Setting(env, help, **how)})
+def setting(env: str, default: Any, help: str, secret: bool = False, **how: Any) -> Any:
+    """A dataclass field that is a setting; `how` holds the rest of its `Setting`; a secret is left out of repr."""
+    return field(default=default, repr=not secret, metadata={"setting": Setting(env, help, **how)})
 
 
 def _kind(annotation: Any) -> type:
@@ -62,10 +62,10 @@ def _cast(spec: Setting, kind: type, raw: str) -> Any:
         raise ValueError(f"{spec.env}={raw!r} {problem}") from None
 
 
-def _checked(spec: Setting, kind: type, value: Any, shown: Any) -> Any:
-    """`value` as `kind`, or a ValueError naming the variable when it has another type or lies outside its range."""
-    if value is None:
-        return None
+def _checked(spec: Setting, kind: type, value: Any, shown: Any = None) -> Any:
+    """`value` as `kind`, or a ValueError naming the variable (and `shown`, else the value) when it has another
+    type or lies outside its range."""
+    shown = value if shown is None else shown
     if kind is str:
         if not isinstance(value, str):
             raise ValueError(f"{spec.env}={shown!r} is not a valid str")
@@ -104,11 +104,10 @@ class _Settings:
             raw = env.get(spec.env)
             if name.upper() in overrides:  # None: unset, whatever the environment says
                 value = overrides[name.upper()]
-                values[name] = getattr(cls, name) if value is None else _checked(spec, kind, value, value)
+                values[name] = getattr(cls, name) if value is None else _checked(spec, kind, value)
             elif raw is not None and (raw != "" or spec.keep_empty):
-                shown = raw if spec.rule else None
-                value = _cast(spec, kind, raw)
-                values[name] = _checked(spec, kind, value, value if shown is None else shown)
+                # A rule's message quotes what was written; a range's, the number it was read as.
+                values[name] = _checked(spec, kind, _cast(spec, kind, raw), raw if spec.rule else None)
         return cls(**values)
 
     def as_config(self) -> dict[str, Any]:
@@ -130,7 +129,7 @@ class ServeSettings(_Settings):
     poll_seconds: float = setting("TORCHFERRY_POLL_SECONDS", 0.0, "also look for new versions this often, in "
                                   "seconds (0: only on SIGHUP)", low=0, high=86_400 * 365, flag="--poll-seconds")
     auth_token: str | None = setting("TORCHFERRY_AUTH_TOKEN", None, "the bearer token every route but the probes "
-                                     "requires", unset="authentication off", keep_empty=True)
+                                     "requires", unset="authentication off", keep_empty=True, secret=True)
     auth_token_file: str | None = setting("TORCHFERRY_AUTH_TOKEN_FILE", None, "a file holding the bearer token, "
                                           "re-read when it changes", unset="authentication off", keep_empty=True)
     max_upload_bytes: int = setting("TORCHFERRY_MAX_UPLOAD_BYTES", 16 * 1024 * 1024, "largest request body",
