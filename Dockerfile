@@ -36,9 +36,10 @@ RUN if python -m pip --version >/dev/null 2>&1; then python -m pip uninstall --y
  && mkdir -p /models /var/run/secrets/torchferry
 COPY --from=serve-deps /opt/venv /opt/venv
 WORKDIR /app
-# The serving package and the torch-free package root alone (torchferry.distributed and torchferry.export need torch),
-# and the command names `python -m serve` and `python -m serve.healthcheck` (serve/, no __init__.py).
-COPY torchferry/__init__.py /app/torchferry/
+# The serving package, the torch-free package root and the model-file contract alone (torchferry.distributed and
+# torchferry.export need torch), and the command names `python -m serve` and `python -m serve.healthcheck` (serve/,
+# no __init__.py).
+COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
 COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/ /app/serve/
 # A numeric non-root user: Kubernetes' runAsNonRoot can verify it without /etc/passwd.

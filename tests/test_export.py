@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import write_checkpoint, write_class_tree, write_model_with_external_data
 
+from torchferry import contract
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.export import metadata as meta
 from torchferry.export import onnx as export_onnx
@@ -53,7 +54,7 @@ def test_model_is_self_describing_and_self_contained(exported: dict) -> None:
     assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     values = meta.read_metadata(proto)
-    assert set(meta.KEYS) <= set(values)
+    assert set(contract.METADATA_KEYS) <= set(values)
     best = ckpt.load_checkpoint(str(exported["checkpoint"]))
     assert values["classes"] == best["classes"] and values["preprocess"] == best["preprocess"]
     assert values["checkpoint_sha256"] == ckpt.sha256_file(str(exported["checkpoint"]))
@@ -63,7 +64,7 @@ def test_model_is_self_describing_and_self_contained(exported: dict) -> None:
 def test_golden_outputs_reproduce_without_torch(exported: dict) -> None:
     """What the server will do at start-up: rebuild the golden inputs with numpy, run ORT, compare."""
     golden = meta.read_metadata(onnx.load(str(exported["model"])))["golden"]
-    x = meta.golden_inputs(*golden["shape"][1:])
+    x = contract.golden_inputs(golden["shape"], golden["seed"], *golden["range"])
     session = ort.InferenceSession(str(exported["model"]), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x})[0]
     assert np.abs(got - np.asarray(golden["logits"], dtype=np.float32)).max() <= golden["atol"]
@@ -247,7 +248,7 @@ def _huge_logits_checkpoint(tmp_path: Path) -> Path:
     c = ckpt.load_checkpoint(str(path))
     model = ckpt.model_from_checkpoint(c, factory=None)
     with torch.inference_mode():
-        scale = 1e7 / float(model(torch.from_numpy(meta.golden_inputs(3, 16, 16))).abs().max())
+        scale = 1e7 / float(model(torch.from_numpy(contract.golden_inputs([contract.GOLDEN_BATCH, 3, 16, 16]))).abs().max())
     c["state_dict"]["classifier.1.weight"] *= scale
     bias = c["state_dict"]["classifier.1.bias"]
     c["state_dict"]["classifier.1.bias"] = bias * scale + 1e8 * torch.tensor([(-1.0) ** i for i in range(len(bias))])

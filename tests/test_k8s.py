@@ -284,9 +284,10 @@ def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, t
     listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
     assert not [ln for ln in listed.lower().splitlines() if ln.startswith(("torch", "nvidia-", "triton"))]
     app_dir = tmp_path / "app"
-    # As the image does: the serving package and the package root alone.
+    # As the image does: the serving package, the package root and the model-file contract alone.
     shutil.copytree(REPO / "torchferry" / "serve", app_dir / "torchferry" / "serve")
-    shutil.copy(REPO / "torchferry" / "__init__.py", app_dir / "torchferry" / "__init__.py")
+    for name in ("__init__.py", "contract.py"):
+        shutil.copy(REPO / "torchferry" / name, app_dir / "torchferry" / name)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update({"TORCHFERRY_MODEL": str(exported_model["model"]), "TORCHFERRY_BIND": f"127.0.0.1:{port}",

@@ -1,5 +1,5 @@
 """torchferry training: Ray Train runs a PyTorch image classifier as DDP over GPU or CPU workers."""
 
+from torchferry.contract import TorchferryError
 
-class TorchferryError(Exception):
-    """A problem the user can fix (bad flag, bad data, missing resources); CLIs print it as one line."""
+__all__ = ["TorchferryError"]

@@ -1,7 +1,8 @@
-"""The checkpoint contract (DESIGN.md): one self-describing file, written atomically, loaded weights-only.
+"""The checkpoint contract (docs/design.md): one self-describing file, written atomically, loaded weights-only.
 
 Every reader and writer of `.pth` files in torchferry goes through this module, so the schema, the
-format check and the integrity check live in one place.
+format check and the integrity check live in one place; the parts the ONNX model and the server share
+(format version, preprocessing spec, sha256 sidecar) come from `torchferry.contract`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import math
 import os
 import re
 import tempfile
@@ -21,17 +21,30 @@ import torchvision
 from torch import nn
 
 import torchferry
-from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import MAX_IMAGE_SIDE, MAX_RESIZE
+from torchferry.contract import (
+    CHECKPOINT_FORMAT,
+    MAX_CLASSES,
+    ContractError,
+    TorchferryError,
+    classes_problem,
+    format_problem,
+    is_int,
+    is_number,
+    preprocess_problems,
+    recorded_sha256,
+    sha256_file,
+    short,
+    sidecar_path,
+    sidecar_text,
+)
 
-FORMAT = "torchferry.checkpoint/1"
-FORMAT_MAJOR = FORMAT.rsplit("/", 1)[1].split(".")[0]
+FORMAT = CHECKPOINT_FORMAT
 REQUIRED_KEYS = ("format", "arch", "num_classes", "classes", "preprocess", "state_dict", "epoch", "metrics", "config")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
 CHECKPOINT_FILE = "checkpoint.pth"
 
 
-class CheckpointError(TorchferryError):
+class CheckpointError(ContractError):
     """A checkpoint that is missing, damaged, of an unknown format, or not loadable weights-only."""
 
 
@@ -94,13 +107,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def write_sidecar(path: str, digest: str) -> None:
+    """`<path>.sha256`, atomically: the hash a reader checks `path` against."""
+    atomic_write_bytes(sidecar_path(path), sidecar_text(path, digest))
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str, sidecar: bool = False) -> str:
@@ -111,7 +120,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str, sidecar: bool = False
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
     if sidecar:
-        atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+        write_sidecar(path, digest)
     return digest
 
 
@@ -121,7 +130,7 @@ def copy_checkpoint(src: str, dst: str) -> str:
         data = f.read()
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(dst, data)
-    atomic_write_bytes(dst + ".sha256", f"{digest}  {os.path.basename(dst)}\n".encode())
+    write_sidecar(dst, digest)
     return digest
 
 
@@ -131,13 +140,10 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} is not a file")
-    sidecar = path + ".sha256"
-    if os.path.isfile(sidecar):
-        with open(sidecar, encoding="utf-8") as f:
-            parts = f.read().split()
-        expected = parts[0] if parts else ""
+    expected = recorded_sha256(path)
+    if expected is not None:
         actual = sha256_file(path)
-        if expected and actual != expected:
+        if actual != expected:
             raise CheckpointError(f"checkpoint {path!r} does not match its sha256 sidecar (expected {expected[:12]}…, "
                                   f"got {actual[:12]}…): the file is truncated or altered")
     try:
@@ -168,10 +174,9 @@ def check_checkpoint(obj: Any, where: str) -> None:
     """
     if not isinstance(obj, dict) or "format" not in obj:
         raise CheckpointError(f"{where!r} is not a torchferry checkpoint (no 'format' key)")
-    fmt = str(obj["format"])
-    name, _, version = fmt.partition("/")
-    if name != "torchferry.checkpoint" or version.split(".")[0] != FORMAT_MAJOR:
-        raise CheckpointError(f"{where!r} has checkpoint format {fmt[:80]!r}; this torchferry reads {FORMAT!r}")
+    problem = format_problem(obj["format"])
+    if problem:
+        raise CheckpointError(f"{where!r} {problem}")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{where!r} lacks {missing}")
@@ -179,21 +184,7 @@ def check_checkpoint(obj: Any, where: str) -> None:
         raise CheckpointError(f"{where!r} is malformed: {problem}")
 
 
-MAX_CLASSES = 100_000
 MAX_EPOCH = 1_000_000
-
-
-def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
@@ -203,17 +194,18 @@ def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
 
     arch = obj["arch"]
     if not isinstance(arch, str) or not (is_builtin(arch) or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
-        yield (f"arch {_short(arch)} is neither smallcnn, a torchvision classifier nor a package.module:factory "
+        yield (f"arch {short(arch)} is neither smallcnn, a torchvision classifier nor a package.module:factory "
                "name")
     n = obj["num_classes"]
-    if not _is_int(n, 2, MAX_CLASSES):
-        yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {_short(n)}"
+    if not is_int(n, 2, MAX_CLASSES):
+        yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {short(n)}"
     classes = obj["classes"]
-    if not (isinstance(classes, list) and all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes)):
-        yield "classes must be a list of class names (non-empty strings)"
+    problem = classes_problem(classes)
+    if problem:
+        yield problem
     elif len(classes) != n:
-        yield f"classes lists {len(classes)} names for num_classes {_short(n)}"
-    yield from _preprocess_problems(obj["preprocess"])
+        yield f"classes lists {len(classes)} names for num_classes {short(n)}"
+    yield from preprocess_problems(obj["preprocess"])
     try:
         check_plain_kwargs(obj.get("arch_kwargs"))
     except TorchferryError as exc:
@@ -222,13 +214,13 @@ def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                       for k, v in state.items())):
         yield "state_dict must map parameter names to tensors"
-    if not _is_int(obj["epoch"], 0, MAX_EPOCH):
-        yield f"epoch must be an integer from 0 to {MAX_EPOCH}, got {_short(obj['epoch'])}"
+    if not is_int(obj["epoch"], 0, MAX_EPOCH):
+        yield f"epoch must be an integer from 0 to {MAX_EPOCH}, got {short(obj['epoch'])}"
     metrics = obj["metrics"]
-    if not (isinstance(metrics, dict) and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items())):
+    if not (isinstance(metrics, dict) and all(isinstance(k, str) and is_number(v) for k, v in metrics.items())):
         yield "metrics must map names to numbers"
-    elif not (_is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
-        yield f"metrics.val_acc must be a number from 0 to 1, got {_short(metrics.get('val_acc'))}"
+    elif not (is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
+        yield f"metrics.val_acc must be a number from 0 to 1, got {short(metrics.get('val_acc'))}"
     config = obj["config"]
     if not isinstance(config, dict):
         yield f"config must be a mapping, got {type(config).__name__}"
@@ -240,29 +232,6 @@ def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     yield from _optional_problems(obj)
 
 
-def _preprocess_problems(pre: Any) -> Iterable[str]:
-    if not isinstance(pre, dict):
-        yield f"preprocess must be a mapping, got {type(pre).__name__}"
-        return
-    size, resize, channels = pre.get("size"), pre.get("resize"), pre.get("channels")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v, 1, MAX_IMAGE_SIDE) for v in size)):
-        yield f"preprocess.size must be [H, W] with sides from 1 to {MAX_IMAGE_SIDE}, got {_short(size)}"
-    if not _is_int(resize, 1, MAX_RESIZE):
-        yield f"preprocess.resize must be an integer from 1 to {MAX_RESIZE}, got {_short(resize)}"
-    if channels not in (1, 3) or isinstance(channels, bool):
-        yield f"preprocess.channels must be 1 or 3, got {_short(channels)}"
-        return
-    for key in ("mean", "std"):
-        values = pre.get(key)
-        if not (isinstance(values, list) and len(values) == channels
-                and all(_is_number(v) and math.isfinite(v) and abs(v) <= 1e3 for v in values)):
-            yield f"preprocess.{key} must be {channels} finite numbers, got {_short(values)}"
-        elif key == "std" and not all(v > 0 for v in values):
-            yield f"preprocess.std must be positive, got {_short(values)}"
-    if pre.get("interpolation", "bilinear") != "bilinear":
-        yield f"preprocess.interpolation must be 'bilinear', got {_short(pre.get('interpolation'))}"
-
-
 def _optional_problems(obj: dict[str, Any]) -> Iterable[str]:
     """Fields only some checkpoints carry (resume state, history, versions): typed when present."""
     versions = obj.get("versions", {})
@@ -271,13 +240,13 @@ def _optional_problems(obj: dict[str, Any]) -> Iterable[str]:
         yield "versions must map library names to version strings"
     history = obj.get("history", [])
     if not (isinstance(history, list) and all(
-            isinstance(row, dict) and _is_int(row.get("epoch"), 0, MAX_EPOCH)
-            and all(isinstance(k, str) and _is_number(v) for k, v in row.items()) for row in history)):
+            isinstance(row, dict) and is_int(row.get("epoch"), 0, MAX_EPOCH)
+            and all(isinstance(k, str) and is_number(v) for k, v in row.items()) for row in history)):
         yield "history must be a list of per-epoch rows of numbers"
-    if "best_val_acc" in obj and not _is_number(obj["best_val_acc"]):
-        yield f"best_val_acc must be a number, got {_short(obj['best_val_acc'])}"
+    if "best_val_acc" in obj and not is_number(obj["best_val_acc"]):
+        yield f"best_val_acc must be a number, got {short(obj['best_val_acc'])}"
     if "backbone_frozen" in obj and not isinstance(obj["backbone_frozen"], bool):
-        yield f"backbone_frozen must be true or false, got {_short(obj['backbone_frozen'])}"
+        yield f"backbone_frozen must be true or false, got {short(obj['backbone_frozen'])}"
     for key in ("optimizer", "scheduler", "scaler"):
         if key in obj and not isinstance(obj[key], dict):
             yield f"{key} must be a mapping, got {type(obj[key]).__name__}"
@@ -307,7 +276,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) ->
     except Exception as exc:  # noqa: BLE001 - a builder refusing the file's arguments is bad input
         if factory is None:
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot build {arch} with arch_kwargs {_short(kwargs)}: {reason}") from None
+            raise CheckpointError(f"cannot build {arch} with arch_kwargs {short(kwargs)}: {reason}") from None
         probe = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)  # your factory, off meta
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

@@ -16,11 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchferry.contract import MAX_IMAGE_SIDE, MAX_RESIZE
 from torchferry.distributed import TorchferryError
-
-# The largest model input side and eval resize a run may use; a checkpoint past them is refused on loading.
-MAX_IMAGE_SIDE = 2048
-MAX_RESIZE = 4096
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

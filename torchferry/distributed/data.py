@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision import datasets
 
+from torchferry.contract import SIXTEEN_BIT_MODES, eight_bit
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, absolute_path, data_set_key, default_cache_dir
 from torchferry.distributed.discovery import DataSplit, Sample, annotation_split, folder_split, split_folder
@@ -178,13 +179,12 @@ def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
 def load_image(path: str, channels: int) -> Image.Image:
     """Open an image as the model sees it: EXIF orientation applied, first frame, L or RGB.
 
-    16-bit grayscale is scaled to 8 bits (not clipped); `serve/images.py` does the same for clients.
+    16-bit grayscale is scaled to 8 bits (not clipped) by the contract's rule, as `serve/images.py` does for clients.
     """
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+        if img.mode in SIXTEEN_BIT_MODES:
+            img = Image.fromarray(eight_bit(np.asarray(img)), mode="L")
         return img.convert("L" if channels == 1 else "RGB")
 
 

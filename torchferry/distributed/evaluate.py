@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchferry.cli import add_debug_arguments, add_factory_argument, run_main
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
@@ -96,32 +97,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
     p.add_argument("--data", default=None, help="data to evaluate on, in any --data layout; required unless the "
                    "checkpoint was trained on the built-in digits (a checkpoint does not choose which files are read)")
-    p.add_argument("--val-data", default=None, help="the validation images, as at training (an annotation file "
+    p.add_argument("--val-data", help="the validation images, as at training (an annotation file "
                    "or a folder); without it the validation split of --data is rebuilt (default: none)")
-    p.add_argument("--image-root", default=None, help="folder the annotation files' relative paths start from, as "
+    p.add_argument("--image-root", help="folder the annotation files' relative paths start from, as "
                    "at training (default: each annotation file's own folder)")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
-                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
-                   "but imports and runs a package.module:factory only when you name it here (default: none)")
+    add_factory_argument(p)
     p.add_argument("--output-dir", default=None, help="where confusion_matrix.png and evaluation.json go "
                    "(default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    add_debug_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 with the report, 2 on bad input."""
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory,
-                                     val_data=args.val_data, image_root=args.image_root)
-    except TorchferryError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(get_args_parser(), _evaluate, argv)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory,
+                                 val_data=args.val_data, image_root=args.image_root)
     out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint)))
     plot_confusion(np.asarray(report["confusion_matrix"]), report["classes"], os.path.join(out, "confusion_matrix.png"))
     atomic_write_bytes(os.path.join(out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from torchferry.cli import add_debug_arguments
 from torchferry.distributed.config import CHECK_IMAGES, OPTIMIZERS, SCHEDULERS, TrainConfig
 
 
@@ -158,8 +159,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "checkpoint, with the configuration it was started with (default: start a new run)")
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d.progress, help="progress bar on "
                    "rank 0 while an epoch runs; auto shows it on an interactive terminal (default: auto)")
-    g.add_argument("--verbose", "-v", action="store_true", help="more log output, Ray's included")
-    g.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    add_debug_arguments(g, verbose="more log output, Ray's included")
     return p
 
 

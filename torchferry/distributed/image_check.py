@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from torchferry.contract import SIXTEEN_BIT_MODES
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.discovery import DataSplit
@@ -22,7 +23,7 @@ from torchferry.distributed.discovery import DataSplit
 _logger = logging.getLogger(__name__)
 
 FULL_CHECK_LIMIT = 50_000
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+GRAYSCALE_MODES = ("1", "L", "LA", "F", *SIXTEEN_BIT_MODES)
 PROFILE_SAMPLE = 256
 
 

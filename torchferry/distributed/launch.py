@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from torchferry.cli import run_command
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.cluster import ClusterUnavailable, check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
@@ -175,23 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(argv)
     setup_logging(cfg.verbose)
     try:
-        summary = run(cfg)
-    except TorchferryError as exc:
-        if cfg.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingFailed, ClusterUnavailable) as exc:
-        if cfg.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return run_command(lambda: _train(cfg), debug=cfg.debug, failures=(TrainingFailed, ClusterUnavailable))
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
+
+
+def _train(cfg: TrainConfig) -> int:
+    summary = run(cfg)
     print(f"best val_acc {summary['val_acc']:.4f} at epoch {summary['epoch'] + 1}: {summary['best']}")
     return 0
 

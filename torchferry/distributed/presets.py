@@ -2,7 +2,8 @@
 
 The eval transform is fully described by the plain-data `preprocess` spec stored in every checkpoint and
 ONNX model (`{"size": [H, W], "resize": int, "mean": [...], "std": [...], "channels": 1|3,
-"interpolation": "bilinear"}`); `serve/` re-implements exactly this in numpy/PIL.
+"interpolation": "bilinear"}`, `torchferry.contract.preprocess_spec`); `serve/` re-implements exactly this in
+numpy/PIL.
 """
 
 from __future__ import annotations
@@ -12,20 +13,15 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from torchferry import contract
 from torchferry.distributed.config import TrainConfig
 
 
 def preprocess_spec(cfg: TrainConfig) -> dict[str, Any]:
     """The eval transform as plain data (the checkpoint's `preprocess`)."""
     assert cfg.image_size and cfg.resize_size and cfg.mean and cfg.std and cfg.channels, "resolve_defaults first"
-    return {
-        "size": [int(cfg.image_size), int(cfg.image_size)],
-        "resize": int(cfg.resize_size),
-        "mean": [float(m) for m in cfg.mean],
-        "std": [float(s) for s in cfg.std],
-        "channels": int(cfg.channels),
-        "interpolation": "bilinear",
-    }
+    return contract.preprocess_spec(size=cfg.image_size, resize=cfg.resize_size, mean=list(cfg.mean),
+                                    std=list(cfg.std), channels=cfg.channels)
 
 
 def _to_normalized_tensor(mean: list[float], std: list[float]) -> list[Any]:

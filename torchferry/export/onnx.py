@@ -22,20 +22,16 @@ import tempfile
 import warnings
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
 
 import torchferry
+from torchferry import contract
+from torchferry.cli import FAILED, add_debug_arguments, error, run_main
+from torchferry.contract import INPUT_NAME, OUTPUT_NAME, sha256_file, sidecar_path, tolerance_ratio
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.checkpoint import (
-    atomic_write_bytes,
-    default_file_mode,
-    load_checkpoint,
-    model_from_checkpoint,
-    sha256_file,
-)
+from torchferry.distributed.checkpoint import default_file_mode, load_checkpoint, model_from_checkpoint, write_sidecar
 from torchferry.export import metadata as meta
 from torchferry.export.verify import (
     DEFAULT_ATOL,
@@ -48,7 +44,6 @@ from torchferry.export.verify import (
     format_report,
     ort_session,
     report_path,
-    tolerance_ratio,
     verify_parity,
     write_report,
 )
@@ -62,8 +57,8 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int | None) -
     batch = torch.export.Dim("batch", min=1, max=65536)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[meta.INPUT_NAME],
-                                    output_names=[meta.OUTPUT_NAME], dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
                                     opset_version=opset, external_data=False, verbose=False)
         # PyTorch's own check of the exported program against eager mode, on the golden batch.
         from torch.onnx.verification import verify_onnx_program
@@ -77,9 +72,9 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int | No
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[meta.INPUT_NAME],
-                          output_names=[meta.OUTPUT_NAME], opset_version=opset or 17,
-                          dynamic_axes={meta.INPUT_NAME: {0: "batch"}, meta.OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset or 17,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -103,11 +98,11 @@ def export_model(model: nn.Module, example: torch.Tensor, opset: int | None = No
 
 def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Module, opset: int | None = None, *,
                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> tuple[onnx.ModelProto, str]:
-    """Export and attach the metadata DESIGN.md lists, golden inputs and their PyTorch logits included
+    """Export and attach the metadata docs/design.md lists, golden inputs and their PyTorch logits included
     (with the tolerance the export is held to)."""
     pre = checkpoint["preprocess"]
     c, (h, w) = int(pre["channels"]), (int(v) for v in pre["size"])
-    golden = meta.golden_inputs(c, h, w)
+    golden = contract.golden_inputs([contract.GOLDEN_BATCH, c, h, w])
     example = torch.from_numpy(golden)
     proto, exporter = export_model(model, example, opset)
     with torch.inference_mode():
@@ -123,7 +118,7 @@ def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Modul
         "torchferry_version": torchferry.__version__,
         "exporter": exporter,
         "versions": {**checkpoint.get("versions", {}), "onnx": onnx.__version__},
-        "golden": meta.golden_record(logits, list(golden.shape), "pytorch", atol, rtol),
+        "golden": contract.golden_record(logits, list(golden.shape), "pytorch", atol, rtol),
     })
     proto.producer_name = "torchferry"
     proto.producer_version = torchferry.__version__
@@ -159,10 +154,10 @@ def install_model(tmp: str, path: str) -> str:
     An old sidecar never sits beside the new model: it is dropped, the model swapped in, the new one written.
     """
     digest = sha256_file(tmp)
-    if os.path.exists(path + ".sha256"):
-        os.unlink(path + ".sha256")
+    if os.path.exists(sidecar_path(path)):
+        os.unlink(sidecar_path(path))
     os.replace(tmp, path)
-    atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    write_sidecar(path, digest)
     return digest
 
 
@@ -196,10 +191,10 @@ def _optimize(src: str, dst: str, atol: float, rtol: float) -> dict[str, Any]:
         optimized = onnx.load(tmp)
         meta.set_metadata(optimized, {**values, "optimization": "onnxruntime-extended"})
         onnx.save(optimized, tmp)
-        golden = values["golden"]
-        x = meta.golden_inputs(*golden["shape"][1:])
-        got = ort_session(tmp).run(None, {meta.INPUT_NAME: x})[0]
-        ratio = tolerance_ratio(got, np.asarray(golden["logits"], dtype=np.float32), atol, rtol)
+        x, expected, _, _ = contract.read_golden(values["golden"], values["golden"]["shape"][1:],
+                                                 len(values["classes"]))
+        got = ort_session(tmp).run(None, {INPUT_NAME: x})[0]
+        ratio = tolerance_ratio(got, expected, atol, rtol)
         if not ratio <= 1.0:
             raise TorchferryError(f"the optimised model does not reproduce PyTorch's golden logits within --atol "
                                   f"{atol:g} / --rtol {rtol:g}; {dst} not written")
@@ -262,33 +257,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8",), default=None, help="also save model.int8.onnx: static INT8 "
                    "calibrated on training images (dynamic where no data is reachable), with its top-1 "
                    "accuracy against the fp32 model")
-    p.add_argument("--verbose", "-v", action="store_true", help="more log output")
-    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    add_debug_arguments(p, verbose="more log output")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when the model was exported and verified, 1 when verification failed, 2 on bad input."""
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    return run_main(get_args_parser(), _export, argv)
+
+
+def _export(args: argparse.Namespace) -> int:
     for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export", "torch.fx"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
-    try:
-        check_parity_arguments(args)
-        report = export_checkpoint(args.checkpoint, args.output, opset=args.opset, data=args.data,
-                                   use_real=not args.no_real_images, atol=args.atol, rtol=args.rtol,
-                                   min_top1=args.min_top1_agreement, optimize=args.optimize,
-                                   quantize=args.quantize, max_images=args.max_images, factory=args.factory)
-    except TorchferryError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    check_parity_arguments(args)
+    report = export_checkpoint(args.checkpoint, args.output, opset=args.opset, data=args.data,
+                               use_real=not args.no_real_images, atol=args.atol, rtol=args.rtol,
+                               min_top1=args.min_top1_agreement, optimize=args.optimize,
+                               quantize=args.quantize, max_images=args.max_images, factory=args.factory)
     print(format_report(report))
     if not report["passed"]:
-        print(f"error: {failure_message(report)}; nothing written as {report['model']} "
-              f"(report: {report['report']})", file=sys.stderr)
-        return 1
+        return error(f"{failure_message(report)}; nothing written as {report['model']} (report: {report['report']})",
+                     FAILED)
     if "int8" in report:
         q = report["int8"]
         print(f"int8: {q['path']} ({q['method']}); top-1 {q.get('int8_top1', float('nan')):.4f} vs fp32 "

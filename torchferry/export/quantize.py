@@ -18,6 +18,8 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from torchferry import contract
+from torchferry.contract import INPUT_NAME
 from torchferry.distributed import TorchferryError
 from torchferry.export import metadata as meta
 from torchferry.export.verify import ort_session
@@ -25,10 +27,6 @@ from torchferry.export.verify import ort_session
 _logger = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 128
-# The INT8 golden logits come from ONNX Runtime itself; another CPU's integer kernels may round differently,
-# so they are held to the server's own bound rather than the fp32 export's.
-INT8_GOLDEN_ATOL = 1e-3
-INT8_GOLDEN_RTOL = 1e-4
 
 
 class _ImageReader(CalibrationDataReader):
@@ -39,7 +37,7 @@ class _ImageReader(CalibrationDataReader):
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
-        return None if batch is None else {meta.INPUT_NAME: batch}
+        return None if batch is None else {INPUT_NAME: batch}
 
 
 def _datasets(checkpoint: dict[str, Any], data: str | None) -> tuple[Any, Any]:
@@ -65,7 +63,7 @@ def _stack(dataset: Any, limit: int, batch: int = 32) -> tuple[list[np.ndarray],
 def top1(path: str, batches: list[np.ndarray], labels: np.ndarray) -> float:
     """Top-1 accuracy of an ONNX model on prepared batches."""
     session = ort_session(path)
-    preds = np.concatenate([session.run(None, {meta.INPUT_NAME: b})[0].argmax(1) for b in batches])
+    preds = np.concatenate([session.run(None, {INPUT_NAME: b})[0].argmax(1) for b in batches])
     return float(np.mean(preds == labels))
 
 
@@ -105,11 +103,12 @@ def _copy_metadata(src: str, dst: str, method: str) -> None:
     source, target = onnx.load(src), onnx.load(dst)
     values = meta.read_metadata(source)
     golden = values["golden"]
-    c, h, w = golden["shape"][1:]
-    x = meta.golden_inputs(c, h, w)
-    logits = ort_session(dst).run(None, {meta.INPUT_NAME: x})[0]
-    values["golden"] = meta.golden_record(logits, golden["shape"], f"onnxruntime-int8-{method}", INT8_GOLDEN_ATOL,
-                                          INT8_GOLDEN_RTOL)
+    x, _, _, _ = contract.read_golden(golden, golden["shape"][1:], len(values["classes"]))
+    logits = ort_session(dst).run(None, {INPUT_NAME: x})[0]
+    # The INT8 golden logits come from ONNX Runtime itself; another CPU's integer kernels may round differently,
+    # so they are held to the server's own bound rather than the fp32 export's.
+    values["golden"] = contract.golden_record(logits, golden["shape"], f"onnxruntime-int8-{method}",
+                                              contract.GOLDEN_ATOL, contract.GOLDEN_RTOL)
     values["quantization"] = f"int8-{method}"
     meta.set_metadata(target, values)
     onnx.save(target, dst)

@@ -26,6 +26,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from torchferry.cli import FAILED, add_debug_arguments, add_factory_argument, error, run_main
+from torchferry.contract import INPUT_NAME, decode_metadata, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 
@@ -44,18 +46,6 @@ def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def tolerance_ratio(got: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> float:
-    """max of |got - ref| / (atol + rtol * |ref|) over every logit: at most 1 when every one is within bounds.
-
-    The bound is numpy.isclose's (b = the reference): absolute for logits near zero, relative for large ones.
-    """
-    diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
-    bound = atol + rtol * np.abs(reference.astype(np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(diff == 0, 0.0, diff / bound)
-    return float(np.nan_to_num(ratio, nan=np.inf, posinf=np.inf).max()) if ratio.size else 0.0
 
 
 def compare(onnx_logits: np.ndarray, torch_logits: np.ndarray, atol: float = DEFAULT_ATOL,
@@ -109,7 +99,7 @@ def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], 
         with torch.inference_mode():
             expected = model(x).numpy()
         try:
-            got = session.run(None, {"input": x.numpy()})[0]
+            got = session.run(None, {INPUT_NAME: x.numpy()})[0]
         except Exception as exc:  # noqa: BLE001 - a model that cannot run this batch fails this case
             cases.append({"case": f"random batch {b}", "kind": "random", "batch": b, "max_abs": float("inf"),
                           "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
@@ -129,7 +119,7 @@ def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], 
             for x, _ in batches:
                 with torch.inference_mode():
                     refs.append(model(x).numpy())
-                outs.append(session.run(None, {"input": x.numpy()})[0])
+                outs.append(session.run(None, {INPUT_NAME: x.numpy()})[0])
         except Exception as exc:  # noqa: BLE001 - the model failing on real images fails that case
             cases.append({"case": "validation images", "kind": "real", "batch": 32, "max_abs": float("inf"),
                           "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
@@ -150,12 +140,12 @@ def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], 
 
 def metadata_mismatches(session: ort.InferenceSession, checkpoint: dict[str, Any]) -> list[str]:
     """Contract fields of the model's metadata that disagree with the checkpoint (classes, preprocess, arch)."""
-    props = session.get_modelmeta().custom_metadata_map
+    values = decode_metadata(session.get_modelmeta().custom_metadata_map)
     problems = []
     for key in ("classes", "preprocess", "arch"):
-        if key not in props:
+        if key not in values:
             continue  # a model exported elsewhere: only the numbers are compared
-        value = json.loads(props[key]) if key != "arch" else props[key]
+        value = values[key]
         if value != checkpoint[key]:
             problems.append(f"{key}: model says {value!r}, checkpoint says {checkpoint[key]!r}")
     return problems
@@ -215,9 +205,7 @@ def add_parity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="validation data for the real-image check (and INT8 calibration); "
                    "without it only a checkpoint trained on the built-in digits is checked on real images (a "
                    "checkpoint does not choose which files are read)")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
-                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
-                   "but imports and runs a package.module:factory only when you name it here (default: none)")
+    add_factory_argument(p)
     p.add_argument("--no-real-images", action="store_true", help="verify on random inputs only")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="absolute part of the bound |onnx - torch| <= "
                    f"atol + rtol*|torch|, what counts for logits near zero (default: {DEFAULT_ATOL})")
@@ -239,6 +227,11 @@ def check_parity_arguments(args: argparse.Namespace) -> None:
         raise TorchferryError(f"--min-top1-agreement must be between 0 and 1, got {args.min_top1_agreement!r}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when parity holds, 1 when it does not, 2 on bad input."""
+    return run_main(get_args_parser(), _verify, argv)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """`python -m export.verify` command line."""
     p = argparse.ArgumentParser(prog="python -m export.verify", description="Check that an ONNX model computes "
@@ -248,39 +241,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_parity_arguments(p)
     p.add_argument("--report", default=None, help="where to write the JSON report when it passes (default: "
                    "MODEL.verify.json); a failing report goes beside it as *.failed.json, never over it")
-    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    add_debug_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when parity holds, 1 when it does not, 2 on bad input."""
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+def _verify(args: argparse.Namespace) -> int:
+    check_parity_arguments(args)
+    if not os.path.isfile(args.model):
+        raise TorchferryError(f"model {args.model!r} does not exist")
     try:
-        check_parity_arguments(args)
-        if not os.path.isfile(args.model):
-            raise TorchferryError(f"model {args.model!r} does not exist")
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, factory=args.factory)
         report = verify_parity(args.model, model, checkpoint, data=args.data, use_real=not args.no_real_images,
                                atol=args.atol, rtol=args.rtol, min_top1=args.min_top1_agreement,
                                max_images=args.max_images)
-    except TorchferryError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except TorchferryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - ORT refusing the file is bad input, said in one line
         if args.debug:
             raise
-        print(f"error: cannot run {args.model!r}: {str(exc).strip().splitlines()[0][:300]}", file=sys.stderr)
-        return 2
+        raise TorchferryError(f"cannot run {args.model!r}: {str(exc).strip().splitlines()[0][:300]}") from None
     path = report_path(args.model, report["passed"], args.report)
     write_report(report, path)
     print(format_report(report))
     if not report["passed"]:
-        print(f"error: {failure_message(report)} (report: {path})", file=sys.stderr)
-        return 1
+        return error(f"{failure_message(report)} (report: {path})", FAILED)
     return 0
 
 

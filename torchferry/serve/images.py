@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from torchferry.contract import SIXTEEN_BIT_MODES, eight_bit
 from torchferry.serve.errors import HTTPError
 from torchferry.serve.settings import ROW_COST_PIXELS
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # A JPEG with a second image after it (phones: depth maps, previews) is opened by Pillow as MPO: a JPEG.
 OPENED_FORMATS = (*ALLOWED_FORMATS, "MPO")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Pillow keeps an 8-byte pointer per row, so a 1 × 40,000,000 image costs 320 MB besides its pixels: a
 # side may be at most max_pixels / ROW_COST_PIXELS (8; an EXIF rotation can turn a wide image into a tall one).
 # Above this many pixels the resize target is not built whole: only the center crop's region is resized.
@@ -153,15 +153,13 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
 
 
 def _sixteen_to_eight(img: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit integer) gray → 8-bit L, value / 257 rounded, in strips (no float64 copy)."""
+    """16-bit (or 32-bit integer) gray → 8-bit L by the contract's rule (`eight_bit`), in strips (no float64 copy)."""
     width, height = img.size
     out = np.empty((height, width), dtype=np.uint8)
     step = max(1, STRIP_PIXELS // max(width, 1))
     for top in range(0, height, step):
-        strip = np.asarray(img.crop((0, top, width, min(height, top + step)))).astype(np.int64)
-        # round(v / 257) for integers: v / 257 is never exactly k + 0.5, so floor((v + 128) / 257) is the same.
-        np.clip(strip, 0, 65535, out=strip)
-        out[top:top + strip.shape[0]] = (strip + 128) // 257
+        strip = eight_bit(np.asarray(img.crop((0, top, width, min(height, top + step)))))
+        out[top:top + strip.shape[0]] = strip
     return Image.fromarray(out, mode="L")
 
 

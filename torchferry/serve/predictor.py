@@ -6,13 +6,13 @@ its sidecar, refuses external-data initializers, checks the metadata against the
 [N, C, H, W] whose static sizes are the preprocessing's, one output [N, K] with K the number of classes),
 rebuilds the golden inputs with numpy and runs them: a model that does not reproduce them is never marked
 ready. The file is untrusted: every value it carries is checked before use, and the tolerance of the
-proof is the server's (ATOL, RTOL); a file may only ask for a stricter one.
+proof is the server's (`torchferry.contract.GOLDEN_ATOL`, `GOLDEN_RTOL`); a file may only ask for a stricter one.
+What a model file carries and how each value is checked is `torchferry.contract`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -23,25 +23,22 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from torchferry.contract import (
+    ContractError,
+    classes_problem,
+    decode_metadata,
+    golden_inputs,  # noqa: F401 - the golden batch, for callers that build model files
+    preprocess_problems,
+    read_golden,
+    recorded_sha256,
+    tolerance_ratio,
+)
+
 _logger = logging.getLogger(__name__)
 
-# The golden proof: |got - expected| <= atol + rtol * |expected| elementwise, with these bounds unless the file
-# asks for stricter ones. ONNX Runtime against PyTorch differs by ~1e-6 on fp32 models; an INT8 file's golden
-# logits are its own (export/quantize.py), reproduced to ~1e-6 on another CPU of the same ORT.
-ATOL, RTOL = 1e-3, 1e-4
-# Golden inputs: at most this many rows (a file could ask for a batch that takes the memory of the host).
-MAX_GOLDEN_BATCH = 8
-# Largest preprocessing sizes a file may ask for: the model input is C × H × W floats per image.
-MAX_SIDE = 4096
 
-
-class ModelRefused(Exception):
+class ModelRefused(ContractError):
     """The model file cannot be served: missing, altered, external data, not ours, or failing its proof."""
-
-
-def golden_inputs(shape: list[int], seed: int, low: float, high: float) -> np.ndarray:
-    """The export's golden batch: numpy's legacy RandomState (stable across numpy versions), float32 NCHW."""
-    return np.random.RandomState(seed).uniform(low, high, size=tuple(shape)).astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,65 +66,19 @@ class ModelInfo:
         return ["N", int(self.preprocess["channels"]), int(h), int(w)]
 
 
-def _decode(props: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in props.items():
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
-def _positive_int(value: Any, what: str, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ModelRefused(f"{what} must be an integer from 1 to {high}, got {value!r}")
-    return value
-
-
-def _finite_numbers(value: Any, what: str, count: int) -> list[float]:
-    if not isinstance(value, list) or len(value) != count or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value):
-        raise ModelRefused(f"{what} must be a list of {count} finite numbers, got {value!r}"[:300])
-    return [float(v) for v in value]
-
-
 def check_preprocess(spec: Any) -> dict[str, Any]:
-    """The file's preprocessing spec, checked value by value (types, ranges, one mean/std per channel)."""
-    if not isinstance(spec, dict):
-        raise ModelRefused("metadata 'preprocess' must be an object")
-    channels = spec.get("channels")
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ModelRefused(f"metadata preprocess.channels must be 1 or 3, got {channels!r}")
-    size = spec.get("size")
-    if not isinstance(size, list) or len(size) != 2:
-        raise ModelRefused(f"metadata preprocess.size must be [height, width], got {size!r}"[:300])
-    for v in size:
-        _positive_int(v, "metadata preprocess.size", MAX_SIDE)
-    _positive_int(spec.get("resize"), "metadata preprocess.resize", MAX_SIDE)
-    _finite_numbers(spec.get("mean"), "metadata preprocess.mean", channels)
-    std = _finite_numbers(spec.get("std"), "metadata preprocess.std", channels)
-    if any(v == 0 for v in std):
-        raise ModelRefused("metadata preprocess.std holds a zero")
+    """The file's preprocessing spec, checked value by value (the contract's bounds, one mean/std per channel)."""
+    for problem in preprocess_problems(spec):
+        raise ModelRefused(f"metadata {problem}")
     return spec
 
 
 def check_classes(classes: Any) -> list[str]:
-    """The file's class names: a non-empty list of strings."""
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ModelRefused("metadata 'classes' must be a non-empty list of names")
+    """The file's class names: a list of 2 or more non-empty strings."""
+    problem = classes_problem(classes)
+    if problem:
+        raise ModelRefused(f"metadata {problem}")
     return classes
-
-
-def tolerance(golden: dict[str, Any]) -> tuple[float, float]:
-    """(atol, rtol) of the proof: the server's, or the file's where it is a finite, non-negative, smaller number."""
-    bounds = []
-    for key, ours in (("atol", ATOL), ("rtol", RTOL)):
-        theirs = golden.get(key)
-        stricter = (isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and np.isfinite(theirs)
-                    and 0 <= theirs < ours)
-        bounds.append(float(theirs) if stricter else ours)
-    return bounds[0], bounds[1]
 
 
 class Predictor:
@@ -139,15 +90,12 @@ class Predictor:
         with open(model_path, "rb") as f:
             data = f.read()
         digest = hashlib.sha256(data).hexdigest()
-        sidecar = model_path + ".sha256"
-        if os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8") as f:
-                parts = f.read().split()
-            if parts and parts[0] != digest:
-                raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {parts[0][:12]}…: "
-                                   "the file is altered or truncated")
+        recorded = recorded_sha256(model_path)
+        if recorded is not None and recorded != digest:
+            raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {recorded[:12]}…: "
+                               "the file is altered or truncated")
         self.session = self._session(data, intra_op_threads, model_path)
-        meta = _decode(self.session.get_modelmeta().custom_metadata_map)
+        meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         for key in ("classes", "preprocess"):
             if key not in meta:
                 raise ModelRefused(f"{model_path} lacks the '{key}' metadata of a torchferry export")
@@ -197,34 +145,17 @@ class Predictor:
 
     def golden(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(inputs, expected logits, atol, rtol) from the file's golden record, every field checked first."""
-        golden = self.info.metadata.get("golden")
-        if not isinstance(golden, dict):
-            raise ModelRefused("the model carries no golden outputs to prove it with")
-        shape, spec = golden.get("shape"), self.info.preprocess
-        want = [int(spec["channels"]), *(int(v) for v in spec["size"])]
-        if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != want:
-            raise ModelRefused(f"golden.shape must be [batch, {want[0]}, {want[1]}, {want[2]}], got {shape!r}"[:300])
-        batch = _positive_int(shape[0], "golden.shape's batch", MAX_GOLDEN_BATCH)
-        seed = golden.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ModelRefused(f"golden.seed must be an integer from 0 to 2**32 - 1, got {seed!r}"[:300])
-        low, high = _finite_numbers(golden.get("range"), "golden.range", 2)
-        if not low < high:
-            raise ModelRefused(f"golden.range must be [low, high] with low < high, got {[low, high]}")
+        spec = self.info.preprocess
         try:
-            expected = np.asarray(golden.get("logits"), dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ModelRefused("golden.logits must be a [batch, classes] list of numbers") from None
-        if expected.shape != (batch, len(self.info.classes)) or not np.isfinite(expected).all():
-            raise ModelRefused(f"golden.logits must be {batch} rows of {len(self.info.classes)} finite numbers "
-                               f"(one per class), got shape {list(expected.shape)}")
-        atol, rtol = tolerance(golden)
-        return golden_inputs(shape, seed, low, high), expected, atol, rtol
+            return read_golden(self.info.metadata.get("golden"), [int(spec["channels"]), *map(int, spec["size"])],
+                               len(self.info.classes))
+        except ContractError as exc:
+            raise ModelRefused(str(exc)) from None
 
     def prove(self) -> float:
         """Recompute the golden outputs; raises ModelRefused when they do not match. Returns the max abs diff.
 
-        Passes when |got - expected| <= atol + rtol * |expected| everywhere, with the server's ATOL and RTOL
+        Passes when |got - expected| <= atol + rtol * |expected| everywhere, with the contract's GOLDEN_ATOL and GOLDEN_RTOL
         unless the file records stricter ones. The output must have one column per class.
         """
         x, expected, atol, rtol = self.golden()
@@ -241,7 +172,7 @@ class Predictor:
         diff = np.abs(got.astype(np.float64) - expected)
         bound = atol + rtol * np.abs(expected.astype(np.float64))
         worst = float(diff.max())
-        if not np.all(diff <= bound):  # NaN fails too
+        if not tolerance_ratio(got, expected, atol, rtol) <= 1.0:  # NaN fails too
             excess = float(np.nanmax(diff - bound)) if np.isfinite(diff).all() else float("nan")
             raise ModelRefused(f"golden outputs do not reproduce: max abs diff {worst:.3g}, over the bound "
                                f"atol {atol:g} + rtol {rtol:g} × |expected| by {excess:.3g}; the model does not "

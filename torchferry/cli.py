@@ -1,0 +1,62 @@
+"""What every torchferry command does the same way: one-line errors with the exit codes of docs/design.md, and the
+flags they share. Torch-free, so any command may import it.
+
+Exit codes: 0 success, 1 the work failed (training failed, ONNX Runtime disagrees with PyTorch), 2 bad input
+(a `TorchferryError`: a flag, a path, a file that breaks its contract); `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from torchferry.contract import TorchferryError
+
+BAD_INPUT, FAILED = 2, 1
+
+
+def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None,
+             *, failures: tuple[type[BaseException], ...] = ()) -> int:
+    """A command's `main`: parse `argv`, log to stderr (DEBUG with --verbose), then `run_command(body(args))`."""
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    return run_command(lambda: body(args), debug=args.debug, failures=failures)
+
+
+def run_command(body: Callable[[], int], *, debug: bool,
+                failures: tuple[type[BaseException], ...] = ()) -> int:
+    """`body()`'s exit code; a TorchferryError (bad input) prints `error: ...` and gives 2, one of `failures` gives
+    1. With `debug` both are raised instead, traceback and all."""
+    try:
+        return body()
+    except TorchferryError as exc:
+        if debug:
+            raise
+        return error(str(exc), BAD_INPUT)
+    except failures as exc:
+        if debug:
+            raise
+        return error(str(exc), FAILED)
+
+
+def error(message: str, code: int) -> int:
+    """Print `error: message` to stderr; returns `code`, for `return error(...)`."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def add_factory_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--model PKG.MOD:FACTORY for the commands that rebuild a checkpoint's model (`args.factory`)."""
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MOD:FACTORY", help="the checkpoint's "
+                   "own model factory, named again: a checkpoint rebuilds smallcnn or a torchvision model by itself, "
+                   "but imports and runs a package.module:factory only when you name it here (default: none)")
+
+
+def add_debug_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, verbose: str | None = None) -> None:
+    """--debug (tracebacks on errors) and, with its help text given, --verbose/-v."""
+    if verbose is not None:
+        p.add_argument("--verbose", "-v", action="store_true", help=verbose)
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")

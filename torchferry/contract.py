@@ -1,0 +1,256 @@
+"""The model-file contract (docs/design.md), torch-free: what a checkpoint and an ONNX model carry, and its checks.
+
+Training writes it, the export reads and rewrites it, the server reads it without torch: the error type, the
+checkpoint format version, the preprocessing spec and its bounds, the ONNX metadata keys and their encoding, the
+golden inputs and the tolerance they are held to, the sha256 sidecar and the 16-bit image rule live here once.
+Plain json/hashlib/numpy, so that `torchferry.serve` (which never imports torch) imports it as the rest do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+
+class TorchferryError(Exception):
+    """A problem the user can fix (bad flag, bad data, missing resources); CLIs print it as one line."""
+
+
+class ContractError(TorchferryError):
+    """A checkpoint or model file that does not follow the contract: damaged, altered, of another format."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# the checkpoint's format and the values both files carry
+
+CHECKPOINT_FORMAT = "torchferry.checkpoint/1"
+FORMAT_MAJOR = CHECKPOINT_FORMAT.rsplit("/", 1)[1].split(".")[0]
+# Bounds of the preprocessing (--image-size, --resize-size): a file asks the reader for C × H × W floats per image.
+MAX_IMAGE_SIDE = 2048
+MAX_RESIZE = 4096
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 1000
+
+
+def format_problem(fmt: Any) -> str | None:
+    """Why a checkpoint's `format` is not one this torchferry reads, or None when it is."""
+    text = str(fmt)
+    name, _, version = text.partition("/")
+    if name != "torchferry.checkpoint" or version.split(".")[0] != FORMAT_MAJOR:
+        return f"has checkpoint format {text[:80]!r}; this torchferry reads {CHECKPOINT_FORMAT!r}"
+    return None
+
+
+def is_int(value: Any, low: int, high: int) -> bool:
+    """An int (not a bool) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def short(value: Any) -> str:
+    """repr(value), cut to 60 characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def preprocess_spec(*, size: int, resize: int, mean: list[float], std: list[float], channels: int) -> dict[str, Any]:
+    """The eval transform as plain data: resize the shorter side to `resize` (bilinear), center-crop `size`,
+    scale to [0, 1], normalise; the `preprocess` of every checkpoint and model file."""
+    return {"size": [int(size), int(size)], "resize": int(resize), "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "channels": int(channels), "interpolation": "bilinear"}
+
+
+def preprocess_problems(pre: Any) -> Iterator[str]:
+    """What is wrong with a `preprocess` spec read from a file, first problem first (nothing when it is sound)."""
+    if not isinstance(pre, dict):
+        yield f"preprocess must be a mapping, got {type(pre).__name__}"
+        return
+    size, resize, channels = pre.get("size"), pre.get("resize"), pre.get("channels")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(v, 1, MAX_IMAGE_SIDE) for v in size)):
+        yield f"preprocess.size must be [H, W] with sides from 1 to {MAX_IMAGE_SIDE}, got {short(size)}"
+    if not is_int(resize, 1, MAX_RESIZE):
+        yield f"preprocess.resize must be an integer from 1 to {MAX_RESIZE}, got {short(resize)}"
+    if channels not in (1, 3) or isinstance(channels, bool):
+        yield f"preprocess.channels must be 1 or 3, got {short(channels)}"
+        return
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == channels
+                and all(is_number(v) and math.isfinite(v) and abs(v) <= 1e3 for v in values)):
+            yield f"preprocess.{key} must be {channels} finite numbers, got {short(values)}"
+        elif key == "std" and not all(v > 0 for v in values):
+            yield f"preprocess.std must be positive, not zero or negative, got {short(values)}"
+    if pre.get("interpolation", "bilinear") != "bilinear":
+        yield f"preprocess.interpolation must be 'bilinear', got {short(pre.get('interpolation'))}"
+
+
+def classes_problem(classes: Any) -> str | None:
+    """Why `classes` is not a list of 2 to MAX_CLASSES class names (non-empty strings), or None."""
+    if not (isinstance(classes, list) and all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes)):
+        return "classes must be a list of class names (non-empty strings)"
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        return f"classes must name from 2 to {MAX_CLASSES} classes, got {len(classes)}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the ONNX model: names, metadata_props, golden inputs
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+METADATA_KEYS = ("classes", "preprocess", "arch", "val_acc", "checkpoint_sha256", "torchferry_version", "golden")
+GOLDEN_SEED = 20261126
+GOLDEN_BATCH = 2
+GOLDEN_RANGE = (-2.0, 2.0)
+# Golden inputs a file may ask for: at most this many rows (a file could ask for a batch that takes the host's memory).
+MAX_GOLDEN_BATCH = 8
+# The golden proof at start-up: |got - expected| <= atol + rtol * |expected| elementwise, with these bounds unless
+# the file asks for stricter ones. ONNX Runtime against PyTorch differs by ~1e-6 on fp32 models; an INT8 file's
+# golden logits are its own (they come from ONNX Runtime), reproduced to ~1e-6 on another CPU of the same ORT.
+GOLDEN_ATOL, GOLDEN_RTOL = 1e-3, 1e-4
+
+
+def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    """metadata_props values: strings as they are, anything else as compact JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+            for key, value in values.items()}
+
+
+def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
+    """metadata_props as Python values: JSON decoded where it parses, the string itself where not (`arch`)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def golden_inputs(shape: list[int] | tuple[int, ...], seed: int = GOLDEN_SEED, low: float = GOLDEN_RANGE[0],
+                  high: float = GOLDEN_RANGE[1]) -> np.ndarray:
+    """The golden batch of `shape` [N, C, H, W]: uniform in [low, high), float32, the same on every machine.
+
+    Regenerated from the seed rather than stored, with numpy's legacy RandomState (whose streams numpy keeps
+    stable across versions), so a model file stays small whatever its input size.
+    """
+    return np.random.RandomState(seed).uniform(low, high, size=tuple(int(s) for s in shape)).astype(np.float32)
+
+
+def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
+    """The `golden` metadata: how to rebuild the inputs, the logits they gave, and the bound they were held to,
+    |got - logits| <= atol + rtol * |logits| (a reader may hold them to a stricter one)."""
+    return {"seed": GOLDEN_SEED, "range": list(GOLDEN_RANGE), "shape": [int(s) for s in shape],
+            "generator": "numpy.random.RandomState(seed).uniform(low, high, shape).astype(float32)",
+            "logits": np.asarray(logits, dtype=np.float32).tolist(), "source": source, "atol": float(atol),
+            "rtol": float(rtol)}
+
+
+def _finite_numbers(value: Any, what: str, count: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != count or not all(
+            is_number(v) and math.isfinite(v) for v in value):
+        raise ContractError(f"{what} must be a list of {count} finite numbers, got {value!r}"[:300])
+    return [float(v) for v in value]
+
+
+def read_golden(golden: Any, input_shape: list[int], num_classes: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(inputs, expected logits, atol, rtol) of a file's `golden` record, every field checked first.
+
+    `input_shape` is [C, H, W] as the preprocessing gives it. The bound is the reader's (GOLDEN_ATOL, GOLDEN_RTOL),
+    or the file's where that is a finite, non-negative, smaller number: a file may only ask for a stricter proof.
+    """
+    if not isinstance(golden, dict):
+        raise ContractError("the model carries no golden outputs to prove it with")
+    shape = golden.get("shape")
+    if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != list(input_shape):
+        want = ", ".join(str(v) for v in input_shape)
+        raise ContractError(f"golden.shape must be [batch, {want}], got {shape!r}"[:300])
+    if not is_int(shape[0], 1, MAX_GOLDEN_BATCH):
+        raise ContractError(f"golden.shape's batch must be an integer from 1 to {MAX_GOLDEN_BATCH}, got {shape[0]!r}")
+    seed = golden.get("seed")
+    if not is_int(seed, 0, 2**32 - 1):
+        raise ContractError(f"golden.seed must be an integer from 0 to 2**32 - 1, got {seed!r}"[:300])
+    low, high = _finite_numbers(golden.get("range"), "golden.range", 2)
+    if not low < high:
+        raise ContractError(f"golden.range must be [low, high] with low < high, got {[low, high]}")
+    try:
+        expected = np.asarray(golden.get("logits"), dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ContractError("golden.logits must be a [batch, classes] list of numbers") from None
+    if expected.shape != (shape[0], num_classes) or not np.isfinite(expected).all():
+        raise ContractError(f"golden.logits must be {shape[0]} rows of {num_classes} finite numbers "
+                            f"(one per class), got shape {list(expected.shape)}")
+    bounds = []
+    for key, ours in (("atol", GOLDEN_ATOL), ("rtol", GOLDEN_RTOL)):
+        theirs = golden.get(key)
+        bounds.append(float(theirs) if is_number(theirs) and math.isfinite(theirs) and 0 <= theirs < ours else ours)
+    return golden_inputs(shape, seed, low, high), expected, bounds[0], bounds[1]
+
+
+def tolerance_ratio(got: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> float:
+    """max of |got - ref| / (atol + rtol * |ref|) over every logit: at most 1 when every one is within bounds.
+
+    The bound is numpy.isclose's (b = the reference): absolute for logits near zero, relative for large ones.
+    NaN anywhere gives inf.
+    """
+    diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
+    bound = atol + rtol * np.abs(reference.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diff == 0, 0.0, diff / bound)
+    return float(np.nan_to_num(ratio, nan=np.inf, posinf=np.inf).max()) if ratio.size else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sha256 sidecar: `<file>.sha256` holding "<hex digest>  <file name>\n" (sha256sum's format)
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sidecar_path(path: str) -> str:
+    """Where the sha256 of `path` is recorded."""
+    return path + ".sha256"
+
+
+def sidecar_text(path: str, digest: str) -> bytes:
+    """The sidecar of `path` whose contents hash to `digest`, in `sha256sum`'s format (`sha256sum -c` reads it)."""
+    return f"{digest}  {os.path.basename(path)}\n".encode()
+
+
+def recorded_sha256(path: str) -> str | None:
+    """The sha256 the sidecar of `path` records, or None when there is no sidecar (or an empty one)."""
+    sidecar = sidecar_path(path)
+    if not os.path.isfile(sidecar):
+        return None
+    with open(sidecar, encoding="utf-8", errors="replace") as f:
+        parts = f.read(4096).split()
+    return parts[0] if parts else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# images: the 16-bit rule training and serving share
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def eight_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit integer) gray values → uint8: clipped to 0..65535, then value / 257 rounded (scaled, not
+    clipped, so a 16-bit scan keeps its contrast); training's image reader and the server's decoder both use it."""
+    v = np.clip(np.asarray(values).astype(np.int64), 0, 65535)
+    # round(v / 257) for integers: v / 257 is never exactly k + 0.5, so floor((v + 128) / 257) is the same.
+    return ((v + 128) // 257).astype(np.uint8)
