@@ -3,7 +3,8 @@
 Training writes it, the export reads and rewrites it, the server reads it without torch: the error type, the
 checkpoint format version, the preprocessing spec and its bounds, the ONNX metadata keys and their encoding, the
 golden inputs and the tolerance they are held to, the sha256 sidecar and the 16-bit image rule live here once.
-Plain json/hashlib/numpy, so that `torchferry.serve` (which never imports torch) imports it as the rest do.
+Plain json/hashlib/numpy, so that `torchferry.serve` (which never imports torch) imports it as the rest do;
+numpy is imported by the functions that use it, so that importing the contract (as `--help` does) stays light.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class TorchferryError(Exception):
@@ -144,12 +146,16 @@ def golden_inputs(shape: list[int] | tuple[int, ...], seed: int = GOLDEN_SEED, l
     Regenerated from the seed rather than stored, with numpy's legacy RandomState (whose streams numpy keeps
     stable across versions), so a model file stays small whatever its input size.
     """
+    import numpy as np
+
     return np.random.RandomState(seed).uniform(low, high, size=tuple(int(s) for s in shape)).astype(np.float32)
 
 
 def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
     """The `golden` metadata: how to rebuild the inputs, the logits they gave, and the bound they were held to,
     |got - logits| <= atol + rtol * |logits| (a reader may hold them to a stricter one)."""
+    import numpy as np
+
     return {"seed": GOLDEN_SEED, "range": list(GOLDEN_RANGE), "shape": [int(s) for s in shape],
             "generator": "numpy.random.RandomState(seed).uniform(low, high, shape).astype(float32)",
             "logits": np.asarray(logits, dtype=np.float32).tolist(), "source": source, "atol": float(atol),
@@ -169,6 +175,8 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int) -> tuple[
     `input_shape` is [C, H, W] as the preprocessing gives it. The bound is the reader's (GOLDEN_ATOL, GOLDEN_RTOL),
     or the file's where that is a finite, non-negative, smaller number: a file may only ask for a stricter proof.
     """
+    import numpy as np
+
     if not isinstance(golden, dict):
         raise ContractError("the model carries no golden outputs to prove it with")
     shape = golden.get("shape")
@@ -203,6 +211,8 @@ def tolerance_ratio(got: np.ndarray, reference: np.ndarray, atol: float, rtol: f
     The bound is numpy.isclose's (b = the reference): absolute for logits near zero, relative for large ones.
     NaN anywhere gives inf.
     """
+    import numpy as np
+
     diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
     bound = atol + rtol * np.abs(reference.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -251,6 +261,8 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def eight_bit(values: np.ndarray) -> np.ndarray:
     """16-bit (or 32-bit integer) gray values → uint8: clipped to 0..65535, then value / 257 rounded (scaled, not
     clipped, so a 16-bit scan keeps its contrast); training's image reader and the server's decoder both use it."""
+    import numpy as np
+
     v = np.clip(np.asarray(values).astype(np.int64), 0, 65535)
     # round(v / 257) for integers: v / 257 is never exactly k + 0.5, so floor((v + 128) / 257) is the same.
     return ((v + 128) // 257).astype(np.uint8)
