@@ -161,10 +161,8 @@ def write_checkpoint(path: Path, arch: str, data_dir: Path, size: int = 32, seed
     if fit_epochs:
         metrics = _fit(model, split, preprocess_spec(cfg), fit_epochs, seed)
         model.eval()
-    ckpt.save_checkpoint({
-        "format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": len(classes), "classes": classes,
-        "preprocess": preprocess_spec(cfg), "state_dict": ckpt.clean_state_dict(model), "epoch": max(fit_epochs - 1, 0),
-        "metrics": metrics, "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path), sidecar=True)
+    checkpoint = ckpt.build_checkpoint(model, cfg, classes, epoch=max(fit_epochs - 1, 0), metrics=metrics)
+    ckpt.save_checkpoint(checkpoint, str(path), sidecar=True)
     return path
 
 

@@ -282,3 +282,23 @@ def test_malformed_fields_exit_2_with_one_line_and_write_nothing(case: str, tmp_
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and message in err and "Traceback" not in err, err
         assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_build_checkpoint_is_what_training_and_loading_agree_on(tmp_path: Path) -> None:
+    """One builder: the epoch checkpoint (with resume state) and a bare one both pass the loader's checks."""
+    from torchferry.distributed.config import TrainConfig, resolve_defaults
+
+    cfg = resolve_defaults(TrainConfig(model="smallcnn", image_size=16, resize_size=16, name="built"))
+    model = build_model("smallcnn", 10, channels=int(cfg.channels or 1))
+    metrics = {"val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.2, "train_acc": 0.4, "lr": 0.1}
+    bare = ckpt.build_checkpoint(model, cfg, [str(i) for i in range(10)], epoch=3, metrics=metrics)
+    assert set(ckpt.REQUIRED_KEYS) <= set(bare) and not set(bare) & {"optimizer", "history"}
+    assert bare["metrics"] == {k: metrics[k] for k in ckpt.METRICS}  # the contract's metrics, not the whole row
+    assert bare["preprocess"]["size"] == [16, 16] and bare["config"] == cfg.to_dict()
+    resumable = ckpt.build_checkpoint(model, cfg, [str(i) for i in range(10)], epoch=3, metrics=metrics,
+                                      resume={"history": [], "optimizer": {}, "best_val_acc": 0.5})
+    for name, checkpoint in (("bare.pth", bare), ("resumable.pth", resumable)):
+        ckpt.save_checkpoint(checkpoint, str(tmp_path / name))
+        loaded = ckpt.load_checkpoint(str(tmp_path / name))
+        assert loaded["epoch"] == 3 and loaded.get("best_val_acc") == checkpoint.get("best_val_acc")
+    assert isinstance(ckpt.model_from_checkpoint(loaded, factory=None), torch.nn.Module)

@@ -355,3 +355,19 @@ def test_a_class_of_one_image_needs_allow_small_classes(tmp_path: Path, annotati
     with pytest.raises(TorchferryError, match=rf"'rde' \(1 image, {train}:74\)"):
         discover(cfg_for(str(train)))
     assert "rde" in discover(cfg_for(str(train), allow_small_classes=True)).classes
+
+
+def test_checkpoint_datasets_rebuild_the_split_through_the_eval_transform(flat_folder: Path) -> None:
+    """evaluate, verify and quantize read a checkpoint's data through one function: same split, same classes."""
+    from torchferry.distributed.data import checkpoint_datasets
+
+    cfg = cfg_for(str(flat_folder), image_size=16, resize_size=16)
+    split = discover(cfg)
+    checkpoint = {"config": cfg.to_dict(), "classes": list(split.classes), "preprocess": preprocess_spec(cfg)}
+    rebuilt = checkpoint_datasets(checkpoint, str(flat_folder))
+    assert rebuilt.source == str(flat_folder) and len(rebuilt.val) == len(split.val)
+    assert len(rebuilt.train) == len(split.train)
+    image, label = rebuilt.train[0]
+    assert tuple(image.shape) == (cfg.channels, 16, 16) and image.dtype == torch.float32  # eval transform, both
+    with pytest.raises(TorchferryError, match="differ from the checkpoint's"):
+        checkpoint_datasets({**checkpoint, "classes": ["x", "y"]}, str(flat_folder))

@@ -13,8 +13,8 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -38,7 +38,11 @@ from torchferry.contract import (
     sidecar_text,
 )
 
+if TYPE_CHECKING:
+    from torchferry.distributed.config import TrainConfig
+
 FORMAT = CHECKPOINT_FORMAT
+METRICS = ("val_acc", "val_loss", "train_loss", "train_acc")
 REQUIRED_KEYS = ("format", "arch", "num_classes", "classes", "preprocess", "state_dict", "epoch", "metrics", "config")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
 CHECKPOINT_FILE = "checkpoint.pth"
@@ -66,6 +70,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the weights, without DDP's `module.` or torch.compile's `_orig_mod.` prefixes."""
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: Sequence[str], *, epoch: int,
+                     metrics: Mapping[str, float], resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint of docs/design.md (plain data and tensors only): `model`'s weights, the resolved `cfg` it was
+    trained with, its classes and eval preprocessing, `epoch` and the METRICS of `metrics`. `resume` adds what
+    --resume reads (history, best_val_acc, backbone_frozen, optimizer, scheduler, scaler); best.pth goes without."""
+    from torchferry.distributed.presets import preprocess_spec
+
+    return {
+        "format": FORMAT, "arch": cfg.model, "arch_kwargs": {}, "num_classes": len(classes), "classes": list(classes),
+        "preprocess": preprocess_spec(cfg), "state_dict": clean_state_dict(model), "epoch": int(epoch),
+        "metrics": {k: float(metrics[k]) for k in METRICS}, **(resume or {}), "config": cfg.to_dict(),
+        "versions": versions(),
+    }
 
 
 def default_file_mode() -> int:

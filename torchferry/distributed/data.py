@@ -236,3 +236,36 @@ def build_datasets(split: DataSplit, channels: int, train_transform: Callable | 
                 ConvertedDataset(_torchvision_dataset(name, root, False, False), channels, eval_transform))
     return (ImageListDataset(split.train, channels, train_transform),
             ImageListDataset(split.val, channels, eval_transform))
+
+
+def eval_datasets(split: DataSplit, preprocess: dict[str, Any]) -> tuple[Any, Any]:
+    """Training and validation datasets both through a checkpoint's eval transform (its `preprocess`): what the
+    model sees when it is evaluated, verified or served."""
+    from torchferry.distributed.presets import build_eval_transform
+
+    eval_tf = build_eval_transform(preprocess)
+    return build_datasets(split, int(preprocess["channels"]), eval_tf, eval_tf)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointData:
+    """The data a checkpoint describes, rebuilt: what `--data` named (`source`) and its two datasets through the
+    checkpoint's eval transform."""
+
+    source: str
+    train: Any
+    val: Any
+
+
+def checkpoint_datasets(checkpoint: dict[str, Any], data: str | None, val_data: str | None = None,
+                        image_root: str | None = None) -> CheckpointData:
+    """Rebuild the training and validation data a checked checkpoint describes, as `checkpoint_data_config` allows
+    (same split, seed and classes); TorchferryError when the data cannot be read or its classes differ."""
+    cfg = checkpoint_data_config(checkpoint, data, val_data, image_root)
+    split = discover(cfg)
+    classes = list(checkpoint["classes"])
+    if list(split.classes) != classes:
+        raise TorchferryError(f"the classes in {cfg.data!r} ({len(split.classes)}) differ from the checkpoint's "
+                              f"({len(classes)})")
+    train, val = eval_datasets(split, checkpoint["preprocess"])
+    return CheckpointData(source=cfg.data, train=train, val=val)

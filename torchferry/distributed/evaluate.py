@@ -19,10 +19,8 @@ import numpy as np
 import torch
 
 from torchferry.cli import add_debug_arguments, add_factory_argument, run_main
-from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
-from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
-from torchferry.distributed.presets import build_eval_transform
+from torchferry.distributed.data import checkpoint_datasets
 from torchferry.distributed.report import confusion_table, plot_confusion
 
 _logger = logging.getLogger(__name__)
@@ -45,16 +43,10 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
-    cfg = checkpoint_data_config(checkpoint, data, val_data, image_root)
     model = model_from_checkpoint(checkpoint, factory=factory)
-    split = discover(cfg)
+    rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
     classes = list(checkpoint["classes"])
-    if list(split.classes) != classes:
-        raise TorchferryError(f"the classes in {cfg.data!r} ({len(split.classes)}) differ from the checkpoint's "
-                              f"({len(classes)})")
-    _, val = build_datasets(split, int(checkpoint["preprocess"]["channels"]), None,
-                            build_eval_transform(checkpoint["preprocess"]))
-    truth, preds = predict(model, val, batch_size)
+    truth, preds = predict(model, rebuilt.val, batch_size)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(truth, preds, labels=labels, zero_division=0)
     matrix = confusion_matrix(truth, preds, labels=labels)
@@ -63,7 +55,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     pairs = sorted(((int(off[i, j]), classes[i], classes[j]) for i in labels for j in labels if off[i, j]),
                    reverse=True)
     return {
-        "checkpoint": os.path.abspath(path), "data": cfg.data, "images": int(len(truth)),
+        "checkpoint": os.path.abspath(path), "data": rebuilt.source, "images": int(len(truth)),
         "accuracy": float(np.mean(truth == preds)),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],

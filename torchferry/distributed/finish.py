@@ -130,13 +130,11 @@ def _load_or_warn(path: str) -> dict[str, Any] | None:
 
 def _pictures(cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
     """curves.png and val_predictions.png; a failure here is reported but never fails a finished run."""
-    from torchferry.distributed.data import build_datasets
-    from torchferry.distributed.presets import build_eval_transform
+    from torchferry.distributed.data import eval_datasets
     from torchferry.distributed.report import run_pictures
 
     try:
-        _, val = build_datasets(split, int(best["preprocess"]["channels"]), None,
-                                build_eval_transform(best["preprocess"]))
+        _, val = eval_datasets(split, best["preprocess"])
         run_pictures(cfg.run_dir, best, history, val, factory=cfg.model)
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience; the checkpoint is what matters
         _logger.warning("could not draw curves.png / val_predictions.png: %s", exc)

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from torchferry.cli import run_command
-from torchferry.distributed import TorchferryError
 from torchferry.distributed.cluster import ClusterUnavailable, check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note

@@ -506,23 +506,8 @@ def _report(row: dict[str, Any], history: list[dict[str, Any]], best_acc: float,
 
 def make_checkpoint(stage: _Stage, scaler: torch.amp.GradScaler, split: DataSplit, cfg: TrainConfig,
                     row: dict[str, Any], history: list[dict[str, Any]], best_acc: float) -> dict[str, Any]:
-    """The checkpoint dict of DESIGN.md for this epoch (plain data and tensors only)."""
-    return {
-        "format": ckpt.FORMAT,
-        "arch": cfg.model,
-        "arch_kwargs": {},
-        "num_classes": len(split.classes),
-        "classes": list(split.classes),
-        "preprocess": preprocess_spec(cfg),
-        "state_dict": ckpt.clean_state_dict(stage.model),
-        "epoch": int(row["epoch"]),
-        "metrics": {k: float(row[k]) for k in ("val_acc", "val_loss", "train_loss", "train_acc")},
-        "history": [dict(r) for r in history],
-        "best_val_acc": float(best_acc),
-        "backbone_frozen": bool(stage.frozen),
-        "optimizer": stage.optimizer.state_dict(),
-        "scheduler": stage.scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "config": cfg.to_dict(),
-        "versions": ckpt.versions(),
-    }
+    """This epoch's checkpoint (docs/design.md), with the state --resume continues from."""
+    return ckpt.build_checkpoint(stage.model, cfg, split.classes, epoch=row["epoch"], metrics=row, resume={
+        "history": [dict(r) for r in history], "best_val_acc": float(best_acc), "backbone_frozen": bool(stage.frozen),
+        "optimizer": stage.optimizer.state_dict(), "scheduler": stage.scheduler.state_dict(),
+        "scaler": scaler.state_dict()})

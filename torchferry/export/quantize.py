@@ -40,16 +40,6 @@ class _ImageReader(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def _datasets(checkpoint: dict[str, Any], data: str | None) -> tuple[Any, Any]:
-    from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
-    from torchferry.distributed.presets import build_eval_transform
-
-    split = discover(checkpoint_data_config(checkpoint, data))
-    eval_tf = build_eval_transform(checkpoint["preprocess"])
-    # Calibration uses training images through the eval transform: what the server will feed the model.
-    return build_datasets(split, int(checkpoint["preprocess"]["channels"]), eval_tf, eval_tf)
-
-
 def _stack(dataset: Any, limit: int, batch: int = 32) -> tuple[list[np.ndarray], np.ndarray]:
     images, labels = [], []
     for i in range(min(len(dataset), limit)):
@@ -79,17 +69,20 @@ def quantize_static_qdq(fp32_path: str, out_path: str, calibration: list[np.ndar
 def quantize_int8(fp32_path: str, out_path: str, checkpoint: dict[str, Any], *, data: str | None = None,
                   max_images: int = 512) -> dict[str, Any]:
     """Write an INT8 model and return how it was made and its top-1 accuracy next to the fp32 model's."""
+    from torchferry.distributed.data import checkpoint_datasets
+
     try:
-        train, val = _datasets(checkpoint, data)
+        # Calibration uses training images through the eval transform: what the server will feed the model.
+        rebuilt = checkpoint_datasets(checkpoint, data)
     except (TorchferryError, OSError, RuntimeError) as exc:
         _logger.warning("no training images reachable (%s): dynamic INT8 quantization, accuracy not measured", exc)
         quantize_dynamic(fp32_path, out_path, weight_type=QuantType.QInt8)
         _copy_metadata(fp32_path, out_path, "dynamic")
         return {"path": out_path, "method": "dynamic", "note": "accuracy not measured: no data reachable"}
-    calibration, _ = _stack(train, CALIBRATION_IMAGES)
+    calibration, _ = _stack(rebuilt.train, CALIBRATION_IMAGES)
     quantize_static_qdq(fp32_path, out_path, calibration)
     _copy_metadata(fp32_path, out_path, "static")
-    val_batches, labels = _stack(val, max_images)
+    val_batches, labels = _stack(rebuilt.val, max_images)
     fp32, int8 = top1(fp32_path, val_batches, labels), top1(out_path, val_batches, labels)
     _logger.info("int8 (static, %d calibration images): top-1 %.4f vs fp32 %.4f on %d validation images",
                  sum(len(b) for b in calibration), int8, fp32, len(labels))

@@ -64,18 +64,12 @@ def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tu
 
     Raises TorchferryError when the data cannot be reached.
     """
-    from torchferry.distributed.data import build_datasets, checkpoint_data_config, discover
-    from torchferry.distributed.presets import build_eval_transform
+    from torchferry.distributed.data import checkpoint_datasets
 
-    cfg = checkpoint_data_config(checkpoint, data)
-    split = discover(cfg)
-    if list(split.classes) != list(checkpoint["classes"]):
-        raise TorchferryError(f"the classes found in {cfg.data!r} differ from the checkpoint's")
-    _, val = build_datasets(split, int(checkpoint["preprocess"]["channels"]), None,
-                            build_eval_transform(checkpoint["preprocess"]))
-    indices = list(range(min(len(val), limit)))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, indices), batch_size=32)
-    return iter(loader), f"{len(indices)} validation images from {cfg.data}"
+    rebuilt = checkpoint_datasets(checkpoint, data)
+    indices = list(range(min(len(rebuilt.val), limit)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(rebuilt.val, indices), batch_size=32)
+    return iter(loader), f"{len(indices)} validation images from {rebuilt.source}"
 
 
 def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], *, data: str | None = None,
