@@ -1,4 +1,4 @@
-"""The Flask application: `create_app()` serves one ONNX classifier over HTTP (DESIGN.md's HTTP table).
+"""The Flask application: `create_app()` serves one ONNX classifier over HTTP (the HTTP API of docs/design.md).
 
 Settings come from defaults, then environment variables (TORCHFERRY_*), then the `config` mapping, cast and
 checked once (serve/settings.py). Nothing happens at import; the model loads in a background thread so that
