@@ -4,7 +4,7 @@
                                 [--real-data DIR] [--loader-workers 12] [--out PATH]
     python -m bench.gpu_train --make-data DIR [--count 3072]      # JPEGs to measure the input pipeline on
 
-Each mode runs `distributed.loop.train_one_epoch` (the function every Ray Train worker runs) on one GPU:
+Each mode runs `distributed.epoch.train_one_epoch` (the function every Ray Train worker runs) on one GPU:
 `--warmup` steps first (cuDNN autotuning, compilation), then `--steps` timed steps, `--reps` times; the
 median is reported. Synthetic data is one batch resident on the GPU (the model's own speed); with
 `--real-data`, JPEGs are decoded and augmented by DataLoader workers with torchferry's train transform,
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bench.common import machine_info, result_header, result_path, write_result
-from torchferry.distributed.loop import train_one_epoch
+from torchferry.distributed.epoch import train_one_epoch
 from torchferry.distributed.models import build_model
 
 MODES = {  # name: (amp, channels_last, compile)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               "steps": args.steps, "warmup": args.warmup, "reps": args.reps,
               "train_gflop_per_image": flops / 1e9, "dense_bf16_peak_tflop_s": peak / 1e12 if peak else None,
               "measured_bf16_matmul_tflop_s": matmul,
-              "method": "distributed.loop.train_one_epoch on one GPU, SGD momentum; images/s over the timed "
+              "method": "distributed.epoch.train_one_epoch on one GPU, SGD momentum; images/s over the timed "
                         "steps after warm-up, median of reps; FLOPs from torch.utils.flop_counter (fwd+bwd)",
               "rows": rows}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()

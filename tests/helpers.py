@@ -118,7 +118,7 @@ def _fit(model, split, preprocess: dict, epochs: int, seed: int) -> dict[str, fl
     from torch.utils.data import DataLoader
 
     from torchferry.distributed.data import ImageListDataset
-    from torchferry.distributed.loop import evaluate, train_one_epoch
+    from torchferry.distributed.epoch import evaluate, train_one_epoch
     from torchferry.distributed.presets import build_eval_transform
 
     tf, cpu, loss = build_eval_transform(preprocess), torch.device("cpu"), torch.nn.CrossEntropyLoss()

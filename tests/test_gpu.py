@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchferry.distributed.checkpoint import load_checkpoint
-from torchferry.distributed.loop import evaluate, train_one_epoch
+from torchferry.distributed.epoch import evaluate, train_one_epoch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -65,9 +65,9 @@ def _toy() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_train_one_epoch_under_autocast_learns(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16, and fp16 with a GradScaler (what a GPU without bf16 gets): the loss falls, the weights stay fp32."""
-    from torchferry.distributed import loop
+    from torchferry.distributed import epoch
 
-    monkeypatch.setattr(loop, "amp_dtype", lambda device: dtype)
+    monkeypatch.setattr(epoch, "amp_dtype", lambda device: dtype)
     model, batches = _toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

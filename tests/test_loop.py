@@ -8,14 +8,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchferry.distributed.config import TrainConfig
-from torchferry.distributed.loop import ShardSampler, amp_dtype, build_optimizer, build_scheduler
+from torchferry.distributed.epoch import amp_dtype
+from torchferry.distributed.loop import ShardSampler, build_optimizer, build_scheduler
 
 
 def _uneven_shards() -> dict:
     """Rank 0 holds 10 samples it gets right, rank 1 holds 30 it gets wrong."""
     import ray.train
 
-    from torchferry.distributed.loop import evaluate, train_one_epoch
+    from torchferry.distributed.epoch import evaluate, train_one_epoch
 
     rank = ray.train.get_context().get_world_rank()
     n, target = (10, 0) if rank == 0 else (30, 1)
@@ -98,7 +99,7 @@ def test_uint8_training_images_are_normalised_like_the_cpu_transform() -> None:
     from PIL import Image
 
     from torchferry.distributed.config import resolve_defaults
-    from torchferry.distributed.loop import train_one_epoch
+    from torchferry.distributed.epoch import train_one_epoch
     from torchferry.distributed.presets import DeviceNormalize, build_train_transform
 
     cfg = resolve_defaults(TrainConfig(data="folder-x", image_size=16, hflip=0.0, crop_scale_min=1.0, channels=3))
@@ -123,7 +124,7 @@ def test_resume_takes_the_newest_epoch_that_loads_whatever_the_folder_names(tmp_
     from helpers import write_checkpoint, write_class_tree
 
     from torchferry.distributed import checkpoint as ckpt
-    from torchferry.distributed.loop import checkpoint_dirs, newest_usable
+    from torchferry.distributed.resume import checkpoint_dirs, newest_usable
 
     write_class_tree(tmp_path / "data", 4)
     made = ckpt.load_checkpoint(str(write_checkpoint(tmp_path / "made.pth", "smallcnn", tmp_path / "data", size=16)))
@@ -145,7 +146,7 @@ def test_resume_takes_the_newest_epoch_that_loads_whatever_the_folder_names(tmp_
 
 def test_frozen_backbone_keeps_its_batchnorm_statistics() -> None:
     """--freeze-backbone: frozen BatchNorm layers run in eval mode, their running stats unchanged (issue 14)."""
-    from torchferry.distributed.loop import train_one_epoch
+    from torchferry.distributed.epoch import train_one_epoch
     from torchferry.distributed.models import build_model, find_head, set_backbone_trainable
 
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def describe_failure(exc: BaseException) -> str:
 
 def latest_checkpoint_note(cfg: TrainConfig) -> str:
     """Where the newest checkpoint of the run is, and how to continue from it."""
-    from torchferry.distributed.loop import checkpoint_dirs
+    from torchferry.distributed.resume import checkpoint_dirs
 
     run_storage = os.path.join(cfg.storage_path, str(cfg.name))
     written = checkpoint_dirs(run_storage)
@@ -101,7 +101,7 @@ def usable_checkpoints(cfg: TrainConfig, result: Any) -> list[UsableCheckpoint]:
     folders on local or shared storage (Ray's record can lag the folders: a run stopped right after a
     checkpoint was written, then resumed)."""
     from torchferry.distributed import checkpoint as ckpt
-    from torchferry.distributed.loop import checkpoint_dirs
+    from torchferry.distributed.resume import checkpoint_dirs
 
     kept = [c for c, _ in (result.best_checkpoints or [])]
     if not kept and result.checkpoint is not None:

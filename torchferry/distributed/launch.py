@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from typing import Any
 
@@ -51,6 +50,7 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
+    from torchferry.distributed.events import Console
     from torchferry.distributed.loop import train_func
 
     events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
@@ -85,60 +85,6 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
         raise TrainingFailed(f"training failed: {describe_failure(exc)}; {latest_checkpoint_note(cfg)}") from exc
     finally:
         console.stop()
-
-
-class Console(threading.Thread):
-    """Prints rank 0's per-epoch lines on the driver and draws its progress bar (tqdm, terminals only)."""
-
-    def __init__(self, events: Any, cfg: TrainConfig):
-        super().__init__(name="torchferry-console", daemon=True)
-        self.events, self.cfg = events, cfg
-        self.stopping = threading.Event()
-        self.bar: Any = None
-
-    def run(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                event = self.events.get(timeout=0.5)
-            except Empty:
-                if self.stopping.is_set():
-                    break
-                continue
-            except Exception:  # noqa: BLE001 - the queue actor is gone: Ray is shutting down
-                break
-            self.handle(event)
-        self._close_bar()
-
-    def handle(self, event: dict[str, Any]) -> None:
-        from torchferry.distributed.loop import format_epoch
-
-        kind = event.get("kind")
-        if kind == "progress" and self.cfg.progress == "on":
-            if self.bar is None or self.bar.desc != f"epoch {event['epoch'] + 1}/{self.cfg.epochs}":
-                self._close_bar()
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=event["total"], desc=f"epoch {event['epoch'] + 1}/{self.cfg.epochs}",
-                                leave=False, file=sys.stderr, unit="batch")
-            self.bar.n = event["done"]
-            self.bar.refresh()
-        elif kind == "epoch":
-            self._close_bar()
-            _logger.info(format_epoch(event["row"], self.cfg.epochs))
-        elif kind == "info":
-            _logger.info(event["message"])
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def stop(self) -> None:
-        """Drain what is queued, then end."""
-        self.stopping.set()
-        self.join(timeout=10)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
