@@ -118,6 +118,7 @@ class _Stage:
         self.optimizer = build_optimizer(bare.parameters(), cfg, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg, epochs_left)
 
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry: train, evaluate, checkpoint and report every epoch."""
     cfg = TrainConfig.from_dict(loop_config["cfg"])
