@@ -127,7 +127,6 @@ def make_model(arch: str, folder: Path) -> str:
     from torchferry.distributed import checkpoint as ckpt
     from torchferry.distributed.config import TrainConfig, resolve_defaults
     from torchferry.distributed.models import build_model
-    from torchferry.distributed.presets import preprocess_spec
     from torchferry.export.onnx import export_checkpoint
 
     small = arch == "smallcnn"
@@ -136,11 +135,8 @@ def make_model(arch: str, folder: Path) -> str:
     torch.manual_seed(0)
     model = build_model(arch, 10, channels=int(cfg.channels or 3))
     path = folder / f"{arch}.pth"
-    ckpt.save_checkpoint({"format": ckpt.FORMAT, "arch": arch, "arch_kwargs": {}, "num_classes": 10,
-                          "classes": [str(i) for i in range(10)], "preprocess": preprocess_spec(cfg),
-                          "state_dict": ckpt.clean_state_dict(model), "epoch": 0,
-                          "metrics": {"val_acc": 0.0, "val_loss": 0.0, "train_loss": 0.0, "train_acc": 0.0},
-                          "config": cfg.to_dict(), "versions": ckpt.versions()}, str(path))
+    ckpt.save_checkpoint(ckpt.build_checkpoint(model, cfg, [str(i) for i in range(10)], epoch=0,
+                                               metrics=dict.fromkeys(ckpt.METRICS, 0.0)), str(path))
     report = export_checkpoint(str(path), str(folder / f"{arch}.onnx"), use_real=False)
     assert report["passed"], report
     return str(folder / f"{arch}.onnx")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from torchferry.contract import sidecar_path
 from torchferry.serve.batcher import MicroBatcher
 from torchferry.serve.predictor import ModelRefused, Predictor
 from torchferry.serve.settings import ServeSettings
@@ -52,7 +53,7 @@ def redact_paths(text: str, roots: dict[str, str | None]) -> str:
 def fingerprint(path: str) -> tuple:
     """What changes when the model file or its sidecar is replaced or rewritten: (inode, size, mtime) of both."""
     out = []
-    for p in (path, path + ".sha256"):
+    for p in (path, sidecar_path(path)):
         try:
             st = os.stat(p)
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
