@@ -86,6 +86,7 @@ def test_int8_is_reported_beside_fp32_not_swapped_in(exported: dict) -> None:
     assert optimized.run(None, {"input": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 3)
 
 
+@pytest.mark.slow  # two zoo models exported and proven at 64 px: ~20 s on 2 cores (smallcnn's export is fast)
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
 def test_torchvision_models_export_with_parity(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     write_class_tree(tmp_path / "data", 4)

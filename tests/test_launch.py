@@ -101,15 +101,15 @@ def test_existing_run_is_never_overwritten(small_checkpoint: dict, tmp_path: Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["txt", "csv"])
-def test_annotation_file_runs_learn(layout: str, annotation_files: dict[str, Path], tmp_path: Path,
+def test_annotation_file_runs_learn(annotation_files: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run_main(capsys, [*FAST_FLAGS, "--data", str(annotation_files[f"train.{layout}"]),
-                                       "--val-data", str(annotation_files[f"val.{layout}"]),
-                                       "--output-dir", str(tmp_path / "runs"), "--name", layout])
+    """Both layouts in one run: a 'path label' .txt for training, a 'path,label' .csv for validation."""
+    code, out, err = run_main(capsys, [*FAST_FLAGS, "--data", str(annotation_files["train.txt"]),
+                                       "--val-data", str(annotation_files["val.csv"]),
+                                       "--output-dir", str(tmp_path / "runs"), "--name", "ann"])
     assert code == 0, err
-    assert "best val_acc" in out and str(tmp_path / "runs" / layout / "best.pth") in out
-    assert max(r["val_acc"] for r in read_metrics(tmp_path / "runs" / layout)) >= 0.8
+    assert "best val_acc" in out and str(tmp_path / "runs" / "ann" / "best.pth") in out
+    assert max(r["val_acc"] for r in read_metrics(tmp_path / "runs" / "ann")) >= 0.8
 
 
 @pytest.mark.slow
@@ -120,18 +120,6 @@ def test_torchvision_cifar10_root_run_learns(cifar10_root: Path, tmp_path: Path,
     best = ckpt.load_checkpoint(str(tmp_path / "runs" / "cifar" / "best.pth"))
     assert best["num_classes"] == 10 and best["classes"][0] == "airplane"
     assert best["metrics"]["val_acc"] >= 0.8  # 3 populated classes of 10
-
-
-@pytest.mark.slow
-def test_own_model_factory_runs_on_the_workers(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    code, _, err = run_main(capsys, [*FAST_FLAGS, "--epochs", "1", "--data", str(flat_folder),
-                                     "--model", "custom_model:build", "--output-dir", str(tmp_path / "runs"),
-                                     "--name", "custom"])
-    assert code == 0, err
-    assert ckpt.load_checkpoint(str(tmp_path / "runs" / "custom" / "best.pth"))["arch"] == "custom_model:build"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,16 +160,23 @@ def test_bad_input_fails_with_one_line(case: str, tmp_path: Path, capsys: pytest
 
 
 @pytest.mark.slow
-def test_skip_bad_images_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_own_model_factory_runs_on_the_workers_and_skip_bad_images_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run checks both: a `pkg.mod:factory` model is built on the workers, and --skip-bad-images leaves an
+    unreadable image out and trains on."""
     from helpers import write_class_tree
 
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     write_class_tree(tmp_path / "broken", 12)
     (tmp_path / "broken" / "red" / "zz.png").write_bytes(b"garbage")
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--epochs", "1", "--data", str(tmp_path / "broken"),
-                                     "--skip-bad-images", "--output-dir", str(tmp_path / "runs"), "--name", "s"])
+                                     "--skip-bad-images", "--model", "custom_model:build",
+                                     "--output-dir", str(tmp_path / "runs"), "--name", "custom"])
     assert code == 0, err
     assert "leaving out 1 unreadable image(s)" in caplog.text
+    assert ckpt.load_checkpoint(str(tmp_path / "runs" / "custom" / "best.pth"))["arch"] == "custom_model:build"
 
 
 def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -319,47 +314,36 @@ def _tb_scalar_tags(tb_dir: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_relative_paths_from_another_directory_reach_the_workers(tmp_path: Path) -> None:
-    """--data, --output-dir, --storage, --cache-dir, --init-from and a --pretrained file, all relative."""
-    from helpers import write_checkpoint, write_class_tree
+def test_readme_csv_example_and_every_relative_path_reach_the_workers(annotation_files: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """README: `--data train.csv --val-data val.csv --image-root ..` from the folder the files are in (the output
+    in its runs/), with --storage, --cache-dir, --init-from and a --pretrained file relative too."""
+    from helpers import write_checkpoint
 
     from torchferry.distributed.models import build_model
 
-    work = tmp_path / "work"
-    write_class_tree(work / "data" / "shapes" / "train", 12, seed=1)
-    write_class_tree(work / "data" / "shapes" / "val", 4, seed=2)
-    write_checkpoint(work / "old" / "best.pth", "smallcnn", work / "data" / "shapes", size=16)
-    torch.save(build_model("smallcnn", 3, channels=3).state_dict(), work / "weights.pth")
-    proc = _launch_in(work, [*FAST_FLAGS, "--epochs", "1", "--data", "data/shapes", "--output-dir", "runs",
-                             "--storage", "ckpts", "--cache-dir", "cache", "--init-from", "old/best.pth",
-                             "--pretrained", "weights.pth", "--name", "rel"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = work / "runs" / "rel"
-    saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["data"] == str(work / "data" / "shapes") and saved["cache_dir"] == str(work / "cache")
-    assert saved["init_from"] == str(work / "old" / "best.pth") and saved["pretrained"] == str(work / "weights.pth")
-    # rank 0's outputs land in the user's runs/<name>/, Ray's checkpoints under --storage
-    assert [r["epoch"] for r in read_metrics(run_dir)] == [0]
-    assert {"val_acc", "train_loss"} <= _tb_scalar_tags(run_dir / "tb")
-    assert json.loads((run_dir / "cluster.json").read_text())["workers"][0]["rank"] == 0
-    assert list((work / "ckpts" / "rel").glob("checkpoint_*/checkpoint.pth"))
-    assert (run_dir / "best.pth").is_file()
-
-
-@pytest.mark.slow
-def test_readme_csv_example_with_relative_image_root(annotation_files: dict[str, Path], tmp_path: Path) -> None:
-    """README: `--data train.csv --val-data val.csv --image-root ...`, from the folder the files are in."""
     root = annotation_files["train.csv"].parent  # root/images/..., rows name images/train/<class>/<i>.png
     lists = root / "lists"
     lists.mkdir()
     for name in ("train.csv", "val.csv"):
         annotation_files[name].rename(lists / name)
+    write_checkpoint(lists / "old" / "best.pth", "smallcnn", root / "images" / "train", size=16)
+    torch.save(build_model("smallcnn", 3, channels=3).state_dict(), lists / "weights.pth")
     proc = _launch_in(lists, [*FAST_FLAGS, "--epochs", "1", "--data", "train.csv", "--val-data", "val.csv",
-                              "--image-root", "..", "--name", "csv"])
+                              "--image-root", "..", "--storage", "ckpts", "--cache-dir", "cache",
+                              "--init-from", "old/best.pth", "--pretrained", "weights.pth", "--name", "csv"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = lists
-    assert (folder / "runs" / "csv" / "best.pth").is_file()
-    assert [r["epoch"] for r in read_metrics(folder / "runs" / "csv")] == [0]
+    run_dir = lists / "runs" / "csv"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["data"] == str(lists / "train.csv") and saved["val_data"] == str(lists / "val.csv")
+    assert saved["image_root"] == str(root) and saved["cache_dir"] == str(lists / "cache")
+    assert saved["init_from"] == str(lists / "old" / "best.pth") and saved["pretrained"] == str(lists / "weights.pth")
+    # rank 0's outputs land in the user's runs/<name>/, Ray's checkpoints under --storage
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [0]
+    assert {"val_acc", "train_loss"} <= _tb_scalar_tags(run_dir / "tb")
+    assert json.loads((run_dir / "cluster.json").read_text())["workers"][0]["rank"] == 0
+    assert list((lists / "ckpts" / "csv").glob("checkpoint_*/checkpoint.pth"))
+    assert (run_dir / "best.pth").is_file()
 
 
 # ------------------------------------------------------------------------------------------------
