@@ -257,3 +257,37 @@ def test_a_bad_body_timeout_stops_gunicorn_at_start(tmp_path: Path) -> None:
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "TORCHFERRY_BODY_TIMEOUT='soon' must be a positive number of seconds" in proc.stderr
+
+
+def test_buffered_bytes_are_bounded_per_worker_and_a_body_waits_for_room() -> None:
+    """ByteBudget, in-process: a body whose bytes would pass the worker's bound waits until another gives
+    room back; a body alone is never kept waiting on itself. Content-Length is read from gunicorn's headers."""
+    import types
+
+    import gevent
+
+    from torchferry.serve.worker import ByteBudget, _content_length
+
+    budget, events = ByteBudget(100), []
+    budget.take(80)
+
+    def second() -> None:
+        budget.take(50)  # 80 + 50 > 100: waits
+        events.append("second took")
+
+    waiter = gevent.spawn(second)
+    gevent.sleep(0.05)
+    assert events == [] and budget.used == 80
+    events.append("first gave")
+    budget.give(80)
+    waiter.join(timeout=10)
+    assert events == ["first gave", "second took"] and budget.used == 50
+    alone = ByteBudget(100)
+    alone.take(250)  # more than the bound, but nothing else is buffered
+    assert alone.used == 250
+
+    def req(*headers: tuple[str, str]) -> types.SimpleNamespace:
+        return types.SimpleNamespace(headers=list(headers))
+
+    assert _content_length(req(("HOST", "x"), ("CONTENT-LENGTH", "12"))) == 12
+    assert _content_length(req(("CONTENT-LENGTH", "twelve"))) is None and _content_length(req()) is None
