@@ -263,6 +263,9 @@ def eight_bit(values: np.ndarray) -> np.ndarray:
     clipped, so a 16-bit scan keeps its contrast); training's image reader and the server's decoder both use it."""
     import numpy as np
 
-    v = np.clip(np.asarray(values).astype(np.int64), 0, 65535)
+    v = np.asarray(values).astype(np.int64)  # a copy, worked on in place: one int64 array, no temporaries
+    np.clip(v, 0, 65535, out=v)
     # round(v / 257) for integers: v / 257 is never exactly k + 0.5, so floor((v + 128) / 257) is the same.
-    return ((v + 128) // 257).astype(np.uint8)
+    v += 128
+    v //= 257
+    return v.astype(np.uint8)
