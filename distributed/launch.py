@@ -3,9 +3,7 @@
 The code is `torchferry.distributed.launch`; torchferry/__init__.py says why this folder has no __init__.py.
 """
 
-import sys
-
-from torchferry.distributed.launch import main
+from torchferry.distributed.launch import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
