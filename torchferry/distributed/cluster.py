@@ -30,6 +30,15 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def workers_at_normal_priority() -> None:
+    """Start a local Ray's worker processes at niceness 0, as torchrun's, unless $RAY_worker_niceness is set.
+
+    Ray starts its workers at niceness 15 by default, so the training workers and the DataLoader processes
+    they fork yield the CPU to every other process on the machine (Ray's own GCS and raylet included).
+    """
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def start_ray(cfg: TrainConfig) -> bool:
     """Join `--address`/$RAY_ADDRESS, or start a local Ray on 127.0.0.1 with no dashboard; True if started here."""
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -53,6 +62,7 @@ def start_ray(cfg: TrainConfig) -> bool:
                                   "GPU(s); use --gpus 0 --workers N to train on CPU workers, or --address to join "
                                   "a cluster with GPUs")
     keep_ray_on_loopback()
+    workers_at_normal_priority()
     import ray
 
     # Loopback only, no dashboard and so no job API: Ray's job API runs any command for whoever reaches it
