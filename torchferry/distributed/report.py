@@ -27,11 +27,13 @@ def _figure() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str) -> None:
+def _save(fig: Any, path: str) -> bytes:
+    """Draw `fig` once into a PNG file (atomically); returns the PNG."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     _figure().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str) -> dict[str, Any]:
@@ -125,9 +127,11 @@ def prediction_grid(model: nn.Module, dataset: Any, classes: Sequence[str], prep
     wrong = sum(not e["correct"] for e in shown)
     fig.suptitle(f"predicted / true: {wrong} mistake(s) first, then correct predictions" if wrong
                  else "predicted / true (no mistakes among the images checked)")
-    if writer is not None:
-        writer.add_figure("val_predictions", fig)
-    _save(fig, path)
+    png = _save(fig, path)
+    if writer is not None:  # the PNG just drawn, not a second drawing of the figure (add_figure draws it again)
+        from PIL import Image
+
+        writer.add_image("val_predictions", np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), dataformats="HWC")
     return shown
 
 
