@@ -148,7 +148,7 @@ def _niceness_table(seen: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
 
 
 def command(runner: str, data: str, epochs: int, tmp: str) -> list[str]:
-    if runner == "torchferry":
+    if runner.startswith("torchferry"):
         return [sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", str(WORKERS),
                 "--cpus-per-worker", "1", "--model", "smallcnn", "--data", data,
                 "--batch-size", str(BATCH_PER_WORKER * WORKERS), "--epochs", str(epochs), "--lr", "0.05",
@@ -165,10 +165,15 @@ def command(runner: str, data: str, epochs: int, tmp: str) -> list[str]:
 
 
 def run_once(runner: str, data: str, epochs: int, tmp: str, env: dict[str, str]) -> dict[str, Any]:
-    """One run of `runner` with its timeline: points, phases, the summary and (torchferry) the niceness seen."""
+    """One run of `runner` with its timeline: points, phases, the summary and (torchferry) the niceness seen.
+
+    "torchferry baseline" is torchferry from the checkout in $BENCH_BASELINE (another commit, for before/after).
+    """
     timeline = os.path.join(tmp, f"timeline-{time.monotonic_ns()}.jsonl")
     cmd = command(runner, data, epochs, tmp)
-    probe = NicenessProbe(timeline) if runner == "torchferry" else None
+    if runner == "torchferry baseline":
+        env = {**env, "PYTHONPATH": env["BENCH_BASELINE"]}
+    probe = NicenessProbe(timeline) if runner.startswith("torchferry") else None
     if probe:
         probe.start()
     start = time.time()
@@ -184,7 +189,8 @@ def run_once(runner: str, data: str, epochs: int, tmp: str, env: dict[str, str])
         return {"runner": runner, "command": show(cmd), "help_s": end - start}
     lines = [json.loads(x) for x in Path(timeline).read_text().splitlines()] if os.path.exists(timeline) else []
     at = points(lines, start, end)
-    row = {"runner": runner, "command": show(cmd), "points": at, "phases": breakdown(runner, at), **_summary(at)}
+    phases = breakdown("torchferry" if runner.startswith("torchferry") else runner, at)
+    row = {"runner": runner, "command": show(cmd), "points": at, "phases": phases, **_summary(at)}
     if probe:
         row["niceness"] = _niceness_table(probe.seen)
     return row
@@ -198,14 +204,13 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per runner: the median of each phase and total over the rounds; the targets checked on torchferry's."""
     out: dict[str, Any] = {}
-    for runner in ("torchferry", "torchrun", "bare Ray", "--help"):
+    for runner in dict.fromkeys(r["runner"] for r in runs):
         rows = [r for r in runs if r["runner"] == runner]
-        if not rows:
-            continue
         keys = ["help_s"] if runner == "--help" else ["command_to_first_step_s", "last_epoch_end_to_exit_s", "wall_s"]
         out[runner] = {k: _median(rows, k) for k in keys}
         if runner != "--help":
-            names = [name for name, _, _ in PHASES[runner] if any(name in r["phases"] for r in rows)]
+            kind = "torchferry" if runner.startswith("torchferry") else runner
+            names = [name for name, _, _ in PHASES[kind] if any(name in r["phases"] for r in rows)]
             out[runner]["phases"] = {n: statistics.median(r["phases"][n] for r in rows if n in r["phases"])
                                      for n in names}
     tf = out.get("torchferry", {})
@@ -269,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="epochs per training run (default: 1)")
     p.add_argument("--runners", default="torchferry,torchrun,bare Ray,--help",
                    help="comma-separated (default: torchferry,torchrun,bare Ray,--help)")
+    p.add_argument("--baseline", metavar="DIR", help="a checkout of another commit: adds the runner 'torchferry "
+                   "baseline' (torchferry from DIR), interleaved, for a before/after")
     p.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)  # the bare-Ray child process
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-startup.json)")
     args = p.parse_args(argv)
@@ -276,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         return bare_ray()
     env = repo_env(TORCHFERRY_CACHE=os.environ.get("TORCHFERRY_CACHE", os.path.join(tempfile.gettempdir(),
                                                                                       "torchferry-bench-cache")))
+    runners = args.runners.split(",")
+    if args.baseline:
+        env["BENCH_BASELINE"] = os.path.abspath(args.baseline)
+        runners.insert(0, "torchferry baseline")
     runs = []
     load = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="tf-startup-") as tmp:
         for _ in range(args.rounds):
-            for runner in args.runners.split(","):
+            for runner in runners:
                 runs.append(run_once(runner, "digits", args.epochs, tmp, env))
                 r = runs[-1]
                 print(f"{runner:<10} " + "  ".join(f"{k} {r[k]:.2f}" for k in ("help_s", "command_to_first_step_s",

@@ -84,7 +84,7 @@ def run_plain(model: str, data: str, world: int, torchrun: bool, epochs: int, lo
 
 
 def run_torchferry(model: str, data: str, world: int, epochs: int, loader_workers: int, cores: int,
-                   env: dict[str, str], tmp: str) -> dict[str, Any]:
+                   env: dict[str, str], tmp: str, variant: dict[str, str] | None = None) -> dict[str, Any]:
     name = f"tf-{model}-{world}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", str(world),
            "--cpus-per-worker", str(max(1, cores // world)), "--model", model, *_data_flags(model, data),
@@ -92,7 +92,7 @@ def run_torchferry(model: str, data: str, world: int, epochs: int, loader_worker
            "--num-workers", str(loader_workers), "--output-dir", os.path.join(tmp, "runs"), "--name", name,
            "--progress", "off"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(env), cwd=tmp,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=repo_env(env, **(variant or {})), cwd=tmp,
                           check=False, timeout=1800)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -100,15 +100,17 @@ def run_torchferry(model: str, data: str, world: int, epochs: int, loader_worker
     with open(os.path.join(tmp, "runs", name, "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     rates = [float(r["images_per_s"]) for r in rows]
-    return {"runner": f"torchferry Ray x{world}", "workers": world, "threads": max(1, cores // world),
+    label = f" ({' '.join(f'{k}={v}' for k, v in variant.items())})" if variant else ""
+    return {"runner": f"torchferry Ray x{world}{label}", "workers": world, "threads": max(1, cores // world),
             "img_s": _steady(rates), "img_s_epochs": rates, "wall_s": wall,
             "startup_s": wall - sum(float(r["seconds"]) for r in rows), "val_acc": float(rows[-1]["val_acc"]),
             "command": show(cmd)}
 
 
 def bench_model(model: str, worlds: list[int], epochs: int, reps: int, fraction: float, loader_workers: int,
-                cores: int, env: dict[str, str]) -> dict[str, Any]:
-    """Plain loop once, then for each N: torchrun and torchferry alternately, `reps` times each."""
+                cores: int, env: dict[str, str], variant: dict[str, str] | None = None) -> dict[str, Any]:
+    """Plain loop once, then for each N: torchrun and torchferry alternately, `reps` times each (and torchferry
+    with the environment `variant`, when given, after each)."""
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
         data = "digits" if fraction >= 1 else subset_of_digits(os.path.join(tmp, "data"), fraction,
                                                                  env["TORCHFERRY_CACHE"])
@@ -120,6 +122,9 @@ def bench_model(model: str, worlds: list[int], epochs: int, reps: int, fraction:
                 print(_line(model, runs[-1]), flush=True)
                 runs.append(run_torchferry(model, data, world, epochs, loader_workers, cores, env, tmp))
                 print(_line(model, runs[-1]), flush=True)
+                if variant:
+                    runs.append(run_torchferry(model, data, world, epochs, loader_workers, cores, env, tmp, variant))
+                    print(_line(model, runs[-1]), flush=True)
     plain = runs[0]["img_s"]
     summary = {}
     for world in worlds:
@@ -133,6 +138,13 @@ def bench_model(model: str, worlds: list[int], epochs: int, reps: int, fraction:
                                                       if r["runner"] == f"torchferry Ray x{world}")}
         print(f"{model:<9} N={world}: torchferry/torchrun {tf / tr:.3f}x   torchferry/plain {tf / plain:.3f}x",
               flush=True)
+        other = [r for r in runs if r["workers"] == world and r["runner"].startswith("torchferry Ray") and "(" in r["runner"]]
+        if other:
+            v = statistics.median(r["img_s"] for r in other)
+            summary[f"N={world}"].update({"variant": other[0]["runner"], "variant_img_s": v,
+                                          "variant_over_torchrun": v / tr,
+                                          "variant_startup_s": statistics.median(r["startup_s"] for r in other)})
+            print(f"{model:<9} N={world}: {other[0]['runner']}/torchrun {v / tr:.3f}x", flush=True)
     return {"model": model, "data": "digits" if fraction >= 1 else f"digits, 1 image in {round(1 / fraction)}",
             "input_flags": SETUPS[model], "batch_per_worker": BATCH_PER_WORKER, "epochs": epochs, "reps": reps,
             "loader_workers": loader_workers, "plain_img_s": plain, "summary": summary, "runs": runs}
@@ -156,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="runs of each N for torchrun and torchferry, alternating "
                    "(default: 3; --quick: 1)")
     p.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per worker (default: 1)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run torchferry with this environment variable, interleaved (repeatable; e.g. "
+                        "RAY_worker_niceness=15)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-train.json)")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -167,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # --quick: resnet18 on a third of digits and at N=2 only, so that run_all --quick fits in 10 minutes here.
     fraction = args.resnet_data_fraction or (1 / 3 if args.quick else 1.0)
     models = [bench_model(m, worlds if not (args.quick and m != "smallcnn") else [w for w in worlds if w > 1] or worlds,
-                          epochs, reps, fraction if m != "smallcnn" else 1.0, args.loader_workers, cores, env)
+                          epochs, reps, fraction if m != "smallcnn" else 1.0, args.loader_workers, cores, env,
+                          dict(v.split("=", 1) for v in args.variant))
               for m in args.models.split(",")]
     result = {**result_header("train"), "machine": machine_info("torch"),
               "method": "steady-state training images/s (median over epochs 2..E of each run, the training phase "
