@@ -1,10 +1,10 @@
 """Every CPU benchmark in one run, one JSON, and bench/RESULTS.md regenerated from it.
 
-    python -m bench.run_all [--quick] [--only train,infer,load]
+    python -m bench.run_all [--quick] [--only train,infer,load,startup]
     python -m bench.run_all --render bench/results/<date>-<host>-all.json     # rewrite RESULTS.md only
 
 Runs bench.train_throughput, trains a small resnet18 with torchferry for the INT8 accuracy check,
-runs bench.infer (with that checkpoint) and bench.load --suite, each as its own process, and
+runs bench.infer (with that checkpoint), bench.load --suite and bench.startup, each as its own process, and
 merges their JSON into bench/results/<date>-<host>-all.json with the targets checked. The GPU section of
 RESULTS.md comes from the newest bench/results/*-gpu-train.json (bench.gpu_train on a GPU machine).
 """
@@ -56,6 +56,11 @@ CEILINGS = [
      lambda r: _load(r, "resnet18", 1, "p50_server_over_inprocess")),
     ("server p50 latency vs in-process, 1 client (smallcnn)", 1.10,
      lambda r: _load(r, "smallcnn", 1, "p50_server_over_inprocess")),
+    ("seconds from the command to the first step (torchferry, smallcnn/digits, 2 CPU workers)", 12.0,
+     lambda r: _startup(r, "torchferry", "command_to_first_step_s")),
+    ("seconds from the end of the last epoch to exit (torchferry, smallcnn/digits, 2 CPU workers)", 3.0,
+     lambda r: _startup(r, "torchferry", "last_epoch_end_to_exit_s")),
+    ("seconds for python -m distributed.launch --help", 1.0, lambda r: _startup(r, "--help", "help_s")),
 ]
 
 
@@ -108,6 +113,15 @@ def _load(r: dict[str, Any], model: str, clients: int, key: str) -> float:
     return float("nan")
 
 
+def _startup(r: dict[str, Any], runner: str, key: str) -> float:
+    value = r.get("startup", {}).get("summary", {}).get(runner, {}).get(key)
+    return float("nan") if value is None else value
+
+
+def _unit(name: str) -> str:
+    return " pp" if "percentage points" in name else " s" if name.startswith("seconds") else "x"
+
+
 def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     checks = []
     for name, floor, get in TARGETS:
@@ -118,7 +132,7 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                        "short_by": None if missing or value >= floor else f"short by {100 * (1 - value / floor):.1f} %"})
     for name, ceiling, get in CEILINGS:
         value = get(result)
-        unit = " pp" if "percentage points" in name else "x"
+        unit = _unit(name)
         missing = math.isnan(value)
         checks.append({"target": name, "bar": f"<= {ceiling:g}{unit}", "measured": value,
                        "met": None if missing else value <= ceiling,
@@ -173,7 +187,7 @@ def _render_targets(targets: list[dict[str, Any]]) -> list[str]:
     out = ["## Targets", "", "| target | bar | measured | met |", "| --- | --- | --- | --- |"]
     for c in targets:
         met = "yes" if c["met"] else ("no data" if c["met"] is None else f"**no** ({c['short_by']})")
-        unit = " pp" if "pp" in c["bar"] else "x"
+        unit = _unit(c["target"])
         out.append(f"| {c['target']} | {c['bar']} | {_fmt(c['measured'], 3)}{unit} | {met} |")
     missed = [c["target"] for c in targets if c["met"] is False]
     reasons = [f"- {t}: {WHY[key]}" for t in missed for key in WHY if key in t]
@@ -283,6 +297,22 @@ def _render_gpu(gpus: list[dict[str, Any]], launches: list[dict[str, Any]]) -> l
     return out
 
 
+def _render_startup(st: dict[str, Any]) -> list[str]:
+    s = st["summary"]
+    runners = [k for k in s if k not in ("targets", "--help")]
+    out = ["## Start-up and shut-down (CPU)", "", st["method"] + f"; {st['rounds']} round(s), load average per round "
+           + ", ".join(f"{a[0]:.1f}" for a in st.get("load_average_per_round", [])) + ".", "",
+           "| runner | command → first step s | end of last epoch → exit s | wall s |", "| --- | --- | --- | --- |"]
+    out += [f"| {r} | {_fmt(s[r].get('command_to_first_step_s'))} | {_fmt(s[r].get('last_epoch_end_to_exit_s'))} | "
+            f"{_fmt(s[r].get('wall_s'))} |" for r in runners]
+    if "--help" in s:
+        out += ["", f"`python -m distributed.launch --help`: {_fmt(s['--help']['help_s'], 2)} s."]
+    out += ["", "Where the seconds go (median per phase; bare Ray: a TorchTrainer whose workers do nothing):", ""]
+    for r in runners:
+        out += [f"- {r}: " + "; ".join(f"{name} {_fmt(sec)}" for name, sec in s[r].get("phases", {}).items())]
+    return [*out, ""]
+
+
 def render(result: dict[str, Any], source: str) -> str:
     """bench/RESULTS.md for a merged result: the machine, the targets, then each part's table."""
     out = _render_header(result, source) + _render_targets(result["targets"])
@@ -293,13 +323,16 @@ def render(result: dict[str, Any], source: str) -> str:
         out += _render_infer(result["infer"])
     if "load" in result:
         out += _render_load(result["load"])
+    if "startup" in result:
+        out += _render_startup(result["startup"])
     return "\n".join(out + _render_gpu(*newest_gpu_results()))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the short suite (under 10 minutes on 2 cores)")
-    p.add_argument("--only", default="train,infer,load", help="which parts (default: train,infer,load)")
+    p.add_argument("--only", default="train,infer,load,startup",
+                   help="which parts (default: train,infer,load,startup)")
     p.add_argument("--render", metavar="JSON", help="only regenerate bench/RESULTS.md from this merged JSON")
     p.add_argument("--out", default=None, help="merged JSON (default: bench/results/<date>-<host>-all.json)")
     args = p.parse_args(argv)
@@ -328,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         if "load" in parts:
             run([sys.executable, "-m", "bench.load", "--suite", *quick, "--out", os.path.join(tmp, "load.json")], env)
             result["load"] = json.loads(Path(tmp, "load.json").read_text())
+        if "startup" in parts:
+            rounds = ["--rounds", "1" if args.quick else "3"]
+            run([sys.executable, "-m", "bench.startup", *rounds, "--out", os.path.join(tmp, "startup.json")], env)
+            result["startup"] = json.loads(Path(tmp, "startup.json").read_text())
     result["targets"] = check_targets(result)
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out) if args.out else result_path("all")

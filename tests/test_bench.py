@@ -45,6 +45,18 @@ def test_targets_say_met_missed_and_by_how_much() -> None:
     assert checks["server vs in-process throughput, 4 clients (resnet18)"]["met"] is None  # not measured
 
 
+def test_startup_targets_are_seconds_and_checked_when_measured() -> None:
+    result = {**_result(), "startup": {"summary": {"torchferry": {"command_to_first_step_s": 20.0,
+                                                                  "last_epoch_end_to_exit_s": 2.0},
+                                                   "--help": {"help_s": 0.5}}}}
+    checks = {c["target"]: c for c in run_all.check_targets(result)}
+    first = checks["seconds from the command to the first step (torchferry, smallcnn/digits, 2 CPU workers)"]
+    assert first["met"] is False and first["bar"] == "<= 12 s" and first["short_by"] == "8.00 s over"
+    assert checks["seconds from the end of the last epoch to exit (torchferry, smallcnn/digits, 2 CPU workers)"]["met"]
+    assert checks["seconds for python -m distributed.launch --help"]["met"] is True
+    assert {c["met"] for c in run_all.check_targets(_result()) if c["target"].startswith("seconds")} == {None}
+
+
 def test_results_table_names_the_machine_the_misses_and_the_commands() -> None:
     result = _result()
     result["targets"] = run_all.check_targets(result)
