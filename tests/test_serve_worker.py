@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from helpers import REPO, export_random_model, free_port, png
+from helpers import REPO, export_random_model, free_port, png, wait_ready
 
 BODY_TIMEOUT_S = 15.0  # serve/gunicorn.conf.py's default TORCHFERRY_BODY_TIMEOUT
 HEAD_TIMEOUT_S = 5.0  # serve/gunicorn.conf.py's keepalive
@@ -213,6 +213,24 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, live_serv
     assert 503 not in records, records
     assert all(r == 200 or r == "ConnectionError" for r in records), records
     assert sum(r == "ConnectionError" for r in records) <= 4 and len(records) >= replaced_at + 20
+
+
+@pytest.mark.slow
+def test_a_sighup_while_a_worker_loads_its_model_does_not_end_it(resnet_model: Path, live_server) -> None:
+    """SIGHUP (look for a new model version) reaching a worker that still loads its model is kept for after the
+    load; by default it would end the worker, and gunicorn would start another."""
+    server = live_server("gunicorn", resnet_model, workers=1, threads=2, ready=False)
+    proc, log = server.proc, Path(server.proc.log_path)
+    deadline = time.monotonic() + 60
+    while not workers_of(proc) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker = workers_of(proc)
+    time.sleep(0.3)  # past gunicorn's signal set-up in the worker, while the app imports and loads its model
+    loading = '"model_ready"' not in log.read_text()
+    proc.send_signal(signal.SIGHUP)
+    wait_ready(server.base, proc)
+    assert loading and len(worker) == 1 and workers_of(proc) == worker, log.read_text()[-3000:]
+    assert "was sent SIGHUP" not in log.read_text()
 
 
 @pytest.mark.slow

@@ -87,6 +87,8 @@ def post_worker_init(worker):
     repo = worker.wsgi.extensions["torchferry"]
     signal.signal(signal.SIGHUP, lambda signum, frame: repo.request_reload())
     signal.siginterrupt(signal.SIGHUP, False)
+    if getattr(worker, "reload_requested", False):  # a SIGHUP came while the model loaded (serve/worker.py)
+        repo.request_reload()
 
 
 def post_fork(server, worker):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import sys
 
 import gevent
@@ -65,6 +66,17 @@ class ByteBudget:
 
 class BufferingWorker(GeventWorker):
     """gunicorn worker class `torchferry.serve.worker.BufferingWorker` (torchferry/serve/gunicorn.conf.py sets it)."""
+
+    def init_signals(self) -> None:
+        """gunicorn's handlers, and SIGHUP remembered while the app loads its model (by default it would end the
+        worker): post_worker_init (serve/gunicorn.conf.py) hands it on to the model watcher once loaded."""
+        super().init_signals()
+        self.reload_requested = False
+        signal.signal(signal.SIGHUP, self._remember_hup)
+        signal.siginterrupt(signal.SIGHUP, False)
+
+    def _remember_hup(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
 
     def patch(self) -> None:
         # Only the listening sockets become gevent sockets (what gunicorn's gevent worker does after patch_all);
