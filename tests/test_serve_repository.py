@@ -316,6 +316,7 @@ def test_hot_swap_under_load_drops_no_request(server: str, exported_model: dict,
     stream.start()
     try:
         stream.wait_for(20, since=0)  # the stream is flowing on version 1
+        wait_for_log(proc, {"event": "model_ready", "version": "1"}, workers)  # and every worker serves it
         place_version(root, 2, exported_model["model"], note="v2")
         proc.send_signal(signal.SIGHUP)
         wait_for_log(proc, {"event": "model_swapped", "version": "2"}, workers)
