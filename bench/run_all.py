@@ -297,16 +297,28 @@ def _render_gpu(gpus: list[dict[str, Any]], launches: list[dict[str, Any]]) -> l
     return out
 
 
-def _render_startup(st: dict[str, Any]) -> list[str]:
+def newest_startup_result() -> tuple[str, dict[str, Any]] | None:
+    """The newest bench/results/*-startup.json (python -m bench.startup run on its own), with its path."""
+    files = sorted(glob.glob(str(RESULTS / "*-startup.json")), key=lambda f: Path(f).name[:10])
+    return (os.path.relpath(files[-1], ROOT), json.loads(Path(files[-1]).read_text())) if files else None
+
+
+def _render_startup(st: dict[str, Any], source: str | None = None) -> list[str]:
     s = st["summary"]
     runners = [k for k in s if k not in ("targets", "--help")]
-    out = ["## Start-up and shut-down (CPU)", "", st["method"] + f"; {st['rounds']} round(s), load average per round "
+    title = "## Start-up and shut-down (CPU)" + (f": `{source}`, {st['date']}" if source else "")
+    out = [title, "", ("`python -m bench.startup` run on its own. " if source else "") + st["method"] + f"; {st['rounds']} round(s), load average per round "
            + ", ".join(f"{a[0]:.1f}" for a in st.get("load_average_per_round", [])) + ".", "",
            "| runner | command → first step s | end of last epoch → exit s | wall s |", "| --- | --- | --- | --- |"]
     out += [f"| {r} | {_fmt(s[r].get('command_to_first_step_s'))} | {_fmt(s[r].get('last_epoch_end_to_exit_s'))} | "
             f"{_fmt(s[r].get('wall_s'))} |" for r in runners]
+    if st.get("baseline"):
+        out += ["", st["baseline"] + "."]
     if "--help" in s:
         out += ["", f"`python -m distributed.launch --help`: {_fmt(s['--help']['help_s'], 2)} s."]
+    out += ["", "Targets: " + "; ".join(f"{t['target']} {t['bar']}: {_fmt(t['measured'])} s, "
+                                         f"{'met' if t['met'] else 'not met' if t['met'] is False else 'no data'}"
+                                         for t in s.get("targets", []))]
     out += ["", "Where the seconds go (median per phase; bare Ray: a TorchTrainer whose workers do nothing):", ""]
     for r in runners:
         out += [f"- {r}: " + "; ".join(f"{name} {_fmt(sec)}" for name, sec in s[r].get("phases", {}).items())]
@@ -325,6 +337,8 @@ def render(result: dict[str, Any], source: str) -> str:
         out += _render_load(result["load"])
     if "startup" in result:
         out += _render_startup(result["startup"])
+    elif newest := newest_startup_result():
+        out += _render_startup(newest[1], newest[0])
     return "\n".join(out + _render_gpu(*newest_gpu_results()))
 
 
