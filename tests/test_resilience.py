@@ -148,18 +148,6 @@ def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_init_from_starts_with_the_given_weights(trained_run: dict, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
-    from torchferry.distributed import launch as launcher
-
-    code = launcher.main([*FAST_FLAGS, "--epochs", "1", "--lr", "0.0001", "--data", str(trained_run["data"]),
-                          "--init-from", str(trained_run["run_dir"] / "best.pth"),
-                          "--output-dir", str(tmp_path), "--name", "ft"])
-    assert code == 0, capsys.readouterr().err
-    assert best_val_acc(tmp_path / "ft") >= 0.8  # one epoch at a tiny lr: the weights came from the checkpoint
-
-
-@pytest.mark.slow
 def test_two_node_cluster_runs_one_worker_per_node(ray_two_nodes: dict, trained_run: dict, tmp_path: Path) -> None:
     """--address joins a running cluster of two nodes; STRICT_SPREAD places one worker on each; both node
     ids show up among the workers; checkpoints go to a shared --storage."""
