@@ -166,8 +166,14 @@ def test_model_reaches_the_server_read_only_and_nothing_loads_models_over_http()
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "models")
     volume = next(v for v in pod["volumes"] if v["name"] == "models")
     assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
-    routes = (REPO / "torchferry" / "serve" / "app.py").read_text()
-    assert "@app.post(\"/predict\")" in routes and routes.count("@app.post(") == 1  # the only write route
+    from torchferry.serve.app import create_app
+
+    app = create_app({"MODEL": None, "LOAD_SYNC": True})
+    writes = sorted(r.rule for r in app.url_map.iter_rules() if r.methods - {"GET", "HEAD", "OPTIONS"})
+    # The only routes that take a body classify it; none loads or replaces a model.
+    assert writes == ["/predict", "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer"]
+    assert all(r.methods - {"GET", "HEAD", "OPTIONS"} == {"POST"} for r in app.url_map.iter_rules()
+               if r.rule in writes)
 
 
 def test_auth_token_comes_from_a_secret_mounted_as_a_file_and_none_is_committed() -> None:
