@@ -42,6 +42,12 @@ def run_command(body: Callable[[], int], *, debug: bool,
         return error(str(exc), FAILED)
 
 
+def lead_line(exc: object) -> str:
+    """The first non-empty line of an error (at most 300 characters), to quote inside a one-line message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 def error(message: str, code: int) -> int:
     """Print `error: message` to stderr; returns `code`, for `return error(...)`."""
     print(f"error: {message}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
+from torchferry.cli import lead_line
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
 
@@ -49,7 +50,7 @@ def start_ray(cfg: TrainConfig) -> bool:
         try:
             ray.init(address=address, logging_level=quiet, log_to_driver=cfg.verbose)
         except Exception as exc:  # Ray raises plain Exception, ConnectionError, RuntimeError ...
-            raise ClusterUnavailable(f"cannot join the Ray cluster at {address}: {_lead_line(exc)}; check that it "
+            raise ClusterUnavailable(f"cannot join the Ray cluster at {address}: {lead_line(exc)}; check that it "
                                      f"runs and is reachable (ray status --address {address}), or leave out "
                                      "--address and $RAY_ADDRESS to start a local Ray") from exc
         return False
@@ -73,15 +74,10 @@ def start_ray(cfg: TrainConfig) -> bool:
         ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=cfg.verbose,
                  num_gpus=max(0, cfg.gpus))
     except Exception as exc:  # e.g. "The current node timed out during startup" is a bare Exception
-        raise ClusterUnavailable(f"the local Ray did not start: {_lead_line(exc)}; try again when the machine is "
+        raise ClusterUnavailable(f"the local Ray did not start: {lead_line(exc)}; try again when the machine is "
                                  "less busy, check free memory and space in Ray's temp dir ($RAY_TMPDIR, default "
                                  "/tmp/ray), or run with --verbose to see Ray's own log") from exc
     return True
-
-
-def _lead_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def check_resources(cfg: TrainConfig) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from torchvision import datasets
 
+from torchferry.cli import lead_line
 from torchferry.contract import SIXTEEN_BIT_MODES, eight_bit
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, absolute_path, data_set_key, default_cache_dir
@@ -149,11 +150,6 @@ class LocalCIFAR10(datasets.CIFAR10):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def _one_line(exc: object) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
     root = absolute_path(cfg.data.split(":", 1)[1])
     if not cfg.download and not os.path.isdir(root):
@@ -164,9 +160,9 @@ def _torchvision_split(name: str, cfg: TrainConfig) -> DataSplit:
     except (OSError, RuntimeError) as exc:  # urllib's URLError and socket errors are OSErrors
         fetching = cfg.download and (isinstance(exc, OSError) or "download" in str(exc).lower())
         if not fetching:
-            raise TorchferryError(f"cannot read {name} from {root!r}: {_one_line(exc)}") from None
+            raise TorchferryError(f"cannot read {name} from {root!r}: {lead_line(exc)}") from None
         reason = getattr(exc, "reason", None) or exc
-        raise TorchferryError(f"--download: cannot fetch {name} into {root!r} ({_one_line(reason)}); check the "
+        raise TorchferryError(f"--download: cannot fetch {name} into {root!r} ({lead_line(reason)}); check the "
                               "network or proxy, or put the files there and leave out --download") from None
     classes = [str(c) for c in getattr(train, "classes", [])] or [str(i) for i in range(102)]
     return DataSplit(classes=classes, torchvision_name=name, torchvision_root=root)
