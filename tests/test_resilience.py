@@ -67,11 +67,11 @@ def usable_epochs(run_storage: Path, known: dict[Path, int] | None = None) -> li
 
 
 @pytest.mark.slow
-def test_sigint_then_resume_continues_after_the_newest_checkpoint_and_ends_like_an_uninterrupted_run(
-        tmp_path: Path) -> None:
+def test_interrupted_or_damaged_runs_resume_from_the_newest_checkpoint_that_loads(tmp_path: Path) -> None:
     """SIGINT right after the second epoch's checkpoint is written, while Ray's record of the checkpoints lags the
     folders: exit 130 naming the command that continues; --resume takes the newest checkpoint that loads, every
-    epoch is in metrics.csv exactly once, and the run ends like an uninterrupted one."""
+    epoch is in metrics.csv exactly once, and the run ends like an uninterrupted one. Then the uninterrupted run's
+    newest checkpoint is damaged: --resume says so, falls back to the one before and trains that epoch again."""
     flags = [*DIGITS, "--epochs", "4", "--keep-checkpoints", "4", "--output-dir", str(tmp_path)]
     proc = launch([*flags, "--name", "cut"], tmp_path, "cut")
     deadline, seen = time.monotonic() + WAIT_S, {}
@@ -93,6 +93,14 @@ def test_sigint_then_resume_continues_after_the_newest_checkpoint_and_ends_like_
     whole = launch([*flags, "--name", "whole"], tmp_path, "whole")
     assert whole.wait(timeout=WAIT_S) == 0
     assert abs(best_val_acc(tmp_path / "cut") - best_val_acc(tmp_path / "whole")) <= 0.15
+    latest = max(p for p in (tmp_path / "whole").glob("checkpoint_*") if p.is_dir())
+    data = (latest / "checkpoint.pth").read_bytes()
+    (latest / "checkpoint.pth").write_bytes(data[: len(data) // 3])
+    again = launch(["--resume", "--name", "whole", "--output-dir", str(tmp_path)], tmp_path, "again")
+    assert again.wait(timeout=WAIT_S) == 0, (tmp_path / "again.err").read_text()
+    err = (tmp_path / "again.err").read_text()
+    assert f"checkpoint {latest} is unusable" in err and "resuming after epoch 3" in err, err
+    assert epochs_in(tmp_path / "whole") == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
@@ -124,21 +132,6 @@ def test_killed_worker_without_retries_fails_with_one_clear_error(tmp_path: Path
     assert f"last checkpoint is {tmp_path / 'dead'}" in errors[0] and "--resume --name dead" in errors[0]
     kept = sorted((tmp_path / "dead").glob("checkpoint_*/checkpoint.pth"))
     assert kept and all(ckpt.load_checkpoint(str(p)) for p in kept)  # intact
-
-
-@pytest.mark.slow
-def test_damaged_latest_checkpoint_falls_back_to_the_one_before(trained_run: dict, tmp_path: Path) -> None:
-    args = [*FAST_FLAGS, "--epochs", "3", "--keep-checkpoints", "3", "--data", str(trained_run["data"]),
-            "--output-dir", str(tmp_path), "--name", "dmg"]
-    assert launch(args, tmp_path, "first").wait(timeout=WAIT_S) == 0
-    latest = max(p for p in (tmp_path / "dmg").glob("checkpoint_*") if p.is_dir())
-    data = (latest / "checkpoint.pth").read_bytes()
-    (latest / "checkpoint.pth").write_bytes(data[: len(data) // 3])
-    proc = launch(["--resume", "--name", "dmg", "--output-dir", str(tmp_path)], tmp_path, "again")
-    assert proc.wait(timeout=WAIT_S) == 0, (tmp_path / "again.err").read_text()
-    err = (tmp_path / "again.err").read_text()
-    assert f"checkpoint {latest} is unusable" in err and "resuming after epoch 2" in err
-    assert epochs_in(tmp_path / "dmg") == [0, 1, 2]
 
 
 def test_resume_of_an_unknown_run_is_a_clear_error(tmp_path: Path) -> None:
