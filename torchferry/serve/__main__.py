@@ -1,6 +1,6 @@
 """`python -m serve --model model.onnx | --model-dir DIR [--host 127.0.0.1] [--port 8080]`: the development server.
 
-Production runs the same app under gunicorn: `gunicorn -c serve/gunicorn.conf.py` (see that file). In both,
+Production runs the same app under gunicorn: `gunicorn -c torchferry/serve/gunicorn.conf.py` (see that file). In both,
 SIGHUP makes the server look for a new model version and swap it in once proven, without a restart.
 """
 
@@ -19,7 +19,7 @@ from torchferry.serve.settings import ServeSettings
 def get_args_parser() -> argparse.ArgumentParser:
     """The development server's command line; every setting flag also has a TORCHFERRY_* variable."""
     p = argparse.ArgumentParser(prog="python -m serve", description="Serve a torchferry ONNX model over HTTP "
-                                "(development server; production: gunicorn -c serve/gunicorn.conf.py).")
+                                "(development server; production: gunicorn -c torchferry/serve/gunicorn.conf.py).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     ServeSettings.add_flags(p)

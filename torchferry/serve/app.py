@@ -3,7 +3,7 @@
 Settings come from defaults, then environment variables (TORCHFERRY_*), then the `config` mapping, cast and
 checked once (serve/settings.py). Nothing happens at import; the model loads in a background thread so that
 `/healthz` answers at once and `/readyz` turns 200 only after the model loaded, matched its sha256 and
-reproduced its golden outputs. Under gunicorn (`create_app({"LOAD_FIRST": True})`, serve/gunicorn.conf.py)
+reproduced its golden outputs. Under gunicorn (`create_app({"LOAD_FIRST": True})`, torchferry/serve/gunicorn.conf.py)
 the first load runs before the factory returns, so a worker accepts no connection before its model is proven:
 a worker that starts or restarts (after the OOM killer, say) never answers 503 beside ready ones. In both,
 the same thread later swaps in newer versions (serve/repository.py) when asked (SIGHUP) or on a poll, in the

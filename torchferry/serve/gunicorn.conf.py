@@ -1,4 +1,4 @@
-"""gunicorn settings for production: `gunicorn -c serve/gunicorn.conf.py`.
+"""gunicorn settings for production: `gunicorn -c torchferry/serve/gunicorn.conf.py`.
 
 Environment: the settings of serve/settings.py, `GunicornSettings` for the processes (TORCHFERRY_BIND, default
 127.0.0.1:8080, the container sets 0.0.0.0:8080; TORCHFERRY_WORKERS, default 1; TORCHFERRY_THREADS per worker,

@@ -1,6 +1,6 @@
 """`python -m serve.healthcheck`: exit 0 when the server answers GET /readyz with 200, else 1 (the image's HEALTHCHECK).
 
-It asks where the server listens, $TORCHFERRY_BIND as serve/gunicorn.conf.py reads it (a wildcard host is asked
+It asks where the server listens, $TORCHFERRY_BIND as torchferry/serve/gunicorn.conf.py reads it (a wildcard host is asked
 on loopback, `unix:PATH` over the socket), and it asks /readyz, not /healthz: a container whose model did not load
 or failed its proof answers but serves nothing, and Docker should not call that healthy. One line on stdout says
 what it saw (`docker inspect` keeps it in the health log).

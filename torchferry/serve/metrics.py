@@ -1,7 +1,7 @@
 """The server's Prometheus metrics, exposed at `/metrics`.
 
 Under gunicorn with PROMETHEUS_MULTIPROC_DIR set, prometheus_client's multiprocess mode keeps each worker's
-figures in that folder and `/metrics` adds up every worker's (serve/gunicorn.conf.py empties the folder at
+figures in that folder and `/metrics` adds up every worker's (torchferry/serve/gunicorn.conf.py empties the folder at
 start and drops dead workers' gauges); otherwise the figures are this process's own.
 """
 

@@ -1,13 +1,13 @@
 """The server's settings, each declared once: its TORCHFERRY_* variable, type, default, range and help.
 
 Two typed dataclasses hold them: `ServeSettings`, what the app reads (`create_app`, and `python -m serve`,
-whose flags are made from the same declarations), and `GunicornSettings`, what serve/gunicorn.conf.py and the
+whose flags are made from the same declarations), and `GunicornSettings`, what torchferry/serve/gunicorn.conf.py and the
 worker class read. `load()` takes the defaults, then the environment, then explicit overrides (the app's
 config mapping or the command line), and casts and checks each value once: a value that cannot work is a
 ValueError naming its variable.
 
 Light on purpose (no Flask, numpy or ONNX Runtime): gunicorn's master runs `exit_on_bad_settings()` from
-serve/gunicorn.conf.py before it starts any worker, so a setting that cannot work stops the server with one
+torchferry/serve/gunicorn.conf.py before it starts any worker, so a setting that cannot work stops the server with one
 line and exit status 2, as `python -m serve` does, instead of workers failing to boot one after another.
 """
 
@@ -20,7 +20,7 @@ import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from typing import Any, TypeVar
 
 # Pillow keeps an 8-byte pointer per row, so a side may be at most the pixel limit / 8 (serve/images.py).
 ROW_COST_PIXELS = 8
@@ -84,6 +84,9 @@ def _checked(spec: Setting, kind: type, value: Any, shown: Any = None) -> Any:
     return kind(value)
 
 
+_S = TypeVar("_S", bound="_Settings")  # typing.Self needs Python 3.11; the serving code runs on 3.10 too
+
+
 class _Settings:
     """What both settings dataclasses share: reading them from the environment and overrides, once."""
 
@@ -94,7 +97,8 @@ class _Settings:
         return {f.name: (f.metadata["setting"], _kind(hints[f.name])) for f in fields(cls)}  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Self:
+    def load(cls: type[_S], overrides: Mapping[str, Any] | None = None,  # noqa: PYI019
+             environ: Mapping[str, str] | None = None) -> _S:
         """Defaults, then TORCHFERRY_* variables, then `overrides` (keyed by the capitalised field name, as in
         Flask's config; None for the default); ValueError naming the variable for a value that cannot work."""
         env = os.environ if environ is None else environ
@@ -169,7 +173,7 @@ class ServeSettings(_Settings):
 
 @dataclass(frozen=True)
 class GunicornSettings(_Settings):
-    """What serve/gunicorn.conf.py and the worker class (serve/worker.py) need: processes, threads, timeouts."""
+    """What torchferry/serve/gunicorn.conf.py and the worker class (serve/worker.py) need: processes, threads, timeouts."""
 
     bind: str = setting("TORCHFERRY_BIND", "127.0.0.1:8080", "address to listen on (the container: 0.0.0.0:8080)")
     workers: int = setting("TORCHFERRY_WORKERS", 1, "worker processes", low=1, high=1024)

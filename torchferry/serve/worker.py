@@ -69,7 +69,7 @@ class BufferingWorker(GeventWorker):
 
     def init_signals(self) -> None:
         """gunicorn's handlers, and SIGHUP remembered while the app loads its model (by default it would end the
-        worker): post_worker_init (serve/gunicorn.conf.py) hands it on to the model watcher once loaded."""
+        worker): post_worker_init (torchferry/serve/gunicorn.conf.py) hands it on to the model watcher once loaded."""
         super().init_signals()
         self.reload_requested = False
         signal.signal(signal.SIGHUP, self._remember_hup)
