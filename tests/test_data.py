@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,28 @@ def test_cifar10_format_root_reads_through_torchvision(cifar10_root: Path) -> No
     assert (len(train), len(val)) == (60, 24)
     image, label = val[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+class _Runs:
+    """Unpickling this calls exec: what a crafted CIFAR-10 file in a data folder would do."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+@pytest.mark.parametrize("member", ["data_batch_3", "test_batch", "batches.meta"])
+def test_a_cifar10_file_is_read_as_data_never_run(cifar10_root: Path, tmp_path: Path, member: str) -> None:
+    marker = tmp_path / "ran"
+    with open(cifar10_root / "cifar-10-batches-py" / member, "wb") as f:
+        pickle.dump({"data": _Runs(f"open({str(marker)!r}, 'w').close()"), "labels": [0],
+                     "label_names": _Runs(f"open({str(marker)!r}, 'w').close()")}, f)
+    with pytest.raises(TorchferryError, match=r"builtins\.exec is not data") as err:
+        split = discover(cfg_for(f"cifar10:{cifar10_root}"))
+        build_datasets(split, 3, build_train_transform(cfg_for("digits")), None)
+    assert "\n" not in str(err.value) and not marker.exists()
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "flowers102"])
