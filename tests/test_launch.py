@@ -217,7 +217,7 @@ def test_readme_flag_table_lists_every_flag() -> None:
 
 @pytest.mark.slow
 def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
-    """The README's main command with its defaults, as a user runs it (about 90 s on 2 cores)."""
+    """The README's main command with its defaults, as a user runs it (about 3 minutes on 2 cores)."""
     env = {**os.environ, "TORCHFERRY_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", "2",
                            "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env,
