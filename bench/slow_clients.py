@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 stop_gunicorn(proc)
     result = {**result_header("slow_clients"), "machine": machine_info(),
               "seconds_per_phase": args.seconds, "load_seconds": args.load_seconds, "rounds": args.rounds, "slow_connections": args.slow, "rows": rows,
-              "method": "serve/gunicorn.conf.py with -k CLASS, smallcnn, 1 worker x 4 threads; normal client: "
+              "method": "torchferry/serve/gunicorn.conf.py with -k CLASS, smallcnn, 1 worker x 4 threads; normal client: "
                         "sequential 320x240 JPEG posts on fresh connections, 10 s client timeout; slow connections "
                         "send 1 byte/s (half request heads, half bodies), reopened when closed"}
     write_result(result, Path(args.out) if args.out else result_path("slow-clients"))
