@@ -1,0 +1,78 @@
+"""The text task's tokenizer, vocabulary, encoding and spec checks (torchferry.inputs.text)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from torchferry.contract import ContractError
+from torchferry.inputs import text
+from torchferry.inputs.text import PAD_ID, UNK_ID, Encoder, build_vocab, golden_ids, text_spec, tokenize
+
+
+def test_tokenize_lowercases_and_splits_words_and_punctuation() -> None:
+    assert tokenize("Hello, World! Don't STOP") == ["hello", ",", "world", "!", "don't", "stop"]
+    assert tokenize("ｆｕｌｌ width café_au_lait 42x") == ["full", "width", "café", "_", "au", "_", "lait", "42x"]
+    assert tokenize("  \n\t ") == []
+    assert tokenize("a b c d e", limit=2) == ["a", "b"]
+
+
+def test_vocab_comes_from_counts_then_code_point_order_and_honours_the_limits() -> None:
+    texts = ["b a a", "c b a", "d"]
+    assert build_vocab(texts) == ["<pad>", "<unk>", "a", "b", "c", "d"]
+    assert build_vocab(texts, min_freq=2) == ["<pad>", "<unk>", "a", "b"]
+    assert build_vocab(texts, max_size=3) == ["<pad>", "<unk>", "a"]
+    assert build_vocab(list(reversed(texts))) == build_vocab(texts)
+    assert build_vocab(["x" * (text.MAX_TOKEN_CHARS + 1) + " y"]) == ["<pad>", "<unk>", "y"]
+    with pytest.raises(ValueError):
+        build_vocab(texts, min_freq=0)
+
+
+def test_encode_maps_unknown_tokens_truncates_and_pads_at_the_end() -> None:
+    enc = Encoder(text_spec(build_vocab(["good movie", "bad movie"]), max_length=4))
+    ids = enc.encode(["Good movie!", "", "bad bad bad bad bad bad"])
+    assert ids.dtype == np.int64 and ids.shape == (3, 4)
+    vocab = ["<pad>", "<unk>", "movie", "bad", "good"]
+    assert ids[0].tolist() == [vocab.index("good"), vocab.index("movie"), UNK_ID, PAD_ID]
+    assert ids[1].tolist() == [PAD_ID] * 4
+    assert ids[2].tolist() == [vocab.index("bad")] * 4
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"tokenizer": "regex:(a+)+$"}, "text.tokenizer"),
+    ({"lowercase": 1}, "text.lowercase"),
+    ({"pad_id": False}, "text.pad_id"),
+    ({"max_length": 10**9}, "text.max_length"),
+    ({"max_length": True}, "text.max_length"),
+    ({"vocab": ["<pad>", "<unk>"]}, "text.vocab must be a list of 3"),
+    ({"vocab": ["<unk>", "<pad>", "a"]}, "must start with"),
+    ({"vocab": ["<pad>", "<unk>", ""]}, "tokens of 1 to"),
+    ({"vocab": ["<pad>", "<unk>", 7]}, "tokens of 1 to"),
+    ({"vocab": ["<pad>", "<unk>", "a", "a"]}, "twice"),
+    ({"vocab": ["<pad>", "<unk>"] + ["t"] * text.MAX_VOCAB}, "text.vocab must be a list of 3"),
+])
+def test_a_file_s_text_spec_is_checked_field_by_field(change: dict, problem: str) -> None:
+    spec = {**text_spec(["<pad>", "<unk>", "a"], 8), **change}
+    with pytest.raises(ContractError, match=problem.replace("(", r"\(").replace("+", r"\+")):
+        text.check_text_spec(spec)
+    assert text.check_text_spec(text_spec(["<pad>", "<unk>", "a"], 8))
+    assert list(text.text_spec_problems([1])) == ["text must be a mapping, got list"]
+
+
+def test_golden_ids_are_reproducible_padded_and_in_range() -> None:
+    a, b = golden_ids([4, 10], 50, 7), golden_ids([4, 10], 50, 7)
+    assert np.array_equal(a, b) and a.dtype == np.int64
+    lengths = (a != PAD_ID).sum(axis=1)
+    assert lengths.tolist() == [1, 4, 7, 10]
+    assert a.max() < 50 and a.min() >= 0
+
+
+def test_the_text_inputs_load_without_torch() -> None:
+    code = ("import sys, torchferry.inputs.text; "
+            "bad = [m for m in ('torch', 'numpy', 'torchferry.distributed') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
