@@ -13,6 +13,7 @@ import signal
 import sys
 
 from torchferry.serve.app import create_app
+from torchferry.serve.device import DeviceRefused, check_available, is_gpu
 from torchferry.serve.settings import ServeSettings
 
 
@@ -37,20 +38,33 @@ def _model_problem(settings: ServeSettings) -> str | None:
     return None
 
 
+def _fail(problem: str, status: int) -> int:
+    print(f"error: {problem}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the development server; exit 2 when the model file is missing or a setting cannot work."""
+    """Run the development server; exit 2 when the model file is missing or a setting cannot work (a GPU device
+    whose provider this onnxruntime lacks included), 1 when the GPU's session fell back to the CPU."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         settings = ServeSettings.load(ServeSettings.flag_overrides(args))
         problem = _model_problem(settings)
         if problem is None:
-            app = create_app(settings.as_config())
-    except ValueError as exc:  # a malformed setting or an unreadable token file
+            check_available(settings.device)
+    except (ValueError, DeviceRefused) as exc:  # a malformed setting, a provider this onnxruntime lacks
         problem = str(exc)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return _fail(problem, 2)
+    try:
+        # On a GPU the model is loaded and proven before the server listens, so a device that cannot run it
+        # stops the server here instead of leaving it unready.
+        app = create_app({**settings.as_config(), "LOAD_FIRST": is_gpu(settings.device)})
+    except DeviceRefused as exc:
+        return _fail(str(exc), 1)
+    except ValueError as exc:  # an unreadable token file
+        return _fail(str(exc), 2)
     repo = app.extensions["torchferry"]
     signal.signal(signal.SIGHUP, lambda signum, frame: repo.request_reload())
     app.run(host=args.host, port=args.port, debug=False, use_reloader=False, threaded=True)

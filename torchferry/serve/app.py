@@ -15,18 +15,22 @@ token configured (serve/auth.py) every route but the probes needs it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from flask import Flask
 
 from torchferry.serve import routes, v2
 from torchferry.serve.auth import BearerAuth
+from torchferry.serve.device import DeviceRefused
 from torchferry.serve.errors import register_error_handlers
 from torchferry.serve.images import PixelBudget
 from torchferry.serve.metrics import Metrics
 from torchferry.serve.repository import ModelRepository
 from torchferry.serve.settings import ServeSettings, settings_from_env  # noqa: F401 - settings_from_env re-exported
 from torchferry.serve.state import EXTENSION, ServerState
+
+WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR
 
 
 def _configure(app: Flask, settings: ServeSettings, config: dict[str, Any]) -> None:
@@ -48,6 +52,8 @@ def _configure(app: Flask, settings: ServeSettings, config: dict[str, Any]) -> N
 def _start_loading(app: Flask, repo: ModelRepository, settings: ServeSettings) -> None:
     if app.config.get("LOAD_FIRST"):  # gunicorn: a worker takes no connection before its model is proven
         repo.refresh()
+        if not repo.ready and repo.device_problem:  # the GPU asked for cannot run it: no server at all
+            raise DeviceRefused(repo.device_problem)
         repo.start(initial_load=False)
     elif app.config.get("LOAD_SYNC"):  # tests: no watcher thread unless polling
         repo.refresh()
@@ -58,7 +64,8 @@ def _start_loading(app: Flask, repo: ModelRepository, settings: ServeSettings) -
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
-    """The serving app; `config` overrides environment variables, which override defaults."""
+    """The serving app; `config` overrides environment variables, which override defaults. With LOAD_FIRST, a
+    device that cannot run the model (serve/device.py) raises DeviceRefused instead of serving nothing."""
     settings = ServeSettings.load(config)
     app = Flask("torchferry.serve")
     _configure(app, settings, config or {})
@@ -71,3 +78,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(routes.bp)
     app.register_blueprint(v2.bp)
     return app
+
+
+def gunicorn_app() -> Flask:
+    """The app of a gunicorn worker (torchferry/serve/gunicorn.conf.py): its model loaded and proven first. A device
+    that cannot run it ends the worker with one line and gunicorn's boot-error status, on which the master stops
+    the server rather than start worker after worker."""
+    try:
+        return create_app({"LOAD_FIRST": True})
+    except DeviceRefused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(WORKER_BOOT_ERROR)

@@ -32,7 +32,9 @@ from torchferry.serve.settings import exit_on_bad_settings
 _settings, _app_settings = exit_on_bad_settings()
 # The model is loaded and proven inside create_app, before the worker accepts: a worker that starts or is
 # restarted takes no connection it would answer 503, so ready means every accepting worker can answer.
-wsgi_app = "torchferry.serve.app:create_app({'LOAD_FIRST': True})"
+# A GPU (TORCHFERRY_DEVICE) whose provider is missing stopped the server above; one whose session falls back to the
+# CPU ends the worker with one line and gunicorn's boot-error status, and the master stops (serve/device.py).
+wsgi_app = "torchferry.serve.app:gunicorn_app()"
 bind = _settings.bind
 workers = _settings.workers
 threads = _settings.threads

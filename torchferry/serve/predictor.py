@@ -7,6 +7,8 @@ its sidecar, refuses external-data initializers, checks the metadata against the
 rebuilds the golden inputs with numpy and runs them: a model that does not reproduce them is never marked
 ready. The file is untrusted: every value it carries is checked before use, and the tolerance of the
 proof is the server's (`torchferry.contract.GOLDEN_ATOL`, `GOLDEN_RTOL`); a file may only ask for a stricter one.
+The session runs on the device the settings name (serve/device.py): the CPU, or a GPU whose provider the session
+must have got (never a silent fall back to the CPU), where the proof runs too, to the contract's GPU bound.
 What a model file carries and how each value is checked is `torchferry.contract`'s.
 """
 
@@ -33,6 +35,7 @@ from torchferry.contract import (
     recorded_sha256,
     tolerance_ratio,
 )
+from torchferry.serve.device import check_session, golden_bound, providers
 
 _logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def check_classes(classes: Any) -> list[str]:
 class Predictor:
     """Loads, checks and runs one ONNX classifier; thread-safe (ORT sessions are)."""
 
-    def __init__(self, model_path: str, intra_op_threads: int = 0):
+    def __init__(self, model_path: str, intra_op_threads: int = 0, device: str = "cpu", device_id: int = 0):
         if not os.path.isfile(model_path):
             raise ModelRefused(f"model file {model_path!r} does not exist")
         with open(model_path, "rb") as f:
@@ -94,7 +97,9 @@ class Predictor:
         if recorded is not None and recorded != digest:
             raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {recorded[:12]}…: "
                                "the file is altered or truncated")
-        self.session = self._session(data, intra_op_threads, model_path)
+        self.device = device
+        self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id))
+        self.providers = check_session(self.session, device)  # DeviceRefused when ORT fell back to the CPU
         meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         for key in ("classes", "preprocess"):
             if key not in meta:
@@ -124,7 +129,7 @@ class Predictor:
         return inp.name, out.name
 
     @staticmethod
-    def _session(data: bytes, threads: int, path: str) -> ort.InferenceSession:
+    def _session(data: bytes, threads: int, path: str, providers: list[Any]) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
@@ -135,7 +140,7 @@ class Predictor:
         with tempfile.TemporaryDirectory(prefix="torchferry-noext-") as empty:
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
             try:
-                return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+                return ort.InferenceSession(data, sess_options=opts, providers=providers)
             except Exception as exc:  # noqa: BLE001 - ORT's refusal, reported in one line
                 text = str(exc)
                 if "xternal data" in text:
@@ -148,7 +153,7 @@ class Predictor:
         spec = self.info.preprocess
         try:
             return read_golden(self.info.metadata.get("golden"), [int(spec["channels"]), *map(int, spec["size"])],
-                               len(self.info.classes))
+                               len(self.info.classes), golden_bound(self.device))
         except ContractError as exc:
             raise ModelRefused(str(exc)) from None
 
@@ -156,7 +161,8 @@ class Predictor:
         """Recompute the golden outputs; raises ModelRefused when they do not match. Returns the max abs diff.
 
         Passes when |got - expected| <= atol + rtol * |expected| everywhere, with the contract's GOLDEN_ATOL and GOLDEN_RTOL
-        unless the file records stricter ones. The output must have one column per class.
+        unless the file records stricter ones (on a GPU: GOLDEN_GPU_ATOL, GOLDEN_GPU_RTOL). The output must have one
+        column per class.
         """
         x, expected, atol, rtol = self.golden()
         try:

@@ -25,6 +25,7 @@ import numpy as np
 
 from torchferry.contract import sidecar_path
 from torchferry.serve.batcher import MicroBatcher
+from torchferry.serve.device import DeviceRefused
 from torchferry.serve.predictor import ModelRefused, Predictor
 from torchferry.serve.settings import ServeSettings
 
@@ -125,7 +126,9 @@ class ModelRepository:
         self.model_dir: str | None = settings.model_dir or None
         self.name_override: str | None = settings.model_name or None
         self.threads = settings.ort_threads or 0
-        self.batch_window_ms = settings.batch_window_ms
+        self.device, self.device_id = settings.device, settings.device_id
+        self.device_problem: str | None = None  # why the device refused the last model it was given, if it did
+        self.batch_window_ms = settings.batch_window()
         self.max_batch = settings.max_batch
         self.poll_seconds = settings.poll_seconds
         self.active: Served | None = None
@@ -243,8 +246,9 @@ class ModelRepository:
                 continue
             try:
                 return self._load(name, version, path, fp), states
-            except ModelRefused as exc:
+            except (ModelRefused, DeviceRefused) as exc:
                 reason = str(exc)
+                self.device_problem = reason if isinstance(exc, DeviceRefused) else self.device_problem
             except Exception as exc:  # noqa: BLE001 - any failure to load refuses this version only
                 reason = f"cannot load {path}: {type(exc).__name__}: {exc}"
             self._refused[version] = (fp, reason)
@@ -298,9 +302,11 @@ class ModelRepository:
 
     def _load(self, name: str | None, version: int, path: str, fp: tuple) -> Served:
         t0 = time.perf_counter()
-        predictor = Predictor(path, self.threads)
-        diff = predictor.prove()  # also the warm-up inference
-        proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3)}
+        predictor = Predictor(path, self.threads, self.device, self.device_id)
+        self.device_problem = None  # the device took this model's session
+        diff = predictor.prove()  # also the warm-up inference, on the device that serves
+        proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3),
+                 "device": self.device, "providers": predictor.providers}
         meta = predictor.info.metadata
         name = name or str(meta.get("name") or meta.get("arch") or "model")
         batcher = (

@@ -124,7 +124,9 @@ def _top_k(default: int, num_classes: int) -> int:
 
 @bp.get("/healthz")
 def healthz():
-    return jsonify({"status": "ok"})
+    served = state().repo.active  # where ONNX Runtime runs the model: the device asked for, the providers got
+    return jsonify({"status": "ok", "device": state().repo.device,
+                    "providers": served.predictor.providers if served else None})
 
 
 @bp.get("/readyz")

@@ -8,7 +8,9 @@ ValueError naming its variable.
 
 Light on purpose (no Flask, numpy or ONNX Runtime): gunicorn's master runs `exit_on_bad_settings()` from
 torchferry/serve/gunicorn.conf.py before it starts any worker, so a setting that cannot work stops the server with one
-line and exit status 2, as `python -m serve` does, instead of workers failing to boot one after another.
+line and exit status 2, as `python -m serve` does, instead of workers failing to boot one after another. A GPU
+device (TORCHFERRY_DEVICE) whose provider this onnxruntime lacks is such a setting: only then is ONNX Runtime
+imported, to ask it (serve/device.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
+
+from torchferry.serve.device import DEVICES, DeviceRefused, check_available, default_batch_window_ms
 
 # Pillow keeps an 8-byte pointer per row, so a side may be at most the pixel limit / 8 (serve/images.py).
 ROW_COST_PIXELS = 8
@@ -147,11 +151,21 @@ class ServeSettings(_Settings):
     ort_threads: int | None = setting(
         "TORCHFERRY_ORT_THREADS", None, "ONNX Runtime intra-op threads per process (0: ORT's own)", low=0,
         high=1024, flag="--threads", unset="ORT's own; under gunicorn the cores divided among the workers")
-    batch_window_ms: float = setting("TORCHFERRY_BATCH_WINDOW_MS", 0.0, "gather concurrent requests for up to "
-                                     "this long into one ONNX Runtime call (0: off)", low=0, high=60_000,
-                                     flag="--batch-window-ms")
+    batch_window_ms: float | None = setting(
+        "TORCHFERRY_BATCH_WINDOW_MS", None, "gather concurrent requests for up to this long into one ONNX Runtime "
+        "call (0: off)", low=0, high=60_000, flag="--batch-window-ms", unset="0 on the CPU, 2 on a GPU")
     max_batch: int = setting("TORCHFERRY_MAX_BATCH", 32, "largest micro-batch", low=1, high=65_536,
                              flag="--max-batch")
+
+    device: str = setting("TORCHFERRY_DEVICE", "cpu", "where ONNX Runtime runs the model: cpu, cuda (its CUDA "
+                          "provider) or tensorrt (TensorRT, CUDA for what it cannot run); a GPU whose provider is "
+                          "missing stops the server", choices=DEVICES, flag="--device")
+    device_id: int = setting("TORCHFERRY_DEVICE_ID", 0, "which GPU, with --device cuda or tensorrt", low=0,
+                             high=1023, flag="--device-id")
+
+    def batch_window(self) -> float:
+        """Micro-batching's window in ms: the operator's setting, else on on a GPU and off on the CPU."""
+        return default_batch_window_ms(self.device) if self.batch_window_ms is None else self.batch_window_ms
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
@@ -160,7 +174,8 @@ class ServeSettings(_Settings):
             if spec.flag is None:
                 continue
             default = getattr(cls, name)
-            fallback = spec.unset if default is None else f"{default:,}" if kind is int else f"{default:g}"
+            fallback = (spec.unset if default is None else default if kind is str else f"{default:,}" if kind is int
+                        else f"{default:g}")
             parser.add_argument(spec.flag, dest=name, type=kind, default=None, help=f"{spec.help} (default: "
                                 f"${spec.env}" + (f", else {fallback})" if fallback else ")"))
 
@@ -197,14 +212,16 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any
 
 
 def exit_on_bad_settings(environ: Mapping[str, str] | None = None) -> tuple[GunicornSettings, ServeSettings]:
-    """Every setting and the token checked; on a problem, one line on stderr and exit status 2."""
+    """Every setting, the token and the device's provider checked; on a problem, one line on stderr and exit
+    status 2."""
     from torchferry.serve.auth import BearerAuth
 
     try:
         app = ServeSettings.load(environ=environ)
         if app.auth_token is not None or app.auth_token_file is not None:
             BearerAuth(app.auth_token, app.auth_token_file)
+        check_available(app.device)
         return GunicornSettings.load(environ=environ), app
-    except ValueError as exc:
+    except (ValueError, DeviceRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
