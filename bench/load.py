@@ -4,9 +4,13 @@ called in-process, as ratios.
     python -m bench.load --url http://127.0.0.1:8080 --images DIR --clients 4 --seconds 10   # a running server
     python -m bench.load --suite [--quick]     # starts gunicorn itself: smallcnn and resnet18, 1/4/16 clients,
                                                # with and without micro-batching; writes bench/results/*.json
+    python -m bench.load --against http://127.0.0.1:8000/predict --images DIR [--pid PID] [--clients 1,4,16]
+                                               # any server taking the same raw image body at that URL, with the
+                                               # peak RSS of its process tree (bench/peers/ runs the peer servers)
 
 Each client is a thread with its own keep-alive session posting one real image file per request (raw
-image/* body), bounded by time and by request count. Reported: requests/s and p50/p95/p99 latency. The
+image/* body), bounded by time and by request count. Reported: requests/s and p50/p95/p99 latency, and with
+--against the peak resident memory of the server's whole process tree (psutil, sampled every 50 ms). The
 in-process figure runs the same decode + preprocess + ONNX Runtime path with the same number of threads,
 without HTTP; the ratio server/in-process is what HTTP, Flask and gunicorn cost.
 """
@@ -65,7 +69,8 @@ def drive(call: Callable[[bytes], bool], images: list[bytes], clients: int, seco
             "p99_ms": 1000 * percentile(flat, 99)}
 
 
-def http_caller(url: str) -> Callable[[bytes], bool]:
+def http_caller(url: str, path: str = "/predict") -> Callable[[bytes], bool]:
+    """POST each image as a raw image/jpeg body to url + path, one keep-alive session per client thread."""
     import requests
 
     local = threading.local()
@@ -73,10 +78,78 @@ def http_caller(url: str) -> Callable[[bytes], bool]:
     def call(data: bytes) -> bool:
         session = getattr(local, "session", None) or requests.Session()
         local.session = session
-        r = session.post(f"{url}/predict", data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = session.post(url + path, data=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
         return r.status_code == 200
 
     return call
+
+
+class PeakTreeMemory:
+    """The largest resident memory of a process and all its descendants (RSS summed), sampled every `interval` s
+    on a thread while the `with` block runs."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        import psutil
+
+        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peak-tree-memory", daemon=True)
+
+    def sample(self) -> int:
+        """The tree's RSS now, in bytes (processes that end while being read count as 0)."""
+        import psutil
+
+        total = 0
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def listening_pid(port: int) -> int:
+    """The root of the processes listening on TCP `port` (gunicorn's master, not its workers)."""
+    import psutil
+
+    pids = {c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+    roots = sorted(p for p in pids if psutil.Process(p).ppid() not in pids)
+    if not roots:
+        raise SystemExit(f"no process of this user listens on port {port}; give --pid")
+    return roots[0]
+
+
+def against(url: str, images: list[bytes], clients: list[int], seconds: float, pid: int | None) -> list[dict[str, Any]]:
+    """The server at `url` (the whole endpoint) at each client count: rate, latency, peak RSS of its process tree,
+    and the machine's 1-minute load average before each point."""
+    host = url.split("//", 1)[-1].split("/", 1)[0]
+    port = int(host.rsplit(":", 1)[1]) if ":" in host else 80
+    call = http_caller(url, "")
+    drive(call, images, 2, 1.0)  # warm connections and code paths
+    pid = pid or listening_pid(port)
+    rows = []
+    for n in clients:
+        load = os.getloadavg()[0]
+        with PeakTreeMemory(pid) as memory:
+            r = drive(call, images, n, seconds)
+        rows.append({**r, "peak_rss_mb": memory.peak / 2**20, "load_average": load})
+    return rows
 
 
 def inprocess_caller(model: str, threads: int) -> Callable[[bytes], bool]:
@@ -220,36 +293,58 @@ def suite(quick: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
-    p.add_argument("--images", help="folder of .jpg/.png files to send")
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default: 4)")
-    p.add_argument("--seconds", type=float, default=10.0, help="duration (default: 10)")
+    p.add_argument("--url", help="a running torchferry server, e.g. http://127.0.0.1:8080")
+    p.add_argument("--against", metavar="URL",
+                   help="any server's endpoint taking the same raw image body, e.g. http://127.0.0.1:8000/predict")
+    p.add_argument("--pid", type=int, help="with --against: the server's root process (default: the one listening "
+                                           "on the URL's port)")
+    p.add_argument("--images", help="folder of .jpg/.png files to send (default with --against: generated JPEGs)")
+    p.add_argument("--clients", default="4", help="concurrent clients, or a list: 1,4,16 (default: 4)")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration of each point (default: 10)")
     p.add_argument("--model", help="also run the same model in-process for the ratio")
     p.add_argument("--suite", action="store_true", help="start servers here and measure the standard grid")
     p.add_argument("--quick", action="store_true", help="with --suite: shorter runs")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-load.json)")
     args = p.parse_args(argv)
+    try:
+        clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        p.error(f"--clients takes integers separated by commas, got {args.clients!r}")
     if args.suite:
         result: dict[str, Any] = suite(args.quick)
     else:
-        if not (args.url and args.images):
-            p.error("give --url and --images, or --suite")
-        host = args.url.split("//", 1)[-1].split(":", 1)[0]
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        url = args.against or args.url
+        if not url or not (args.images or args.against):
+            p.error("give --url and --images, --against URL, or --suite")
+        host = url.split("//", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
             p.error("load is only sent to a server on this machine (127.0.0.1)")
-        images = load_images(args.images)
-        result = {"rows": [{"mode": "server", **drive(http_caller(args.url), images, args.clients, args.seconds)}]}
-        if args.model:
-            result["rows"].append({"mode": "in-process",
-                                   **drive(inprocess_caller(args.model, 0), images, args.clients, args.seconds)})
-        for row in result["rows"]:
-            print(json.dumps(row))
+        result = {"rows": measure(args, url, clients)}
     result.update({**result_header("load"), "machine": machine_info(),
                    "method": "threads with keep-alive sessions, one JPEG per request (raw image/jpeg body), "
                              "client and server on the same machine; in-process = decode + preprocess + ORT "
                              "with the same thread count, no HTTP"})
     write_result(result, Path(args.out) if args.out else result_path("load"))
     return 0
+
+
+def measure(args: argparse.Namespace, url: str, clients: list[int]) -> list[dict[str, Any]]:
+    """The rows of one server (and, with --model, of the same model in-process), printed as they come."""
+    if args.images:
+        images = load_images(args.images)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            images = make_images(Path(tmp))
+    if args.against:
+        rows = [{"mode": "server", "url": url, **r} for r in against(url, images, clients, args.seconds, args.pid)]
+    else:
+        rows = [{"mode": "server", **drive(http_caller(url), images, n, args.seconds)} for n in clients]
+    if args.model:
+        rows += [{"mode": "in-process", **drive(inprocess_caller(args.model, 0), images, n, args.seconds)}
+                 for n in clients]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from bench.common import (
     write_result,
     write_text_atomic,
 )
+from bench.peers import report as peers_report
+from bench.peers.run import for_run_all as peers_for_run_all
 
 # The bar each figure is held to, and where it is read from the merged JSON.
 TARGETS = [
@@ -137,7 +139,7 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"target": name, "bar": f"<= {ceiling:g}{unit}", "measured": value,
                        "met": None if missing else value <= ceiling,
                        "short_by": None if missing or value <= ceiling else f"{value - ceiling:.2f}{unit} over"})
-    return checks
+    return checks + peers_report.targets(result.get("peers"))
 
 
 def train_accuracy_model(tmp: str, quick: bool, env: dict[str, str]) -> str:
@@ -186,7 +188,7 @@ def _render_header(result: dict[str, Any], source: str) -> list[str]:
 def _render_targets(targets: list[dict[str, Any]]) -> list[str]:
     out = ["## Targets", "", "| target | bar | measured | met |", "| --- | --- | --- | --- |"]
     for c in targets:
-        met = "yes" if c["met"] else ("no data" if c["met"] is None else f"**no** ({c['short_by']})")
+        met = "yes" if c["met"] else (c.get("note") or "no data" if c["met"] is None else f"**no** ({c['short_by']})")
         unit = _unit(c["target"])
         out.append(f"| {c['target']} | {c['bar']} | {_fmt(c['measured'], 3)}{unit} | {met} |")
     missed = [c["target"] for c in targets if c["met"] is False]
@@ -297,9 +299,9 @@ def _render_gpu(gpus: list[dict[str, Any]], launches: list[dict[str, Any]]) -> l
     return out
 
 
-def newest_startup_result() -> tuple[str, dict[str, Any]] | None:
-    """The newest bench/results/*-startup.json (python -m bench.startup run on its own), with its path."""
-    files = sorted(glob.glob(str(RESULTS / "*-startup.json")), key=lambda f: Path(f).name[:10])
+def newest_result(name: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest bench/results/*-<name>.json (e.g. python -m bench.startup run on its own), with its path."""
+    files = sorted(glob.glob(str(RESULTS / f"*-{name}.json")), key=lambda f: Path(f).name[:10])
     return (os.path.relpath(files[-1], ROOT), json.loads(Path(files[-1]).read_text())) if files else None
 
 
@@ -335,18 +337,19 @@ def render(result: dict[str, Any], source: str) -> str:
         out += _render_infer(result["infer"])
     if "load" in result:
         out += _render_load(result["load"])
-    if "startup" in result:
-        out += _render_startup(result["startup"])
-    elif newest := newest_startup_result():
-        out += _render_startup(newest[1], newest[0])
+    for part, draw in (("peers", peers_report.render), ("startup", _render_startup)):  # else its newest own run
+        if part in result:
+            out += draw(result[part])
+        elif newest := newest_result(part):
+            out += draw(newest[1], newest[0])
     return "\n".join(out + _render_gpu(*newest_gpu_results()))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the short suite (under 10 minutes on 2 cores)")
-    p.add_argument("--only", default="train,infer,load,startup",
-                   help="which parts (default: train,infer,load,startup)")
+    p.add_argument("--only", default="train,infer,load,startup,peers",
+                   help="which parts (default: train,infer,load,startup,peers; peers needs python -m bench.peers --setup)")
     p.add_argument("--render", metavar="JSON", help="only regenerate bench/RESULTS.md from this merged JSON")
     p.add_argument("--out", default=None, help="merged JSON (default: bench/results/<date>-<host>-all.json)")
     args = p.parse_args(argv)
@@ -379,13 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             rounds = ["--rounds", "1" if args.quick else "3"]
             run([sys.executable, "-m", "bench.startup", *rounds, "--out", os.path.join(tmp, "startup.json")], env)
             result["startup"] = json.loads(Path(tmp, "startup.json").read_text())
+        if "peers" in parts:
+            result["peers"] = peers_for_run_all(tmp, args.quick, env)
     result["targets"] = check_targets(result)
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out) if args.out else result_path("all")
     write_result(result, out)
     write_text_atomic(ROOT / "bench" / "RESULTS.md", render(result, os.path.relpath(out, ROOT)) + "\n")
     for c in result["targets"]:
-        print(f"{'MET ' if c['met'] else 'MISS'} {c['target']}: {_fmt(c['measured'], 3)} (bar {c['bar']})")
+        verdict = "MET " if c["met"] else "MISS" if c["met"] is False else "N/A "
+        print(f"{verdict} {c['target']}: {c.get('note') or _fmt(c['measured'], 3)} (bar {c['bar']})")
     print(f"wrote {out} and bench/RESULTS.md in {result['wall_s'] / 60:.1f} min")
     return 0
 

@@ -1,0 +1,112 @@
+"""The peers comparison's verdicts and table, from a bench/peers result (python -m bench.peers writes it; bench.run_all
+reads it). Standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+FRAMEWORKS = ("litserve", "bentoml", "rayserve")  # the peer frameworks; flask is the bare floor, not one of them
+FLOOR = "flask"
+CLIENTS = (1, 4, 16)
+NOT_SET_UP = "not set up: run python -m bench.peers --setup"
+METHOD = ("one load generator (bench/load.py: threads with keep-alive sessions) sends the same 16 generated 320x240 "
+          "JPEGs as raw image/jpeg bodies to each server's /predict on 127.0.0.1; every server runs the same "
+          "random-weight smallcnn export with the same decode, preprocessing and ONNX Runtime call, 2 worker "
+          "processes, ONNX Runtime threads = cores / workers, each framework otherwise at its defaults; peak RSS = "
+          "the largest sum of RSS over the server's whole process tree while the point ran (psutil, every 50 ms; "
+          "forked workers' shared pages count in each); the servers run in interleaved rounds and each is reported "
+          "from its quieter round (the lower mean 1-minute load average before its points)")
+
+
+def choose(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per server, its quieter round: {"rows": [... with "server", "round"], "chosen": {server: round}}."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if "rows" not in run:
+            continue
+        load = sum(r["load_average"] for r in run["rows"]) / len(run["rows"])
+        if run["server"] not in best or load < best[run["server"]]["load"]:
+            best[run["server"]] = {"load": load, "run": run}
+    rows = [{"server": s, "round": b["run"]["round"], **r} for s, b in best.items() for r in b["run"]["rows"]]
+    return {"rows": rows, "chosen": {s: b["run"]["round"] for s, b in best.items()}}
+
+
+def _row(rows: list[dict[str, Any]], server: str, clients: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["server"] == server and r["clients"] == clients), None)
+
+
+def _peak(rows: list[dict[str, Any]], server: str) -> float:
+    return max((r["peak_rss_mb"] for r in rows if r["server"] == server), default=math.nan)
+
+
+def best_framework(rows: list[dict[str, Any]]) -> str | None:
+    """The peer framework with the most requests/s summed over the client counts."""
+    rates = {f: sum(r["req_s"] for r in rows if r["server"] == f) for f in FRAMEWORKS}
+    rates = {f: v for f, v in rates.items() if v > 0}
+    return max(rates, key=rates.get) if rates else None
+
+
+def _check(target: str, bar: str, measured: float, met: bool | None, short: str | None, note: str | None = None):
+    return {"target": target, "bar": bar, "measured": measured, "met": met, "short_by": short, "note": note}
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float:
+    return a["req_s"] / b["req_s"] if a and b and b["req_s"] > 0 else math.nan
+
+
+def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """torchferry ≥ the best peer framework's req/s at 1/4/16 clients, ≤ 0.5× its peak RSS, ≥ 0.97× bare Flask."""
+    rows = (result or {}).get("rows", [])
+    note = NOT_SET_UP if result and result.get("not_set_up") else None
+    best = best_framework(rows)
+    name = f"the best peer framework ({best})" if best else "the best peer framework"
+    checks = []
+    for n in CLIENTS:
+        value = _ratio(_row(rows, "torchferry", n), _row(rows, best, n) if best else None)
+        met = None if math.isnan(value) else value >= 1.0
+        checks.append(_check(f"torchferry req/s vs {name}, {n} client(s) (smallcnn, 2 workers)", ">= 1x", value, met,
+                             None if met in (None, True) else f"short by {100 * (1 - value):.1f} %", note))
+    value = _peak(rows, "torchferry") / _peak(rows, best) if best else math.nan
+    met = None if math.isnan(value) else value <= 0.5
+    checks.append(_check(f"torchferry peak RSS vs {name} (process trees, 2 workers)", "<= 0.5x", value, met,
+                         None if met in (None, True) else f"{value - 0.5:.2f}x over", note))
+    for n in CLIENTS:
+        value = _ratio(_row(rows, "torchferry", n), _row(rows, FLOOR, n))
+        met = None if math.isnan(value) else value >= 0.97
+        checks.append(_check(f"torchferry req/s vs a bare Flask app (gunicorn, 2 workers), {n} client(s)", ">= 0.97x",
+                             value, met, None if met in (None, True) else f"short by {100 * (1 - value / 0.97):.1f} %",
+                             note))
+    return checks
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
+
+
+def render(result: dict[str, Any], source: str | None = None) -> list[str]:
+    """The RESULTS.md section: method, one row per server and client count, the targets."""
+    title = "## Serving against the peers (CPU)" + (f": `{source}`, {result.get('date', '')}" if source else "")
+    if result.get("not_set_up"):
+        return [title, "", f"Not measured: {NOT_SET_UP}.", ""]
+    labels = result.get("labels", {})
+    out = [title, "", ("`python -m bench.peers` run on its own. " if source else "") + result["method"]
+           + f"; {result['seconds_per_point']:g} s per point, {result['rounds']} round(s).", "",
+           "| server | clients | req/s | p50 ms | p99 ms | peak RSS MB | load average | round |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = [s for s in (FLOOR, *FRAMEWORKS, "torchferry") if any(r["server"] == s for r in result["rows"])]
+    for server in order:
+        for n in CLIENTS:
+            r = _row(result["rows"], server, n)
+            if r:
+                out.append(f"| {labels.get(server, server)} | {n} | {_fmt(r['req_s'])} | {_fmt(r['p50_ms'], 2)} | "
+                           f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['load_average'])} | "
+                           f"{r['round']} |")
+    failed = [f"{r['server']} (round {r['round']}): {r['error']}" for r in result.get("runs", []) if "error" in r]
+    out += ["", *(f"Failed: {f}." for f in failed)] if failed else []
+    out += ["", "Targets:", ""]
+    for c in result.get("targets") or targets(result):
+        verdict = "met" if c["met"] else ("no data" if c["met"] is None else f"**short** ({c['short_by']})")
+        out.append(f"- {c['target']} {c['bar']}: {_fmt(c['measured'], 3)}x, {verdict}")
+    return [*out, ""]

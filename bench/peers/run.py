@@ -1,0 +1,265 @@
+"""torchferry's gunicorn server against a bare Flask app, LitServe, BentoML and Ray Serve, side by side.
+
+    python -m bench.peers --setup          # the peers' venvs under ~/.cache/torchferry/peers (PyPI, pinned)
+    python -m bench.peers [--quick]        # 2 interleaved rounds; bench/results/<date>-<host>-peers.json and a table
+
+One load generator (bench/load.py's threads with keep-alive sessions) sends the same generated JPEGs as raw
+image/jpeg bodies to each server's /predict on 127.0.0.1; every server runs the same exported smallcnn with the
+same decode, preprocessing and ONNX Runtime call (bench/peers/classify.py; torchferry its own), 2 workers, ONNX
+Runtime threads = cores / workers. Per server and client count (1, 4, 16): requests/s, p50 and p99 latency, and the
+peak RSS of the server's whole process tree (psutil). The servers run one after the other in rounds (Flask,
+LitServe, BentoML, Ray Serve, torchferry, then again); for each server the quieter of its rounds (the lower mean
+1-minute load average before its points) is reported, with that load average beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, free_port, machine_info, repo_env, result_header, result_path, run, write_result
+from bench.peers import report
+
+HERE = Path(__file__).resolve().parent
+HOME = Path(os.environ.get("TORCHFERRY_PEERS_HOME", Path.home() / ".cache" / "torchferry" / "peers"))
+WORKERS = 2
+CLIENTS = (1, 4, 16)
+READY_TIMEOUT_S = 240.0  # Ray on 2 busy cores takes a minute or more to start
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server of the comparison: how it starts, and from which venv (None: this environment)."""
+
+    name: str
+    label: str
+    venv: str | None
+    args: tuple[str, ...]
+
+    def python(self) -> str:
+        return str(HOME / self.venv / "bin" / "python") if self.venv else sys.executable
+
+    def command(self, port: int) -> list[str]:
+        return [self.python(), *(a.replace("{port}", str(port)) for a in self.args)]
+
+
+PEERS = (
+    Server("flask", "Flask (bare), gunicorn gthread 2 workers × 4 threads", "flask",
+           ("-m", "gunicorn", "-w", str(WORKERS), "-k", "gthread", "--threads", "4", "-b", "127.0.0.1:{port}",
+            "bench.peers.flask_app:create_app()")),
+    Server("litserve", f"LitServe, {WORKERS} workers", "litserve", ("-m", "bench.peers.litserve_app")),
+    Server("bentoml", f"BentoML, {WORKERS} workers", "bentoml",
+           ("-m", "bentoml", "serve", "bench.peers.bentoml_service:Classify", "--host", "127.0.0.1", "--port", "{port}")),
+    Server("rayserve", f"Ray Serve, {WORKERS} replicas", "rayserve", ("-m", "bench.peers.rayserve_app")),
+)
+TORCHFERRY = Server("torchferry", f"torchferry, gunicorn -c torchferry/serve/gunicorn.conf.py, {WORKERS} workers",
+                    None, ("-m", "gunicorn", "-c", str(ROOT / "torchferry" / "serve" / "gunicorn.conf.py")))
+SERVERS = (*PEERS, TORCHFERRY)
+
+
+# ------------------------------------------------------------------------------------------------
+# the venvs
+
+
+def requirements(peer: Server) -> Path:
+    return HERE / f"requirements-{peer.name}.txt"
+
+
+def _stamp(peer: Server) -> str:
+    return hashlib.sha256(requirements(peer).read_bytes()).hexdigest()
+
+
+def missing_venvs() -> list[str]:
+    """The peers whose venv is absent or was built from other requirements than bench/peers/ pins now."""
+    missing = []
+    for peer in PEERS:
+        stamp = HOME / peer.name / "torchferry-requirements.sha256"
+        if not (Path(peer.python()).exists() and stamp.exists() and stamp.read_text().strip() == _stamp(peer)):
+            missing.append(peer.name)
+    return missing
+
+
+def setup() -> int:
+    """Create each peer's venv from its pinned requirements (skipped when already built from the same file)."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    for peer in PEERS:
+        if peer.name not in missing_venvs():
+            print(f"{peer.name}: up to date ({HOME / peer.name})")
+            continue
+        folder = HOME / peer.name
+        print(f"{peer.name}: creating {folder} from {requirements(peer).relative_to(ROOT)}", flush=True)
+        subprocess.run([base, "-m", "venv", "--clear", str(folder)], check=True)
+        subprocess.run([peer.python(), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-r", str(requirements(peer))], check=True)
+        (folder / "torchferry-requirements.sha256").write_text(_stamp(peer) + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# one server: start, check, measure, stop
+
+
+def server_env(server: Server, model: str, port: int) -> dict[str, str]:
+    """The repository on PYTHONPATH, the model and port, and each framework's quiet switches."""
+    env = repo_env(PEER_MODEL=model, PEER_PORT=str(port), PEER_WORKERS=str(WORKERS), BENTOML_DO_NOT_TRACK="True",
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    if server.venv:
+        env["PATH"] = f"{HOME / server.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(HOME / server.venv)
+    else:  # torchferry's production settings, 2 workers, everything else at its defaults
+        env.update(TORCHFERRY_MODEL=model, TORCHFERRY_BIND=f"127.0.0.1:{port}", TORCHFERRY_WORKERS=str(WORKERS))
+    return env
+
+
+def wait_ready(proc: subprocess.Popen, url: str, image: bytes, log: Path) -> None:
+    """Until one POST of `image` answers 200 (bounded); a server that exits or never answers is an error."""
+    import requests
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before it answered; see {log}")
+        try:
+            if requests.post(url, data=image, headers={"Content-Type": "image/jpeg"}, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"did not answer within {READY_TIMEOUT_S:g} s; see {log}")
+
+
+def listeners_off_loopback(pid: int) -> list[str]:
+    """Addresses that the process tree of `pid` listens on beyond loopback (there should be none)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pids = {p.pid for p in [root, *root.children(recursive=True)]}
+    return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections("inet")
+                  if c.status == psutil.CONN_LISTEN and c.pid in pids and c.laddr.ip not in LOOPBACK)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to whatever of its tree is left after 40 s."""
+    import psutil
+
+    try:
+        tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    except psutil.Error:
+        tree = [proc.pid]
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in tree:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+
+
+def measure(server: Server, model: str, images: list[bytes], seconds: float, logs: Path) -> list[dict[str, Any]]:
+    """Start `server`, check it binds loopback only, drive it at every client count, stop it."""
+    from bench.load import against
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    log = logs / f"{server.name}-{time.strftime('%H%M%S')}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(server.command(port), cwd=ROOT, env=server_env(server, model, port), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(proc, url, images[0], log)
+        exposed = listeners_off_loopback(proc.pid)
+        if exposed:
+            raise RuntimeError(f"listens beyond loopback on {', '.join(exposed)}; refused")
+        return against(url, images, list(CLIENTS), seconds, proc.pid)
+    finally:
+        stop(proc)
+
+
+# ------------------------------------------------------------------------------------------------
+# rounds
+
+
+def run_rounds(servers: list[Server], rounds: int, seconds: float, tmp: Path) -> list[dict[str, Any]]:
+    """Every server once per round, in order; a server that fails is recorded with its error and skipped."""
+    from bench.load import make_images, make_model
+
+    images, model = make_images(tmp / "images"), make_model("smallcnn", tmp)
+    runs = []
+    for r in range(1, rounds + 1):
+        for server in servers:
+            print(f"round {r}: {server.label}", flush=True)
+            try:
+                rows = measure(server, model, images, seconds, tmp)
+            except RuntimeError as exc:
+                print(f"  {server.name}: {exc}", flush=True)
+                runs.append({"server": server.name, "round": r, "error": str(exc)})
+                continue
+            for row in rows:
+                print(f"  clients {row['clients']:>2}: {row['req_s']:7.1f} req/s  p50 {row['p50_ms']:6.2f} ms  "
+                      f"p99 {row['p99_ms']:6.2f} ms  peak RSS {row['peak_rss_mb']:6.0f} MB  "
+                      f"errors {row['errors']}  load {row['load_average']:.1f}", flush=True)
+            runs.append({"server": server.name, "round": r, "rows": rows})
+    return runs
+
+
+def for_run_all(tmp: str, quick: bool, env: dict[str, str]) -> dict[str, Any]:
+    """bench.run_all's part: python -m bench.peers as its own process when its venvs are set up, else a result that
+    says how to set them up (not a failure)."""
+    if missing_venvs():
+        print(f"peers: {report.NOT_SET_UP}", flush=True)
+        return {"not_set_up": report.NOT_SET_UP}
+    out = Path(tmp, "peers.json")
+    run([sys.executable, "-m", "bench.peers", *(["--quick"] if quick else []), "--out", str(out)], env)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setup", action="store_true", help=f"create the peers' venvs under {HOME} and exit")
+    p.add_argument("--quick", action="store_true", help="4 s per point instead of 10")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per point (default: 10, --quick 4)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
+    p.add_argument("--only", default=",".join(s.name for s in SERVERS),
+                   help="servers, comma-separated (default: all: flask,litserve,bentoml,rayserve,torchferry)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-peers.json)")
+    args = p.parse_args(argv)
+    if args.setup:
+        return setup()
+    names = args.only.split(",")
+    unknown = sorted(set(names) - {s.name for s in SERVERS})
+    if unknown or args.rounds < 1:
+        p.error(f"unknown server(s) {unknown}; choose from {[s.name for s in SERVERS]}" if unknown
+                else "--rounds must be at least 1")
+    absent = sorted(set(missing_venvs()) & set(names))
+    if absent:
+        print(f"not set up ({', '.join(absent)}): run python -m bench.peers --setup", file=sys.stderr)
+        return 2
+    seconds = args.seconds or (4.0 if args.quick else 10.0)
+    with tempfile.TemporaryDirectory(prefix="tf-peers-") as tmp:
+        runs = run_rounds([s for s in SERVERS if s.name in names], args.rounds, seconds, Path(tmp))
+    result = {**result_header("peers"), "machine": machine_info("onnxruntime"), "seconds_per_point": seconds,
+              "rounds": args.rounds, "workers": WORKERS, "labels": {s.name: s.label for s in SERVERS},
+              "method": report.METHOD, "runs": runs}
+    result.update(report.choose(runs))
+    result["targets"] = report.targets(result)
+    write_result(result, Path(args.out) if args.out else result_path("peers"))
+    print("\n".join(report.render(result)))
+    return 0

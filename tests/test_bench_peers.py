@@ -1,0 +1,122 @@
+"""bench/peers without its venvs: the peers' shared work equals the server's, the bare Flask peer answers like
+torchferry, the verdicts and the quieter-round choice, the tree memory probe, and "not set up" when the venvs are
+absent (the comparison itself runs only on demand: python -m bench.peers)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import common, run_all
+from bench.load import PeakTreeMemory, listening_pid
+from bench.peers import report
+from bench.peers.classify import prepare as peer_prepare
+from torchferry.serve.images import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = [
+    {"size": [32, 32], "resize": 32, "mean": [0.5], "std": [0.5], "channels": 1},
+    {"size": [16, 16], "resize": 18, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "channels": 3},
+    {"size": [28, 20], "resize": 40, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "channels": 3},
+]
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB").save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_peers_preprocessing_is_the_servers(spec: dict) -> None:
+    for i, (w, h) in enumerate([(320, 240), (37, 53), (64, 64)]):
+        data = _jpeg(w, h, i)
+        assert np.array_equal(peer_prepare(data, spec), prepare(data, spec, 40_000_000)), (w, h)
+
+
+def test_the_bare_flask_peer_answers_what_torchferry_answers(exported_model: dict, monkeypatch) -> None:
+    from bench.peers.flask_app import create_app
+    from torchferry.serve.app import create_app as torchferry_app
+
+    monkeypatch.setenv("PEER_MODEL", str(exported_model["model"]))
+    image = next(p for p in sorted(Path(exported_model["data"], "val").rglob("*.png")) if "red" in str(p)).read_bytes()
+    peer = create_app().test_client().post("/predict", data=image, content_type="image/png")
+    ours = torchferry_app({"MODEL": str(exported_model["model"]), "LOAD_SYNC": True}).test_client().post(
+        "/predict", data=image, content_type="image/png")
+    assert peer.status_code == ours.status_code == 200
+    a, b = peer.get_json()["predictions"][0], ours.get_json()["predictions"][0]
+    assert a["label"] == b["label"] == "red" and abs(a["score"] - b["score"]) < 1e-6
+
+
+def _result(flask: float, tf: float, lit: float, bento: float, tf_mb: float = 200.0) -> dict:
+    rows = []
+    for server, rate, mb in (("flask", flask, 190.0), ("torchferry", tf, tf_mb), ("litserve", lit, 900.0),
+                             ("bentoml", bento, 500.0)):
+        rows += [{"server": server, "round": 1, "clients": n, "req_s": rate * (1 + n / 100), "p50_ms": 1.0,
+                  "p99_ms": 2.0, "peak_rss_mb": mb, "load_average": 1.0} for n in report.CLIENTS]
+    return {"rows": rows}
+
+
+def test_targets_compare_with_the_best_framework_and_the_bare_flask_app() -> None:
+    checks = report.targets(_result(flask=300.0, tf=295.0, lit=250.0, bento=280.0))
+    assert report.best_framework(_result(300.0, 295.0, 250.0, 280.0)["rows"]) == "bentoml"
+    assert [c["met"] for c in checks] == [True, True, True, True, True, True, True]
+    assert "bentoml" in checks[0]["target"] and checks[3]["measured"] == pytest.approx(200 / 500)
+    checks = report.targets(_result(flask=300.0, tf=270.0, lit=250.0, bento=280.0, tf_mb=300.0))
+    assert [c["met"] for c in checks] == [False, False, False, False, False, False, False]
+    assert checks[0]["short_by"] == "short by 3.6 %" and checks[3]["short_by"] == "0.10x over"
+    assert checks[4]["short_by"] == "short by 7.2 %"
+
+
+def test_the_quieter_round_of_each_server_is_reported() -> None:
+    def run(server: str, r: int, load: float, rate: float) -> dict:
+        return {"server": server, "round": r, "rows": [{"clients": 1, "req_s": rate, "load_average": load}]}
+
+    runs = [run("flask", 1, 5.0, 100.0), run("torchferry", 1, 2.0, 90.0), run("flask", 2, 3.0, 80.0),
+            run("torchferry", 2, 4.0, 120.0), {"server": "rayserve", "round": 1, "error": "did not answer"}]
+    chosen = report.choose(runs)
+    assert chosen["chosen"] == {"flask": 2, "torchferry": 1}
+    assert {(r["server"], r["req_s"]) for r in chosen["rows"]} == {("flask", 80.0), ("torchferry", 90.0)}
+
+
+def test_peak_tree_memory_counts_the_children_and_finds_the_listener() -> None:
+    code = ("import socket, subprocess, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); "
+            "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(80 * 2**20); import time; time.sleep(60)']); "
+            "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        port = int(proc.stdout.readline())
+        assert listening_pid(port) == proc.pid
+        deadline = time.monotonic() + 30
+        with PeakTreeMemory(proc.pid, interval=0.02) as memory:
+            while memory.sample() < 80 * 2**20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert memory.peak >= 80 * 2**20  # the child's 80 MB count in the root's tree
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_without_the_venvs_the_comparison_says_how_to_set_it_up(tmp_path: Path) -> None:
+    env = common.repo_env(TORCHFERRY_PEERS_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "bench.peers", "--quick"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "not set up" in proc.stderr and "python -m bench.peers --setup" in proc.stderr
+    checks = [c for c in run_all.check_targets({"peers": {"not_set_up": report.NOT_SET_UP}})
+              if c["target"].startswith(("torchferry req/s", "torchferry peak RSS"))]
+    assert len(checks) == 7 and {c["met"] for c in checks} == {None}
+    assert {c["note"] for c in checks} == {report.NOT_SET_UP}
+    text = "\n".join(run_all._render_targets(checks))
+    assert "not set up: run python -m bench.peers --setup" in text and "**no**" not in text
