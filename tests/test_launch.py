@@ -229,6 +229,18 @@ def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
     assert proc.stderr.count("epoch ") >= 30 and "Traceback" not in proc.stderr
 
 
+def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchferry.distributed.cluster import local_ray_settings
+
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    local_ray_settings()
+    assert os.environ["RAY_worker_niceness"] == "15" and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    local_ray_settings()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
+
+
 def _is_loopback(ip: str) -> bool:
     import ipaddress
 
@@ -246,7 +258,9 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     cfg = TrainConfig(output_dir=str(tmp_path))
     assert start_ray(cfg) is True
     try:
-        ray.get(ray.remote(lambda: 1).remote())  # a worker process exists too
+        # a worker process exists too; it runs at niceness 0 and its Train controller would look every 0.5 s
+        seen = ray.get(ray.remote(lambda: (os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))).remote())
+        assert seen == (0, "0.5")
         ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
         listening = [c for c in psutil.net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN and c.pid in ours]
