@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from torchferry.contract import GOLDEN_GPU_ATOL, GOLDEN_GPU_RTOL, golden_inputs, read_golden, tolerance_ratio
-from torchferry.serve.app import create_app, gunicorn_app
+from torchferry.serve.app import create_app
 from torchferry.serve.device import (
     GPU_BATCH_WINDOW_MS,
     DeviceRefused,
@@ -116,16 +116,18 @@ def test_the_cpu_session_says_which_provider_runs_it(exported_model: dict) -> No
 
 @cpu_build_only
 def test_a_gunicorn_worker_whose_gpu_session_fell_back_ends_with_one_line(
-        exported_model: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        exported_model: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHFERRY_MODEL", str(exported_model["model"]))
     monkeypatch.setenv("TORCHFERRY_DEVICE", "cuda")
     with pytest.raises(DeviceRefused, match="did not start CUDAExecutionProvider"):
         create_app({"LOAD_FIRST": True})
-    with pytest.raises(SystemExit) as stop:
-        gunicorn_app()
-    err = capsys.readouterr().err
-    assert stop.value.code == 3  # gunicorn's WORKER_BOOT_ERROR: the master stops instead of respawning
-    assert err.startswith("error: ONNX Runtime did not start CUDAExecutionProvider") and err.count("\n") == 1
+    # The worker's app factory, in a process of its own (it ends the process with os._exit):
+    proc = subprocess.run([sys.executable, "-c", "from torchferry.serve.app import gunicorn_app; gunicorn_app()"],
+                          cwd=REPO, check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3  # gunicorn's WORKER_BOOT_ERROR: the master stops instead of starting another
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and "did not start CUDAExecutionProvider" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @cpu_build_only
@@ -170,3 +172,50 @@ def test_serves_and_proves_on_cuda(exported_model: dict) -> None:
     assert client.get("/healthz").json["providers"][0] == "CUDAExecutionProvider"
     x = golden_inputs([4, *predictor.info.input_shape[1:]])
     assert np.argmax(predictor.run(x), 1).tolist() == np.argmax(Predictor(str(exported_model["model"])).run(x), 1).tolist()
+
+
+def _serve_gpu_pin(name: str) -> str:
+    """`name==version` as pyproject's [serve-gpu] pins it, extras left out."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    reqs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve-gpu"]
+    req = next(r for r in map(Requirement, reqs) if r.name == name)
+    return f"{req.name}{req.specifier}"
+
+
+@pytest.mark.slow
+@cpu_build_only
+def test_onnxruntime_gpu_on_a_machine_without_a_gpu_stops_gunicorn_after_one_worker(
+        exported_model: dict, tmp_path: Path) -> None:
+    """The serve-gpu image's own onnxruntime-gpu wheel (from PyPI, without NVIDIA's libraries) on this GPU-less
+    machine: it lists CUDAExecutionProvider, so the master's check passes, and ONNX Runtime builds each session on
+    the CPU instead (it only warns). Each worker refuses, gunicorn stops without starting another, and no request
+    is ever answered from the CPU."""
+    target = tmp_path / "ort-gpu"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                          "--target", str(target), _serve_gpu_pin("onnxruntime-gpu")],
+                         check=False, capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": f"{target}:{REPO}", "HOME": str(tmp_path),
+           "TORCHFERRY_MODEL": str(exported_model["model"]), "TORCHFERRY_DEVICE": "cuda", "TORCHFERRY_WORKERS": "2"}
+    listed = subprocess.run([sys.executable, "-c", "import onnxruntime as o; print(o.get_available_providers())"],
+                            check=True, capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "CUDAExecutionProvider" in listed, listed
+    from helpers import free_port
+
+    env["TORCHFERRY_BIND"] = f"127.0.0.1:{free_port()}"
+    # Bounded: before os._exit, every worker aborted in ONNX Runtime's teardown and gunicorn started another, forever.
+    gun = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry/serve/gunicorn.conf.py")],
+                         cwd=REPO, check=False, capture_output=True, text=True, timeout=120, env=env)
+    log = gun.stdout + gun.stderr
+    # Exit 3 (gunicorn's boot error) after the first worker; when the second one's exit 3 is reaped while the master
+    # halts, gunicorn 27 raises its HaltServer again and exits 1 with its own traceback: stopped all the same.
+    assert gun.returncode in (1, 3) and "Worker failed to boot." in log, log[-3000:]
+    assert log.count("error: ONNX Runtime did not start CUDAExecutionProvider") <= 2  # one per worker, none restarted
+    assert "SIGABRT" not in log and log.count("Booting worker") == 2
+    dev = subprocess.run([sys.executable, "-m", "serve", "--device", "cuda", "--port", "9"], cwd=REPO, check=False,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert dev.returncode == 1 and dev.stderr.rstrip().splitlines()[-1].startswith(
+        "error: ONNX Runtime did not start CUDAExecutionProvider"), dev.stderr[-2000:]

@@ -15,6 +15,8 @@ token configured (serve/auth.py) every route but the probes needs it.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any
 
@@ -83,9 +85,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 def gunicorn_app() -> Flask:
     """The app of a gunicorn worker (torchferry/serve/gunicorn.conf.py): its model loaded and proven first. A device
     that cannot run it ends the worker with one line and gunicorn's boot-error status, on which the master stops
-    the server rather than start worker after worker."""
+    the server rather than start worker after worker. The worker ends with os._exit: with onnxruntime-gpu, the
+    interpreter's normal exit after a failed CUDA start aborts in ONNX Runtime's teardown (SIGABRT, which gunicorn
+    answers with a new worker, forever)."""
     try:
         return create_app({"LOAD_FIRST": True})
     except DeviceRefused as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(WORKER_BOOT_ERROR)
+        logging.shutdown()
+        os._exit(WORKER_BOOT_ERROR)

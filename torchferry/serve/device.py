@@ -15,6 +15,7 @@ Light on purpose: onnxruntime is imported only by the functions that ask it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torchferry.contract import GOLDEN_GPU_ATOL, GOLDEN_GPU_RTOL, TorchferryError
@@ -85,6 +86,16 @@ def check_available(device: str, available: list[str] | None = None) -> None:
             f"TORCHFERRY_DEVICE={device} needs ONNX Runtime's {missing[0]}, which this onnxruntime "
             f"{ort.__version__} does not have (it has {', '.join(have)}); install {package} (the serve-gpu "
             "image) or serve with TORCHFERRY_DEVICE=cpu")
+
+
+@functools.cache
+def load_gpu_libraries() -> None:
+    """ONNX Runtime's own loading of the CUDA and cuDNN libraries installed as NVIDIA's wheels (the serve-gpu
+    image has them there, not on the loader's path), once per process; before the first GPU session."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21; a CPU build returns at once
+        ort.preload_dlls()
 
 
 def check_session(session: Any, device: str) -> list[str]:

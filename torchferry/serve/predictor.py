@@ -35,7 +35,7 @@ from torchferry.contract import (
     recorded_sha256,
     tolerance_ratio,
 )
-from torchferry.serve.device import check_session, golden_bound, providers
+from torchferry.serve.device import check_session, golden_bound, is_gpu, load_gpu_libraries, providers
 
 _logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class Predictor:
             raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {recorded[:12]}…: "
                                "the file is altered or truncated")
         self.device = device
+        if is_gpu(device):
+            load_gpu_libraries()
         self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id))
         self.providers = check_session(self.session, device)  # DeviceRefused when ORT fell back to the CPU
         meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
