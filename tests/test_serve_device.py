@@ -177,7 +177,6 @@ def test_serves_and_proves_on_cuda(exported_model: dict) -> None:
 def _serve_gpu_pin(name: str) -> str:
     """`name==version` as pyproject's [serve-gpu] pins it, extras left out."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     reqs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve-gpu"]
