@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
 K8S_VERSION = "1.30.0"
+OVERLAYS = K8S / "overlays"
 
 
 def documents() -> list[tuple[Path, dict]]:
-    """Every YAML document under k8s/ except kustomizations."""
+    """Every YAML document under k8s/ except kustomizations and overlays (patches, checked once rendered below)."""
     docs = []
     for path in sorted(K8S.rglob("*.yaml")):
-        if path.name == "kustomization.yaml":
+        if path.name == "kustomization.yaml" or OVERLAYS in path.parents:
             continue
         docs += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
@@ -195,7 +196,8 @@ def test_auth_token_comes_from_a_secret_mounted_as_a_file_and_none_is_committed(
 
 def test_kustomizations_name_existing_files() -> None:
     for kustomization in K8S.rglob("kustomization.yaml"):
-        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+        spec = yaml.safe_load(kustomization.read_text())
+        for resource in spec["resources"] + [patch["path"] for patch in spec.get("patches", [])]:
             assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
 
 
@@ -260,8 +262,10 @@ def test_dockerfile_and_rayjob_follow_the_train_pins() -> None:
 
 def test_serve_stage_installs_the_serve_extra_and_probes_readiness() -> None:
     assert "['optional-dependencies']['serve']" in dockerfile_stage("serve-deps")
-    stage = dockerfile_stage("serve")
-    assert 'CMD ["python", "-m", "serve.healthcheck"]' in stage and "8080/healthz" not in stage
+    runtime = dockerfile_stage("serve-runtime")  # what the serve and serve-gpu images share
+    assert 'CMD ["python", "-m", "serve.healthcheck"]' in runtime and "8080/healthz" not in runtime
+    assert "COPY --from=serve-deps /opt/venv /opt/venv" in dockerfile_stage("serve")
+    assert "FROM serve-runtime AS serve\n" in (REPO / "Dockerfile").read_text()
     assert "syntax=" not in (REPO / "Dockerfile").read_text()  # no frontend image to fetch before building
 
 
@@ -310,3 +314,151 @@ def test_serve_dependency_set_runs_the_app_without_torch(exported_model: dict, t
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "red"
     finally:
         stop(proc)
+
+
+# ------------------------------------------------------------------------------------------------
+# k8s/overlays/gpu, rendered. kustomize is not a Python or Debian package here, so the fields the overlays use are
+# applied in the test: resources (files and folders with a kustomization), namespace, images, and strategic-merge
+# patches (maps merged key by key, lists of named items merged by name as Kubernetes' merge keys for containers,
+# env, volumes and mounts do, other lists replaced, a null value deleting its key). Where `kubectl` is on PATH, its
+# own `kubectl kustomize` must render the same documents.
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """`patch` applied to `base` as a strategic-merge patch of the kinds the overlays use."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = strategic_merge(base.get(key), value)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and all(
+            isinstance(item, dict) and "name" in item for item in base + patch):
+        merged = {item["name"]: item for item in base}
+        for item in patch:
+            merged[item["name"]] = strategic_merge(merged.get(item["name"]), item)
+        return list(merged.values())
+    return copy.deepcopy(patch)
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """The documents `kubectl kustomize folder` gives, for the fields our kustomizations use."""
+    spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    docs: list[dict] = []
+    for resource in spec.get("resources", []):
+        path = folder / resource
+        docs += kustomize(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in spec.get("patches", []):
+        change = yaml.safe_load((folder / patch["path"]).read_text())
+        target = (change["kind"], change["metadata"]["name"])
+        hits = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == target]
+        assert len(hits) == 1, f"{patch['path']} patches {target}, found {len(hits)}"
+        docs[hits[0]] = strategic_merge(docs[hits[0]], change)
+    for doc in docs:
+        if spec.get("namespace") and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = spec["namespace"]
+        for _, pod in pod_specs_of(doc):
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                name, _, tag = container["image"].rpartition(":")
+                for image in spec.get("images", []):
+                    if name == image["name"]:
+                        container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+    return docs
+
+
+def pod_specs_of(doc: dict) -> list[tuple[str, dict]]:
+    """The pod specs of one workload document."""
+    if doc["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+        return [(doc["kind"], doc["spec"]["template"]["spec"])]
+    return []
+
+
+GPU = kustomize(OVERLAYS / "gpu")
+
+
+def by_kind(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def test_our_render_of_the_gpu_overlay_is_kubectl_kustomizes() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the overlay is rendered by the test's own merge only")
+    proc = subprocess.run([kubectl, "kustomize", str(OVERLAYS / "gpu")], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout) if d}
+    assert theirs == {(d["kind"], d["metadata"]["name"]): d for d in GPU}
+
+
+def test_the_gpu_overlay_serves_on_one_gpu_with_the_gpu_image_and_settings() -> None:
+    from torchferry.serve.settings import GunicornSettings, ServeSettings
+
+    deployment, configmap = by_kind(GPU, "Deployment"), by_kind(GPU, "ConfigMap")
+    for doc in GPU:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert restricted_problems(pod) == []  # the namespace enforces the restricted profile on GPU pods too
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"] == "registry.example.com/torchferry-serve-gpu:0.1.0"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # What the server reads in the pod: the ConfigMap, then the container's own env over it.
+    environ = {**configmap["data"], **{e["name"]: e["value"] for e in container["env"]}}
+    settings = ServeSettings.load(environ=environ)
+    assert (settings.device, settings.device_id, settings.batch_window()) == ("cuda", 0, 2.0)
+    assert GunicornSettings.load(environ=environ).workers == 1
+    # The rest of the serve Deployment is kept: mounts, probes, the auth token, the security context.
+    base = next(d for _, d in documents() if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["volumeMounts"] == base["volumeMounts"] and container["env"] == base["env"]
+    assert container["readinessProbe"] == base["readinessProbe"] and container["securityContext"] == base["securityContext"]
+
+
+def test_the_overlay_merge_replaces_and_merges_as_kubernetes_does() -> None:
+    base = {"containers": [{"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}]}], "tolerations": [{"key": "t"}],
+            "data": {"A": "1", "B": "2"}}
+    patch = {"containers": [{"name": "a", "env": [{"name": "L", "value": "2"}]}], "tolerations": [{"key": "u"}],
+             "data": {"A": None, "C": "3"}}
+    assert strategic_merge(base, patch) == {
+        "containers": [{"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}, {"name": "L", "value": "2"}]}],
+        "tolerations": [{"key": "u"}], "data": {"B": "2", "C": "3"}}
+
+
+def test_serve_gpu_image_pins_onnxruntime_gpu_and_no_torch() -> None:
+    gpu, cpu = pins("serve-gpu"), pins("serve")
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in gpu.values())
+    assert not set(gpu) & {"torch", "torchvision", "ray", "onnx", "onnxscript", "onnxruntime"}
+    assert gpu["onnxruntime-gpu"].extras == {"cuda", "cudnn"}
+    # Everything but the runtime is [serve]'s, pinned alike; what is added is NVIDIA's CUDA and cuDNN libraries.
+    assert {n: str(r.specifier) for n, r in gpu.items() if n in cpu} == {
+        n: str(r.specifier) for n, r in cpu.items() if n != "onnxruntime"}
+    assert all(n.startswith("nvidia-") for n in set(gpu) - set(cpu) - {"onnxruntime-gpu"})
+    deps, stage = dockerfile_stage("serve-gpu-deps"), dockerfile_stage("serve-gpu")
+    assert "['optional-dependencies']['serve-gpu']" in deps and "'onnxruntime' in names" in deps
+    assert "COPY --from=serve-gpu-deps /opt/venv /opt/venv" in stage and "TORCHFERRY_DEVICE=cuda" in stage
+    assert "FROM serve-runtime AS serve-gpu" in (REPO / "Dockerfile").read_text()
+
+
+@pytest.mark.slow
+def test_serve_gpu_dependency_set_resolves_without_torch(tmp_path: Path) -> None:
+    """pip resolves [serve-gpu] as the image's build would (without downloading the CUDA wheels): every package is
+    one the extra pins, and none is torch or the CPU onnxruntime."""
+    import json
+
+    report = tmp_path / "report.json"
+    reqs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve-gpu"]
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--disable-pip-version-check", "--python-version", "3.11", "--only-binary", ":all:",
+                           "--report", str(report), *reqs], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    assert not {n for n in resolved if n.startswith(("torch", "triton")) or n in ("ray", "onnxruntime")}
+    pinned = pins("serve-gpu")
+    for name, version in resolved.items():
+        if name in pinned:
+            assert pinned[name].specifier.contains(version), (name, version)
