@@ -216,12 +216,13 @@ def make_model(arch: str, folder: Path) -> str:
 
 
 def start_gunicorn(model: str, port: int, log: Path, window_ms: float | None = None,
-                   worker_class: str | None = None) -> subprocess.Popen:
-    """gunicorn -c torchferry/serve/gunicorn.conf.py [-k CLASS] on 127.0.0.1:port, ready (bounded wait)."""
+                   worker_class: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """gunicorn -c torchferry/serve/gunicorn.conf.py [-k CLASS] on 127.0.0.1:port, ready (bounded wait);
+    `extra_env` adds TORCHFERRY_* settings."""
     import requests
 
     env = {**os.environ, "TORCHFERRY_MODEL": model, "TORCHFERRY_BIND": f"127.0.0.1:{port}",
-           "TORCHFERRY_LOG_LEVEL": "warning"}
+           "TORCHFERRY_LOG_LEVEL": "warning", **(extra_env or {})}
     if window_ms is not None:
         env["TORCHFERRY_BATCH_WINDOW_MS"] = str(window_ms)
     cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "torchferry" / "serve" / "gunicorn.conf.py")]
@@ -229,7 +230,8 @@ def start_gunicorn(model: str, port: int, log: Path, window_ms: float | None = N
         cmd += ["-k", worker_class]
     with open(log, "w") as out:  # the server keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
+    on_gpu = (extra_env or {}).get("TORCHFERRY_DEVICE", "cpu") != "cpu"  # CUDA's start and cuDNN's tuning take longer
+    deadline = time.monotonic() + (300 if on_gpu else 90)
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:

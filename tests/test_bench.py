@@ -134,3 +134,17 @@ def test_startup_breakdown_adds_up_and_takes_the_last_rank() -> None:
     checks = {c["target"].split()[1]: c for c in summary["targets"]}
     assert checks["command_to_first_step_s"]["met"] is False and checks["last_epoch_end_to_exit_s"]["met"] is False
     assert checks["help_s"]["met"] is True and summary["torchferry"]["last_epoch_end_to_exit_s"] == 3.5
+
+
+def test_gpu_serve_bench_says_it_needs_a_gpu_and_writes_nothing_without_one(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: bench/gpu_check.sh runs the benchmark itself")
+    out = tmp_path / "gpu-serve.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_serve", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=common.repo_env(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped, torch sees no CUDA GPU; nothing measured, nothing written" in proc.stdout
+    assert not out.exists()
+    assert "bench.gpu_serve" in (REPO / "bench" / "gpu_check.sh").read_text()
