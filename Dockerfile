@@ -50,10 +50,12 @@ ENTRYPOINT ["python", "-m", "gunicorn", "-c", "/app/torchferry/serve/gunicorn.co
 # ---------------------------------------------------------------------------------------------------
 FROM serve-runtime AS serve
 COPY --from=serve-deps /opt/venv /opt/venv
-# The serving package, the torch-free package root and the model-file contract alone (torchferry.distributed and
+# The serving package, the torch-free package root, the model-file contract and the tasks' input contract
+# (torchferry/inputs/) alone (torchferry.distributed and
 # torchferry.export need torch), and the command names `python -m serve` and `python -m serve.healthcheck` (serve/,
 # no __init__.py).
 COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
+COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/ /app/serve/
 
@@ -100,5 +102,6 @@ ENV TORCHFERRY_DEVICE=cuda \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=serve-gpu-deps /opt/venv /opt/venv
 COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
+COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/ /app/serve/

@@ -39,6 +39,8 @@ def _refused(path: Path, prefixes: tuple[str, ...]) -> list[str]:
     ("serve", ("torch", "torchvision", "ray", "onnx", "torchferry.distributed", "torchferry.export")),
     ("distributed", ("torchferry.export", "torchferry.serve")),
     ("export", ("torchferry.serve",)),
+    ("inputs", ("torch", "torchvision", "ray", "onnx", "onnxruntime", "flask", "torchferry.distributed",
+                "torchferry.export", "torchferry.serve")),
 ])
 def test_packages_import_one_way(package: str, refused: tuple[str, ...]) -> None:
     files = sorted((PACKAGE / package).glob("*.py"))
@@ -49,8 +51,8 @@ def test_packages_import_one_way(package: str, refused: tuple[str, ...]) -> None
 
 def test_the_contract_imports_no_torchferry_package_nor_torch() -> None:
     imported = _imports(PACKAGE / "contract.py")
-    assert {m.split(".")[0] for m in imported} <= {"__future__", "hashlib", "json", "math", "os", "collections",
-                                                    "typing", "numpy"}, imported
+    assert {m.split(".")[0] for m in imported} <= {"__future__", "hashlib", "importlib", "json", "math", "os",
+                                                    "collections", "typing", "numpy"}, imported
 
 
 def test_serve_and_export_read_the_contract_from_its_one_home() -> None:

@@ -106,6 +106,37 @@ def classes_problem(classes: Any) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the task a file serves: one field of the config, the checkpoint and the ONNX metadata
+
+TASKS = ("image", "tabular", "text")
+DEFAULT_TASK = "image"  # a file without `task` (every file before issue 19) is an image classifier
+
+
+def task_of(values: Mapping[str, Any]) -> str:
+    """The `task` a checkpoint, config or metadata mapping records: DEFAULT_TASK when absent."""
+    task = values.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise ContractError(f"task must be one of {', '.join(TASKS)}, got {short(task)}")
+    return task
+
+
+def registered(spec: str) -> Any:
+    """The attribute a registry's `"package.module:name"` names (a task's class), or None when that module is
+    not part of this installation (the serving image carries serve/ alone). Registries are the project's own
+    tables, never a file's value."""
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return None
+    return getattr(module, name, None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # the ONNX model: names, metadata_props, golden inputs
 
 INPUT_NAME = "input"
@@ -149,7 +180,7 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
 
 def golden_inputs(shape: list[int] | tuple[int, ...], seed: int = GOLDEN_SEED, low: float = GOLDEN_RANGE[0],
                   high: float = GOLDEN_RANGE[1]) -> np.ndarray:
-    """The golden batch of `shape` [N, C, H, W]: uniform in [low, high), float32, the same on every machine.
+    """The golden batch of `shape` [N, ...] ([N, C, H, W] for images, [N, F] for tables): uniform in [low, high), float32, the same on every machine.
 
     Regenerated from the seed rather than stored, with numpy's legacy RandomState (whose streams numpy keeps
     stable across versions), so a model file stays small whatever its input size.
@@ -181,7 +212,8 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int,
                 bound: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """(inputs, expected logits, atol, rtol) of a file's `golden` record, every field checked first.
 
-    `input_shape` is [C, H, W] as the preprocessing gives it. The bound is the reader's (GOLDEN_ATOL, GOLDEN_RTOL),
+    `input_shape` is one input's shape ([C, H, W] as the preprocessing gives it, [F] for a table); `num_classes`
+    the output's columns (1 for a regression). The bound is the reader's (GOLDEN_ATOL, GOLDEN_RTOL),
     or the file's where that is a finite, non-negative, smaller number: a file may only ask for a stricter proof.
     A device whose arithmetic is not fp32's passes its own `bound` (GOLDEN_GPU_ATOL, GOLDEN_GPU_RTOL), which
     replaces both.
@@ -191,7 +223,7 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int,
     if not isinstance(golden, dict):
         raise ContractError("the model carries no golden outputs to prove it with")
     shape = golden.get("shape")
-    if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != list(input_shape):
+    if not isinstance(shape, list) or len(shape) != len(input_shape) + 1 or shape[1:] != list(input_shape):
         want = ", ".join(str(v) for v in input_shape)
         raise ContractError(f"golden.shape must be [batch, {want}], got {shape!r}"[:300])
     if not is_int(shape[0], 1, MAX_GOLDEN_BATCH):
@@ -208,7 +240,7 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int,
         raise ContractError("golden.logits must be a [batch, classes] list of numbers") from None
     if expected.shape != (shape[0], num_classes) or not np.isfinite(expected).all():
         raise ContractError(f"golden.logits must be {shape[0]} rows of {num_classes} finite numbers "
-                            f"(one per class), got shape {list(expected.shape)}")
+                            f"(one per output column), got shape {list(expected.shape)}")
     if bound is not None:
         return golden_inputs(shape, seed, low, high), expected, float(bound[0]), float(bound[1])
     bounds = []

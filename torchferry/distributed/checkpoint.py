@@ -23,14 +23,11 @@ from torch import nn
 import torchferry
 from torchferry.contract import (
     CHECKPOINT_FORMAT,
-    MAX_CLASSES,
     ContractError,
     TorchferryError,
-    classes_problem,
     format_problem,
     is_int,
     is_number,
-    preprocess_problems,
     recorded_sha256,
     sha256_file,
     short,
@@ -42,6 +39,9 @@ if TYPE_CHECKING:
     from torchferry.distributed.config import TrainConfig
 
 FORMAT = CHECKPOINT_FORMAT
+# Every task's checkpoint has these; the task adds its own (Task.required_keys: an image's classes and preprocess).
+COMMON_KEYS = ("format", "arch", "state_dict", "epoch", "metrics", "config")
+# The image task's, which every checkpoint before issue 19 is.
 METRICS = ("val_acc", "val_loss", "train_loss", "train_acc")
 REQUIRED_KEYS = ("format", "arch", "num_classes", "classes", "preprocess", "state_dict", "epoch", "metrics", "config")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
@@ -72,17 +72,22 @@ def clean_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
-def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: Sequence[str], *, epoch: int,
-                     metrics: Mapping[str, float], resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: Sequence[str] = (), *, epoch: int,
+                     metrics: Mapping[str, float], resume: Mapping[str, Any] | None = None,
+                     fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint of docs/design.md (plain data and tensors only): `model`'s weights, the resolved `cfg` it was
-    trained with, its classes and eval preprocessing, `epoch` and the METRICS of `metrics`. `resume` adds what
-    --resume reads (history, best_val_acc, backbone_frozen, optimizer, scheduler, scaler); best.pth goes without."""
-    from torchferry.distributed.presets import preprocess_spec
+    trained with, its task and the task's `fields` (an image classifier's: its `classes` and eval preprocessing),
+    `epoch` and the task's metrics of `metrics`. `resume` adds what --resume reads (history, best_<metric>,
+    backbone_frozen, optimizer, scheduler, scaler); best.pth goes without."""
+    from torchferry.distributed.image_task import image_fields
+    from torchferry.distributed.tasks import get_task
 
+    task = get_task(cfg.task)
+    own = dict(fields) if fields is not None else image_fields(list(classes), cfg)
     return {
-        "format": FORMAT, "arch": cfg.model, "arch_kwargs": {}, "num_classes": len(classes), "classes": list(classes),
-        "preprocess": preprocess_spec(cfg), "state_dict": clean_state_dict(model), "epoch": int(epoch),
-        "metrics": {k: float(metrics[k]) for k in METRICS}, **(resume or {}), "config": cfg.to_dict(),
+        "format": FORMAT, "task": task.name, "arch": cfg.model, "arch_kwargs": {}, **own,
+        "state_dict": clean_state_dict(model), "epoch": int(epoch),
+        "metrics": {k: float(metrics[k]) for k in task.checkpoint_metrics}, **(resume or {}), "config": cfg.to_dict(),
         "versions": versions(),
     }
 
@@ -196,35 +201,29 @@ def check_checkpoint(obj: Any, where: str) -> None:
     problem = format_problem(obj["format"])
     if problem:
         raise CheckpointError(f"{where!r} {problem}")
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    from torchferry.distributed.tasks import task_for
+
+    try:
+        task = task_for(obj)
+    except TorchferryError as exc:
+        raise CheckpointError(f"{where!r} is malformed: {exc}") from None
+    missing = [k for k in (*COMMON_KEYS, *task.required_keys) if k not in obj]
     if missing:
         raise CheckpointError(f"{where!r} lacks {missing}")
-    for problem in _field_problems(obj):
+    for problem in _field_problems(obj, task):
         raise CheckpointError(f"{where!r} is malformed: {problem}")
 
 
 MAX_EPOCH = 1_000_000
 
 
-def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
-    """What is wrong with the checkpoint's fields, first problem first (empty when nothing is)."""
+def _field_problems(obj: dict[str, Any], task: Any) -> Iterable[str]:
+    """What is wrong with the checkpoint's fields, first problem first (empty when nothing is): the task's own
+    fields (`Task.field_problems`), then those every checkpoint has."""
     from torchferry.distributed.config import TrainConfig
-    from torchferry.distributed.models import FACTORY_PATTERN, check_plain_kwargs, is_builtin
+    from torchferry.distributed.models import check_plain_kwargs
 
-    arch = obj["arch"]
-    if not isinstance(arch, str) or not (is_builtin(arch) or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
-        yield (f"arch {short(arch)} is neither smallcnn, a torchvision classifier nor a package.module:factory "
-               "name")
-    n = obj["num_classes"]
-    if not is_int(n, 2, MAX_CLASSES):
-        yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {short(n)}"
-    classes = obj["classes"]
-    problem = classes_problem(classes)
-    if problem:
-        yield problem
-    elif len(classes) != n:
-        yield f"classes lists {len(classes)} names for num_classes {short(n)}"
-    yield from preprocess_problems(obj["preprocess"])
+    yield from task.field_problems(obj)
     try:
         check_plain_kwargs(obj.get("arch_kwargs"))
     except TorchferryError as exc:
@@ -238,14 +237,13 @@ def _field_problems(obj: dict[str, Any]) -> Iterable[str]:
     metrics = obj["metrics"]
     if not (isinstance(metrics, dict) and all(isinstance(k, str) and is_number(v) for k, v in metrics.items())):
         yield "metrics must map names to numbers"
-    elif not (is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
-        yield f"metrics.val_acc must be a number from 0 to 1, got {short(metrics.get('val_acc'))}"
     config = obj["config"]
     if not isinstance(config, dict):
         yield f"config must be a mapping, got {type(config).__name__}"
     else:
         try:
-            TrainConfig.from_dict(dict(config))
+            if TrainConfig.from_dict(dict(config)).task != task.name:
+                yield f"config.task is not the checkpoint's task {task.name!r}"
         except (TorchferryError, TypeError) as exc:
             yield f"config: {exc}"
     yield from _optional_problems(obj)
@@ -262,8 +260,9 @@ def _optional_problems(obj: dict[str, Any]) -> Iterable[str]:
             isinstance(row, dict) and is_int(row.get("epoch"), 0, MAX_EPOCH)
             and all(isinstance(k, str) and is_number(v) for k, v in row.items()) for row in history)):
         yield "history must be a list of per-epoch rows of numbers"
-    if "best_val_acc" in obj and not is_number(obj["best_val_acc"]):
-        yield f"best_val_acc must be a number, got {short(obj['best_val_acc'])}"
+    for key in (k for k in obj if isinstance(k, str) and k.startswith("best_val_")):
+        if not is_number(obj[key]):
+            yield f"{key} must be a number, got {short(obj[key])}"
     if "backbone_frozen" in obj and not isinstance(obj["backbone_frozen"], bool):
         yield f"backbone_frozen must be true or false, got {short(obj['backbone_frozen'])}"
     for key in ("optimizer", "scheduler", "scaler"):
@@ -274,29 +273,28 @@ def _optional_problems(obj: dict[str, Any]) -> Iterable[str]:
 def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) -> nn.Module:
     """Rebuild the model a checked checkpoint describes and load its weights (eval mode, CPU).
 
-    The file rebuilds smallcnn or a torchvision classifier by name; a `package.module:factory` model only
-    when `factory`, the command line's --model, names that same factory (None: the command named none).
-    The architecture is first built on the meta device and its parameter shapes compared with the
-    checkpoint's tensors, so `arch_kwargs` cannot make it allocate more than the file itself holds.
+    The file rebuilds its task's built-in models by name (smallcnn, a torchvision classifier, the MLP); a
+    `package.module:factory` model only when `factory`, the command line's --model, names that same factory
+    (None: the command named none). The architecture is first built on the meta device and its parameter
+    shapes compared with the checkpoint's tensors, so `arch_kwargs` cannot make it allocate more than the file
+    itself holds.
     """
-    from torchferry.distributed.models import build_model, check_arch_kwargs, require_trusted_arch
+    from torchferry.distributed.tasks import task_for
 
     arch = checkpoint["arch"]
-    require_trusted_arch(arch, factory)
-    channels = int(checkpoint["preprocess"]["channels"])
-    kwargs = check_arch_kwargs(arch, checkpoint.get("arch_kwargs"))
-    num_classes = int(checkpoint["num_classes"])
+    build = task_for(checkpoint).model_builder(checkpoint, factory)
     state = checkpoint["state_dict"]
     try:
         with torch.device("meta"):
-            probe = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)
+            probe = build()
     except TorchferryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a builder refusing the file's arguments is bad input
         if factory is None:
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot build {arch} with arch_kwargs {short(kwargs)}: {reason}") from None
-        probe = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)  # your factory, off meta
+            raise CheckpointError(f"cannot build {arch} with arch_kwargs {short(checkpoint.get('arch_kwargs'))}: "
+                                  f"{reason}") from None
+        probe = build()  # your factory, off meta
     expected = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -306,16 +304,18 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, factory: str | None) ->
                   if unexpected else f"{wrong[0]} is {list(got[wrong[0]])}, the model has {list(expected[wrong[0]])}")
         raise CheckpointError(f"the checkpoint's weights do not fit its {arch} model ({detail})")
     del probe
-    model = build_model(arch, num_classes, channels=channels, arch_kwargs=kwargs)
+    model = build()
     model.load_state_dict(state)
     return model.eval()
 
 
-def write_metrics_csv(path: str, history: Iterable[dict[str, Any]]) -> None:
-    """metrics.csv, one row per epoch in epoch order, rewritten atomically from the run's history."""
+def write_metrics_csv(path: str, history: Iterable[dict[str, Any]],
+                      columns: Sequence[str] = METRIC_COLUMNS) -> None:
+    """metrics.csv, one row per epoch in epoch order (the task's `columns`), rewritten atomically from the run's
+    history."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in sorted(history, key=lambda r: r["epoch"]):
-        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_COLUMNS})
+        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in columns})
     atomic_write_bytes(path, buffer.getvalue().encode())

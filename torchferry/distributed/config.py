@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchferry.contract import MAX_IMAGE_SIDE, MAX_RESIZE
+from torchferry.contract import DEFAULT_TASK, MAX_IMAGE_SIDE, MAX_RESIZE, TASKS
 from torchferry.distributed import TorchferryError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -32,6 +32,11 @@ CHECK_IMAGES = ("auto", "full", "header", "none")
 GRAYSCALE_SETS = ("digits", "mnist", "fashionmnist")
 NO_FLIP_SETS = ("digits", "mnist")
 SMALL_IMAGE_SIZES = {"digits": 32, "mnist": 28, "fashionmnist": 28, "cifar10": 32}
+BUILTIN_TABLES = ("diabetes",)  # scikit-learn's bundled regression sets: no download
+# What --model and --opt mean when not given, per task (TrainConfig's own defaults are the image task's).
+DEFAULT_MODELS = {"image": "smallcnn", "tabular": "mlp", "text": "lstm"}
+DEFAULT_OPTIMIZERS = {"image": "sgd", "tabular": "adam", "text": "adam"}
+LOSSES = ("mse", "huber")
 
 
 def default_cache_dir() -> str:
@@ -43,8 +48,11 @@ def default_cache_dir() -> str:
 class TrainConfig:
     """Everything a training run needs; plain data so it travels to Ray workers and into checkpoints."""
 
-    # data
+    # task and data
+    task: str = DEFAULT_TASK
     data: str = "digits"
+    target: str | None = None
+    categorical: list[str] = field(default_factory=list)
     val_data: str | None = None
     image_root: str | None = None
     val_split: float = 0.2
@@ -78,6 +86,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    loss: str | None = None
+    huber_delta: float = 1.0
     lr_scheduler: str = "cosine"
     lr_warmup_epochs: int = 0
     lr_warmup_decay: float = 0.01
@@ -172,10 +182,18 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def infer_task(data: str, target: str | None) -> str:
+    """The task --data and --target imply when --task is not given: a table with --target (or a built-in
+    table) is a tabular regression; anything else an image classification."""
+    if data in BUILTIN_TABLES or target is not None:
+        return "tabular"
+    return DEFAULT_TASK
+
+
 def data_set_key(data: str) -> str:
-    """Short name of the data set: 'digits', a torchvision name, or 'folder'/'annotations'."""
-    if data == "digits":
-        return "digits"
+    """Short name of the data set: 'digits', 'diabetes', a torchvision name, or 'folder'/'annotations'."""
+    if data in ("digits", *BUILTIN_TABLES):
+        return data
     head, sep, _ = data.partition(":")
     if sep and head.lower() in ("cifar10", "mnist", "fashionmnist", "flowers102"):
         return head.lower()
@@ -185,6 +203,9 @@ def data_set_key(data: str) -> str:
 def validate_flags(cfg: TrainConfig) -> None:
     """Check flag values and combinations that need no data; raises TorchferryError naming the flag."""
     checks = [
+        (cfg.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}"),
+        (cfg.loss is None or cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}"),
+        (math.isfinite(cfg.huber_delta) and cfg.huber_delta > 0, f"--huber-delta must be positive, got {cfg.huber_delta}"),
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.gpus >= 0, f"--gpus must be 0 or more, got {cfg.gpus}"),
         (cfg.workers >= 1, f"--workers must be at least 1, got {cfg.workers}"),
@@ -240,7 +261,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     key = data_set_key(r.data)
     if key in ("folder", "annotations"):
         r.data = absolute_path(r.data)
-    elif key != "digits":
+    elif key not in ("digits", *BUILTIN_TABLES):
         name, _, root = r.data.partition(":")
         r.data = f"{name}:{absolute_path(root)}"
     for attr in ("val_data", "image_root", "init_from"):

@@ -1,7 +1,8 @@
 """One epoch's work on one worker: `train_one_epoch` and `evaluate`, their figures summed over every worker.
 
-Loss and accuracy are sums all-reduced over the process group, so the figures describe the whole data
-set, not rank 0's shard; with no process group (a single process) they are this process's own.
+The loss and the task's per-batch sums (`sums`: correct answers for a classifier, the default; errors for a
+regression) are all-reduced over the process group, so the figures describe the whole data set, not rank 0's
+shard; with no process group (a single process) they are this process's own.
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+Sums = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def correct_answers(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A classifier's per-batch sum: [how many top-1 answers are right]."""
+    return (logits.argmax(1) == target).sum().double().reshape(1)
+
+
 @dataclass
 class PhaseStats:
-    """Sums over every worker for one phase of an epoch."""
+    """Figures over every worker for one phase of an epoch: the mean loss, the task's sums, the samples."""
 
     loss: float
-    accuracy: float
     images: int
     seconds: float
+    totals: list[float]
+
+    @property
+    def accuracy(self) -> float:
+        """The first sum per sample: the accuracy, for a classifier's `correct_answers`."""
+        return self.totals[0] / max(self.images, 1) if self.totals else 0.0
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -86,13 +100,14 @@ def _to_device(images: torch.Tensor, target: torch.Tensor, device: torch.device,
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, *, amp: bool = False, scaler: torch.amp.GradScaler | None = None,
                     channels_last: bool = False, progress: Any = None,
-                    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PhaseStats:
-    """One pass over this worker's shard; returns loss/accuracy summed over all workers."""
+                    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    sums: Sums = correct_answers) -> PhaseStats:
+    """One pass over this worker's shard; returns the loss and `sums` summed over all workers."""
     model.train()
     keep_frozen_norms_in_eval(model)  # --freeze-backbone: frozen BatchNorm keeps its running statistics
     dtype = amp_dtype(device)
     # Sums stay on the device: a `.item()` per step would make the CPU wait for the GPU every step.
-    loss_sum, correct = _zeros(device), _zeros(device)
+    loss_sum, totals = _zeros(device), None
     count = 0
     start = time.perf_counter()
     for images, target in loader:
@@ -109,24 +124,40 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module, 
             optimizer.step()
         n = target.shape[0]
         loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == target).sum()
+        totals = _add(totals, sums(logits.detach(), target))
         count += n
         if progress is not None:
             progress.update(1)
-    local = torch.stack([loss_sum, correct]).tolist()  # the epoch's one wait for the device
+    local = _local(loss_sum, totals, sums, device)  # the epoch's one wait for the device
     seconds = time.perf_counter() - start
-    loss_sum, correct, count, seconds = _all_reduce_sums([*local, count, seconds], device)
+    loss_sum, *reduced, count, seconds = _all_reduce_sums([*local, count, seconds], device)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return PhaseStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds / world)
+    return PhaseStats(loss_sum / max(count, 1), int(count), seconds / world, reduced)
+
+
+def _add(totals: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+    return batch.double() if totals is None else totals + batch.double()
+
+
+def _local(loss_sum: torch.Tensor, totals: torch.Tensor | None, sums: Sums, device: torch.device) -> list[float]:
+    """[loss sum, *task sums] of this worker; a worker with an empty shard has zeros of the same length."""
+    if totals is None:  # every rank must all-reduce as many numbers
+        totals = torch.zeros(_sums_length(sums), dtype=torch.float64, device=device)
+    return torch.cat([loss_sum.reshape(1), totals]).tolist()
+
+
+def _sums_length(sums: Sums) -> int:
+    """How many numbers `sums` gives: a task's `sums_length` for its bound `batch_sums`, else 1."""
+    return int(getattr(getattr(sums, "__self__", None), "sums_length", 1))
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, *,
-             amp: bool = False, channels_last: bool = False) -> PhaseStats:
-    """Loss and accuracy over every worker's validation shard, summed with all-reduce."""
+             amp: bool = False, channels_last: bool = False, sums: Sums = correct_answers) -> PhaseStats:
+    """The loss and `sums` over every worker's validation shard, summed with all-reduce."""
     model.eval()
     dtype = amp_dtype(device)
-    loss_sum, correct = _zeros(device), _zeros(device)
+    loss_sum, totals = _zeros(device), None
     count = 0
     start = time.perf_counter()
     for images, target in loader:
@@ -136,9 +167,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
             loss = criterion(logits.float(), target)
         n = target.shape[0]
         loss_sum += loss.double() * n
-        correct += (logits.argmax(1) == target).sum()
+        totals = _add(totals, sums(logits.float(), target))
         count += n
-    local = torch.stack([loss_sum, correct]).tolist()
+    local = _local(loss_sum, totals, sums, device)
     seconds = time.perf_counter() - start
-    loss_sum, correct, count = _all_reduce_sums([*local, count], device)
-    return PhaseStats(loss_sum / max(count, 1), correct / max(count, 1), int(count), seconds)
+    loss_sum, *reduced, count = _all_reduce_sums([*local, count], device)
+    return PhaseStats(loss_sum / max(count, 1), int(count), seconds, reduced)

@@ -70,9 +70,9 @@ def setup_worker_logging(verbose: bool) -> None:
 
 
 def format_epoch(row: dict[str, Any], epochs: int) -> str:
-    """The per-epoch console line."""
-    return (f"epoch {row['epoch'] + 1:>3}/{epochs}  train_loss {row['train_loss']:.4f}  train_acc {row['train_acc']:.4f}"
-            f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  lr {row['lr']:.3g}"
+    """The per-epoch console line: the task's figures in the row's order, then lr, speed and time."""
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_s", "seconds"))
+    return (f"epoch {row['epoch'] + 1:>3}/{epochs}  {figures}  lr {row['lr']:.3g}"
             f"  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
 
 

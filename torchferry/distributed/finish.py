@@ -60,26 +60,29 @@ RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler")
 
 
 class UsableCheckpoint(NamedTuple):
-    """A checkpoint of the run that loaded and matched its sidecar."""
+    """A checkpoint of the run that loaded and matched its sidecar, and its task's best-metric value."""
 
-    val_acc: float
+    score: float
     epoch: int
     contents: dict[str, Any]
 
 
 def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
-    """Write the best usable checkpoint, less its resume state, to runs/<name>/best.pth (atomic, sha256 sidecar);
-    rewrite metrics.csv.
+    """Write the best usable checkpoint by the task's metric (val_acc, val_rmse), less its resume state, to
+    runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv.
 
     Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
     over with a warning, so best.pth is always a checkpoint that loads.
     """
     from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.tasks import get_task
 
+    task = get_task(cfg.task)
     usable = usable_checkpoints(cfg, result)
     if not usable:
         raise TrainingFailed(f"training finished without a usable checkpoint; {latest_checkpoint_note(cfg)}")
-    best = max(usable, key=lambda u: (u.val_acc, -u.epoch)).contents  # the earliest epoch among equals
+    sign = 1.0 if task.best_mode == "max" else -1.0
+    best = max(usable, key=lambda u: (sign * u.score, -u.epoch)).contents  # the earliest epoch among equals
     latest = max(usable, key=lambda u: u.epoch).contents
     best_path = os.path.join(cfg.run_dir, "best.pth")
     # best.pth is for inference and fine-tuning: the optimizer, schedule and scaler state (as large as the
@@ -88,12 +91,14 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     ckpt.load_checkpoint(best_path)
     # Rank 0 wrote metrics.csv as it went; on several nodes it wrote it on its own node, so write it here too.
     history = latest.get("history", [])
-    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history)
+    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history, task.metric_columns)
     mark("best_written")
     if split is not None:
-        _pictures(cfg, best, history, split)
+        _pictures(task, cfg, best, history, split)
         mark("pictures_done")
-    return {"best": best_path, "epoch": best["epoch"], "val_acc": best["metrics"]["val_acc"]}
+    value = best["metrics"][task.best_metric]
+    return {"best": best_path, "epoch": best["epoch"], "metric": task.best_metric, task.best_metric: value,
+            "value": value}
 
 
 def usable_checkpoints(cfg: TrainConfig, result: Any) -> list[UsableCheckpoint]:
@@ -102,7 +107,9 @@ def usable_checkpoints(cfg: TrainConfig, result: Any) -> list[UsableCheckpoint]:
     checkpoint was written, then resumed)."""
     from torchferry.distributed import checkpoint as ckpt
     from torchferry.distributed.resume import checkpoint_dirs
+    from torchferry.distributed.tasks import get_task
 
+    metric = get_task(cfg.task).best_metric
     kept = [c for c, _ in (result.best_checkpoints or [])]
     if not kept and result.checkpoint is not None:
         kept = [result.checkpoint]
@@ -114,7 +121,8 @@ def usable_checkpoints(cfg: TrainConfig, result: Any) -> list[UsableCheckpoint]:
     for d in checkpoint_dirs(os.path.join(cfg.storage_path, str(cfg.name))):
         if os.path.abspath(d) not in recorded:
             loaded.append(_load_or_warn(os.path.join(d, ckpt.CHECKPOINT_FILE)))
-    return [UsableCheckpoint(c["metrics"]["val_acc"], c["epoch"], c) for c in loaded if c is not None]
+    return [UsableCheckpoint(c["metrics"][metric], c["epoch"], c) for c in loaded
+            if c is not None and metric in c["metrics"]]
 
 
 def _load_or_warn(path: str) -> dict[str, Any] | None:
@@ -128,13 +136,10 @@ def _load_or_warn(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _pictures(cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
-    """curves.png and val_predictions.png; a failure here is reported but never fails a finished run."""
-    from torchferry.distributed.data import eval_datasets
-    from torchferry.distributed.report import run_pictures
-
+def _pictures(task: Any, cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
+    """The task's pictures (curves.png and val_predictions.png); a failure here is reported but never fails a
+    finished run."""
     try:
-        _, val = eval_datasets(split, best["preprocess"])
-        run_pictures(cfg.run_dir, best, history, val, factory=cfg.model)
+        task.pictures(cfg, best, history, split)
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience; the checkpoint is what matters
         _logger.warning("could not draw curves.png / val_predictions.png: %s", exc)

@@ -10,7 +10,17 @@ from __future__ import annotations
 import argparse
 
 from torchferry.cli import add_debug_arguments
-from torchferry.distributed.config import CHECK_IMAGES, OPTIMIZERS, SCHEDULERS, TrainConfig
+from torchferry.contract import TASKS
+from torchferry.distributed.config import (
+    CHECK_IMAGES,
+    DEFAULT_MODELS,
+    DEFAULT_OPTIMIZERS,
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULERS,
+    TrainConfig,
+    infer_task,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -18,6 +28,10 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _ints(text: str) -> list[int]:
@@ -32,14 +46,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m distributed.launch",
-        description="Train an image classifier with Ray Train (DDP over GPU or CPU workers) and keep the "
-        "best checkpoint by validation accuracy in runs/<name>/best.pth.",
+        description="Train an image classifier (or a tabular regression, --task tabular) with Ray Train (DDP "
+        "over GPU or CPU workers) and keep the best checkpoint by its validation figure (val_acc, val_rmse) in "
+        "runs/<name>/best.pth.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m distributed.launch --gpus 0 --workers 2      # CPU, built-in digits\n"
         "  python -m distributed.launch --gpus 2 --data ~/flowers --model resnet50 --pretrained DEFAULT --epochs 30\n"
-        "  python -m distributed.launch --data cifar10:~/datasets/cifar10 --model resnet18",
+        "  python -m distributed.launch --data cifar10:~/datasets/cifar10 --model resnet18\n"
+        "  python -m distributed.launch --data diabetes                   # tabular regression, built-in\n"
+        "  python -m distributed.launch --data table.csv --target temp    # tabular regression on a CSV",
     )
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=TASKS, default=None, help="what to learn: image classification, tabular "
+                   "regression or text classification (default: tabular for --data diabetes or with --target, "
+                   "else image)")
+    g.add_argument("--target", default=None, help="tabular: the CSV column to predict (default: none; "
+                   "'target' for the built-in diabetes set)")
+    g.add_argument("--categorical", type=_names, default=[], help="tabular: comma-separated columns to one-hot "
+                   "encode (default: every column whose values are not all numbers)")
+    g.add_argument("--loss", choices=LOSSES, default=None, help="tabular: mse or huber on the standardised "
+                   "target (default: mse)")
+    g.add_argument("--huber-delta", type=float, default=d.huber_delta, help="tabular: Huber's delta, in "
+                   f"standard deviations of the target (default: {d.huber_delta:g})")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="'digits' (built-in, default), an ImageFolder directory "
                    "(DIR/train/<class>, DIR/val/<class>, or DIR/<class> split by --val-split), an annotation "
@@ -84,9 +113,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "resized crop (default: 0.08 as torchvision's reference; 0.5 for small images, 64 px or less)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="smallcnn (default), a torchvision classification model by "
+    g.add_argument("--model", default=None, help="smallcnn (default), a torchvision classification model by "
                    "name (resnet18, resnet50, mobilenet_v3_small, efficientnet_b0, convnext_tiny, vit_b_16, ...), "
-                   "or package.module:factory for your own nn.Module, called with num_classes=")
+                   "or package.module:factory for your own nn.Module, called with num_classes=; tabular: mlp "
+                   "(default) or package.module:factory, called with in_features= and out_features=1")
     g.add_argument("--pretrained", default=None, help="DEFAULT or a torchvision weights enum name "
                    "(IMAGENET1K_V2, ...) or a local .pth state dict; the head is replaced for your classes "
                    "(default: random init)")
@@ -104,7 +134,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs to train (default: {d.epochs})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size, split evenly over "
                    f"the workers (default: {d.batch_size})")
-    g.add_argument("--opt", choices=OPTIMIZERS, default=d.opt, help=f"optimizer (default: {d.opt})")
+    g.add_argument("--opt", choices=OPTIMIZERS, default=None, help=f"optimizer (default: {d.opt} for images, "
+                   "adam for tables)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.1 × batch-size/256, "
                    "the linear scaling rule; adam/adamw 1e-3)")
     g.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
@@ -166,4 +197,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a TrainConfig (not yet resolved against the data)."""
     ns = get_args_parser().parse_args(argv)
+    if ns.task is None:
+        ns.task = infer_task(ns.data, ns.target)
+    ns.model = ns.model or DEFAULT_MODELS.get(ns.task, TrainConfig.model)
+    ns.opt = ns.opt or DEFAULT_OPTIMIZERS.get(ns.task, TrainConfig.opt)
     return TrainConfig(**vars(ns))

@@ -56,6 +56,9 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
     from torchferry.distributed.loop import train_func
 
     events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    from torchferry.distributed.tasks import get_task
+
+    task = get_task(cfg.task)
     use_gpu = cfg.gpus > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -69,8 +72,8 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
             name=cfg.name,
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_acc",
-                                                         checkpoint_score_order="max"),
+                                                         checkpoint_score_attribute=task.best_metric,
+                                                         checkpoint_score_order=task.best_mode),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
         ),
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: TrainConfig) -> int:
     summary = run(cfg)
-    print(f"best val_acc {summary['val_acc']:.4f} at epoch {summary['epoch'] + 1}: {summary['best']}")
+    print(f"best {summary['metric']} {summary['value']:.4f} at epoch {summary['epoch'] + 1}: {summary['best']}")
     return 0
 
 

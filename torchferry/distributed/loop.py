@@ -24,13 +24,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed.config import TrainConfig
-from torchferry.distributed.data import build_datasets, discover
-from torchferry.distributed.discovery import DataSplit
 from torchferry.distributed.epoch import amp_dtype, evaluate, is_main_process, train_one_epoch
 from torchferry.distributed.events import EventSink, format_epoch, record_placement, setup_worker_logging
-from torchferry.distributed.models import build_model, find_head, set_backbone_trainable
-from torchferry.distributed.presets import DeviceNormalize, build_eval_transform, build_train_transform, preprocess_spec
+from torchferry.distributed.models import find_head, set_backbone_trainable
 from torchferry.distributed.resume import Resumed, init_from_checkpoint, restore_latest, resume_state
+from torchferry.distributed.tasks import Task, get_task
 from torchferry.distributed.timeline import mark, process_started
 
 _logger = logging.getLogger(__name__)
@@ -49,12 +47,11 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def build_loaders(split: DataSplit, cfg: TrainConfig, rank: int, world: int,
+def build_loaders(split: Any, cfg: TrainConfig, rank: int, world: int,
                   use_cuda: bool) -> tuple[DataLoader, DataLoader]:
-    """Sharded training loader (seeded DistributedSampler) and unpadded validation shard, via Ray."""
-    # On a GPU the training images travel as uint8 and are normalised there (DeviceNormalize).
-    train_ds, val_ds = build_datasets(split, int(cfg.channels or 3), build_train_transform(cfg, normalize=not use_cuda),
-                                      build_eval_transform(preprocess_spec(cfg)))
+    """Sharded training loader (seeded DistributedSampler) and unpadded validation shard of the task's
+    datasets, via Ray."""
+    train_ds, val_ds = get_task(cfg.task).datasets(split, cfg, use_cuda)
     per_worker = cfg.batch_size // world
     common: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": use_cuda,
                               "persistent_workers": cfg.num_workers > 0}
@@ -129,14 +126,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
     mark("worker_entry", rank=rank, process_started=process_started())
     device = _set_up_device(cfg)
     record_placement(cfg, rank, world, events)
-    split = worker_split(loop_config)
+    task = get_task(cfg.task)
+    split = task.worker_split(loop_config)
     train_loader, val_loader = build_loaders(split, cfg, rank, world, device.type == "cuda")
     mark("loaders_built", rank=rank)
-    stage, scaler, past = _first_stage(cfg, split, events, device)
-    work = _EpochWork(cfg, device, train_loader, val_loader, scaler, events)
+    stage, scaler, past = _first_stage(task, cfg, split, events, device)
+    work = _EpochWork(task, cfg, split, device, train_loader, val_loader, scaler, events)
     mark("model_built", rank=rank)
-    writer = _open_writer(cfg, past, len(split.classes), world, device, events) if is_main_process() else None
-    history, best_acc = past.history, past.best_acc
+    writer = _open_writer(cfg, past, world, device, events) if is_main_process() else None
+    history, best = past.history, past.best
     for epoch in range(past.start_epoch, cfg.epochs):
         # The random streams depend on (seed, rank, epoch) only, so a resumed run draws what an
         # uninterrupted one would have drawn.
@@ -146,8 +144,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
             _logger.info("epoch %d: backbone unfrozen, training everything at lr %g", epoch + 1, cfg.finetune_lr)
         row = run_epoch(work, stage, epoch)
         history.append(row)
-        best_acc = max(best_acc, row["val_acc"])
-        _report(row, history, best_acc, stage, scaler, split, cfg, writer)
+        best = better(task, best, row[task.best_metric])
+        _report(work, row, history, best, stage, split, writer)
         events.send("epoch", row=row)
     mark("last_epoch_end", rank=rank)
     if writer is not None:
@@ -165,25 +163,20 @@ def _set_up_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def worker_split(loop_config: dict[str, Any]) -> DataSplit:
-    """The driver's data split, found again on this worker: the images the driver checked, less the bad ones."""
-    split = discover(TrainConfig.from_dict({**loop_config["cfg"], "check_images": "none"}))
-    bad = {p for p, _ in loop_config.get("bad_images", [])}
-    split.train = [s for s in split.train if s[0] not in bad]
-    split.val = [s for s in split.val if s[0] not in bad]
-    return split
+def better(task: Task, best: float, value: float) -> float:
+    """The better of two values of the task's best metric (the higher accuracy, the lower error)."""
+    return max(best, value) if task.best_mode == "max" else min(best, value)
 
 
-def _first_stage(cfg: TrainConfig, split: DataSplit, events: EventSink,
+def _first_stage(task: Task, cfg: TrainConfig, split: Any, events: EventSink,
                  device: torch.device) -> tuple[_Stage, torch.amp.GradScaler, Resumed]:
     """The model with its starting weights (the run's newest checkpoint, --init-from, or fresh), the stage it
     trains in, the AMP scaler, and what a restored run had done already."""
-    num_classes = len(split.classes)
-    bare = build_model(cfg.model, num_classes, cfg.pretrained, int(cfg.channels or 3))
-    head = find_head(bare, num_classes)
+    bare = task.build_model(cfg, split)
+    head = find_head(bare, len(getattr(split, "classes", ())))
     restored = restore_latest(events, cfg)
     if restored is None and cfg.init_from:
-        init_from_checkpoint(bare, cfg.init_from, head, split.classes)
+        init_from_checkpoint(bare, cfg.init_from, head, lambda source: task.outputs_match(source, split))
     elif restored is not None:
         bare.load_state_dict(restored["state_dict"])
     if cfg.channels_last:
@@ -191,18 +184,17 @@ def _first_stage(cfg: TrainConfig, split: DataSplit, events: EventSink,
     frozen = bool(restored["backbone_frozen"]) if restored is not None else cfg.freeze_backbone
     stage = _Stage(bare, head, cfg, frozen, _stage_epochs(cfg, frozen))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
-    return stage, scaler, resume_state(restored, stage.optimizer, stage.scheduler, scaler)
+    return stage, scaler, resume_state(task, restored, stage.optimizer, stage.scheduler, scaler)
 
 
-def _open_writer(cfg: TrainConfig, past: Resumed, num_classes: int, world: int, device: torch.device,
-                 events: EventSink) -> Any:
+def _open_writer(cfg: TrainConfig, past: Resumed, world: int, device: torch.device, events: EventSink) -> Any:
     """Rank 0's TensorBoard writer in runs/<name>/tb, and the line that says what trains where."""
     from torch.utils.tensorboard import SummaryWriter
 
     os.makedirs(cfg.run_dir, exist_ok=True)
     writer = SummaryWriter(os.path.join(cfg.run_dir, "tb"),
                            purge_step=past.start_epoch + 1 if past.start_epoch else None)
-    message = (f"training {cfg.model} on {num_classes} classes: {world} worker(s) × batch "
+    message = (f"training {cfg.model} ({cfg.task}): {world} worker(s) × batch "
                f"{cfg.batch_size // world} = global batch {(cfg.batch_size // world) * world}, device {device.type}")
     _logger.info(message)
     events.send("info", message=message)
@@ -213,7 +205,9 @@ def _open_writer(cfg: TrainConfig, past: Resumed, num_classes: int, world: int, 
 class _EpochWork:
     """What every epoch of this worker uses."""
 
+    task: Task
     cfg: TrainConfig
+    split: Any
     device: torch.device
     train_loader: DataLoader
     val_loader: DataLoader
@@ -221,10 +215,8 @@ class _EpochWork:
     events: EventSink
 
     def __post_init__(self) -> None:
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
-        self.eval_criterion = nn.CrossEntropyLoss()
-        cuda = self.device.type == "cuda"
-        self.normalize = DeviceNormalize(list(self.cfg.mean or []), list(self.cfg.std or [])) if cuda else None
+        self.criterion, self.eval_criterion = self.task.criteria(self.cfg, self.split)
+        self.normalize = self.task.device_transform(self.cfg, self.device)
 
 
 def run_epoch(work: _EpochWork, stage: _Stage, epoch: int) -> dict[str, Any]:
@@ -237,30 +229,33 @@ def run_epoch(work: _EpochWork, stage: _Stage, epoch: int) -> dict[str, Any]:
     lr = stage.optimizer.param_groups[0]["lr"]
     train = train_one_epoch(stage.model, work.train_loader, work.criterion, stage.optimizer, device, amp=cfg.amp,
                             scaler=work.scaler, channels_last=bool(cfg.channels_last),
-                            progress=work.events.start_epoch(epoch, len(work.train_loader)), normalize=work.normalize)
+                            progress=work.events.start_epoch(epoch, len(work.train_loader)), normalize=work.normalize,
+                            sums=work.task.batch_sums)
     val = evaluate(stage.model, work.val_loader, work.eval_criterion, device, amp=cfg.amp,
-                   channels_last=bool(cfg.channels_last))
+                   channels_last=bool(cfg.channels_last), sums=work.task.batch_sums)
     if isinstance(stage.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         stage.scheduler.step(val.loss)
     else:
         stage.scheduler.step()
-    return {"epoch": epoch, "train_loss": train.loss, "train_acc": train.accuracy, "val_loss": val.loss,
-            "val_acc": val.accuracy, "lr": float(lr), "images_per_s": train.images / max(train.seconds, 1e-9),
-            "seconds": time.perf_counter() - epoch_start}
+    return {"epoch": epoch, "train_loss": train.loss, **work.task.phase_metrics("train", train), "val_loss": val.loss,
+            **work.task.phase_metrics("val", val), "lr": float(lr),
+            "images_per_s": train.images / max(train.seconds, 1e-9), "seconds": time.perf_counter() - epoch_start}
 
 
-def _report(row: dict[str, Any], history: list[dict[str, Any]], best_acc: float, stage: _Stage,
-            scaler: torch.amp.GradScaler, split: DataSplit, cfg: TrainConfig, writer: Any) -> None:
+def _report(work: _EpochWork, row: dict[str, Any], history: list[dict[str, Any]], best: float, stage: _Stage,
+            split: Any, writer: Any) -> None:
     """Rank 0 writes the epoch's checkpoint, metrics.csv and TensorBoard scalars; every rank reports."""
+    cfg, task = work.cfg, work.task
     if not is_main_process():
         ray.train.report(dict(row))
         return
     _logger.info(format_epoch(row, cfg.epochs))
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
-        writer.add_scalar(key, row[key], row["epoch"] + 1)
+    for key in task.metric_columns:
+        if key not in ("epoch", "seconds"):
+            writer.add_scalar(key, row[key], row["epoch"] + 1)
     writer.flush()
-    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history)
-    checkpoint = make_checkpoint(stage, scaler, split, cfg, row, history, best_acc)
+    ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history, task.metric_columns)
+    checkpoint = make_checkpoint(task, stage, work.scaler, split, cfg, row, history, best)
     tmp = tempfile.mkdtemp(prefix="torchferry-ckpt-")
     try:
         ckpt.save_checkpoint(checkpoint, os.path.join(tmp, ckpt.CHECKPOINT_FILE), sidecar=True)
@@ -269,10 +264,12 @@ def _report(row: dict[str, Any], history: list[dict[str, Any]], best_acc: float,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_checkpoint(stage: _Stage, scaler: torch.amp.GradScaler, split: DataSplit, cfg: TrainConfig,
-                    row: dict[str, Any], history: list[dict[str, Any]], best_acc: float) -> dict[str, Any]:
+def make_checkpoint(task: Task, stage: _Stage, scaler: torch.amp.GradScaler, split: Any, cfg: TrainConfig,
+                    row: dict[str, Any], history: list[dict[str, Any]], best: float) -> dict[str, Any]:
     """This epoch's checkpoint (docs/design.md), with the state --resume continues from."""
-    return ckpt.build_checkpoint(stage.model, cfg, split.classes, epoch=row["epoch"], metrics=row, resume={
-        "history": [dict(r) for r in history], "best_val_acc": float(best_acc), "backbone_frozen": bool(stage.frozen),
+    return ckpt.build_checkpoint(stage.model, cfg, fields=task.checkpoint_fields(split, cfg), epoch=row["epoch"],
+                                 metrics=row, resume={
+        "history": [dict(r) for r in history], f"best_{task.best_metric}": float(best),
+        "backbone_frozen": bool(stage.frozen),
         "optimizer": stage.optimizer.state_dict(), "scheduler": stage.scheduler.state_dict(),
         "scaler": scaler.state_dict()})

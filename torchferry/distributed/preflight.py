@@ -17,29 +17,23 @@ from typing import Any
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, absolute_paths, fit_to_images, resolve_defaults, validate_flags
-from torchferry.distributed.timeline import mark
 
 _logger = logging.getLogger(__name__)
 
 
 def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
-    """Validate flags, find and check the data, resolve defaults, build the model and run it once; all before Ray."""
-    from torchferry.distributed.data import discover
-    from torchferry.distributed.models import check_arch, is_custom, weights_preprocess
+    """Validate flags, find and check the data, resolve defaults, build the model and run it once (the run's
+    task does the last three: `Task.prepare`); all before Ray."""
+    from torchferry.distributed.models import is_custom
+    from torchferry.distributed.tasks import get_task
 
     validate_flags(cfg)
     if cfg.resume:
         cfg = resumed_config(cfg)
-    check_arch(cfg.model)
     if cfg.lr_scheduler == "plateau" and cfg.lr_warmup_epochs:
         raise TorchferryError("--lr-warmup-epochs does not combine with --lr-scheduler plateau")
     cfg = absolute_paths(cfg)
-    weights = weights_preprocess(cfg.model, cfg.pretrained)
-    split = discover(cfg)
-    _logger.info("data: %s", split.describe())
-    mark("data_checked")
-    cfg = fit_model_to_input(cfg, weights, split)
-    mark("model_checked")
+    cfg, split = get_task(cfg.task).prepare(cfg)
     if cfg.progress == "auto":
         cfg.progress = "on" if sys.stderr.isatty() else "off"
     if cfg.init_from:

@@ -36,8 +36,10 @@ def _save(fig: Any, path: str) -> bytes:
     return buffer.getvalue()
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str) -> dict[str, Any]:
-    """curves.png: train/val loss and accuracy by epoch (whole epochs on the x axis).
+def plot_curves(history: Sequence[dict[str, Any]], path: str, figure: tuple[str, str] = ("acc", "accuracy"),
+                ylim: tuple[float, float] | None = (0, 1.02)) -> dict[str, Any]:
+    """curves.png: train/val loss and a figure (accuracy; a regression's RMSE: `figure=("rmse", "RMSE")`) by
+    epoch (whole epochs on the x axis).
 
     Returns what was drawn: the epochs (1-based) and the x ticks of each panel.
     """
@@ -49,10 +51,13 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str) -> dict[str, Any]:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for key, style in (("train_loss", "-"), ("val_loss", "--")):
         loss_ax.plot(epochs, [r[key] for r in rows], style, marker="o", label=key)
-    for key, style in (("train_acc", "-"), ("val_acc", "--")):
-        acc_ax.plot(epochs, [r[key] for r in rows], style, marker="o", label=key)
+    key, label = figure
+    for name, style in ((f"train_{key}", "-"), (f"val_{key}", "--")):
+        acc_ax.plot(epochs, [r[name] for r in rows], style, marker="o", label=name)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
+    acc_ax.set(xlabel="epoch", ylabel=label, title=label)
+    if ylim is not None:
+        acc_ax.set_ylim(*ylim)
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

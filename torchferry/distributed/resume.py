@@ -25,10 +25,11 @@ _logger = logging.getLogger(__name__)
 
 
 class Resumed(NamedTuple):
-    """What a restored run had done: its metrics rows, best validation accuracy and the epoch to go on with."""
+    """What a restored run had done: its metrics rows, the best value of its task's best metric and the epoch
+    to go on with."""
 
     history: list[dict[str, Any]]
-    best_acc: float
+    best: float
     start_epoch: int
 
 
@@ -99,11 +100,13 @@ def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None
     return restored
 
 
-def init_from_checkpoint(model: nn.Module, path: str, head: list[str], classes: list[str]) -> None:
-    """--init-from: start from another torchferry checkpoint's weights; a new head when the classes differ."""
+def init_from_checkpoint(model: nn.Module, path: str, head: list[str],
+                         outputs_match: Callable[[dict[str, Any]], bool]) -> None:
+    """--init-from: start from another torchferry checkpoint's weights; a new head when `outputs_match` says
+    its outputs (the classes) differ."""
     source = ckpt.load_checkpoint(path)
     state = dict(source["state_dict"])
-    if list(source["classes"]) != list(classes):
+    if not outputs_match(source):
         state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in head)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     foreign = [k for k in missing if not any(k.startswith(h + ".") for h in head)]
@@ -113,13 +116,14 @@ def init_from_checkpoint(model: nn.Module, path: str, head: list[str], classes: 
     _logger.info("initialised from %s%s", path, "" if not missing else " with a new head for these classes")
 
 
-def resume_state(restored: dict[str, Any] | None, optimizer: Any, scheduler: Any, scaler: Any) -> Resumed:
+def resume_state(task: Any, restored: dict[str, Any] | None, optimizer: Any, scheduler: Any, scaler: Any) -> Resumed:
     """Load a restored checkpoint's optimizer, schedule and scaler state; what the run had done (nothing
-    when there is no checkpoint to go on from)."""
+    when there is no checkpoint to go on from). `task` says which metric is the best and which way."""
+    worst = -math.inf if task.best_mode == "max" else math.inf
     if restored is None:
-        return Resumed([], -math.inf, 0)
+        return Resumed([], worst, 0)
     optimizer.load_state_dict(restored["optimizer"])
     scheduler.load_state_dict(restored["scheduler"])
     scaler.load_state_dict(restored["scaler"])
     history = [dict(r) for r in restored.get("history", []) if r["epoch"] <= restored["epoch"]]
-    return Resumed(history, float(restored.get("best_val_acc", -math.inf)), int(restored["epoch"]) + 1)
+    return Resumed(history, float(restored.get(f"best_{task.best_metric}", worst)), int(restored["epoch"]) + 1)

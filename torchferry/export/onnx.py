@@ -32,6 +32,7 @@ from torchferry.cli import FAILED, add_debug_arguments, error, run_main
 from torchferry.contract import INPUT_NAME, OUTPUT_NAME, sha256_file, sidecar_path, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import default_file_mode, load_checkpoint, model_from_checkpoint, write_sidecar
+from torchferry.distributed.tasks import task_for
 from torchferry.export import metadata as meta
 from torchferry.export.verify import (
     DEFAULT_ATOL,
@@ -53,12 +54,12 @@ _logger = logging.getLogger(__name__)
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int | None, output: str) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                    output_names=[output], dynamic_shapes=({0: batch},),
                                     opset_version=opset, external_data=False, verbose=False)
         # PyTorch's own check of the exported program against eager mode, on the golden batch.
         from torch.onnx.verification import verify_onnx_program
@@ -68,13 +69,13 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int | None) -
     return program.model_proto
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int | None) -> onnx.ModelProto:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int | None, output: str) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset or 17,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                          output_names=[output], opset_version=opset or 17,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -86,33 +87,32 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
-def export_model(model: nn.Module, example: torch.Tensor, opset: int | None = None) -> tuple[onnx.ModelProto, str]:
-    """ONNX graph of `model` with input `input` [N, C, H, W] (dynamic N) and output `logits`; and the exporter used."""
+def export_model(model: nn.Module, example: torch.Tensor, opset: int | None = None,
+                 output: str = OUTPUT_NAME) -> tuple[onnx.ModelProto, str]:
+    """ONNX graph of `model` with input `input` ([N, C, H, W] for images, [N, F] for tables; dynamic N) and output
+    `output` (the task's: `logits`, `prediction`); and the exporter used."""
     try:
-        return _export_dynamo(model, example, opset), "dynamo"
+        return _export_dynamo(model, example, opset, output), "dynamo"
     except Exception as exc:  # noqa: BLE001 - any dynamo failure falls back, and says so
         reason = _root_cause(exc)
         _logger.warning("the dynamo exporter failed (%s); falling back to the TorchScript exporter", reason)
-    return _export_torchscript(model, example, opset), "torchscript"
+    return _export_torchscript(model, example, opset, output), "torchscript"
 
 
 def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Module, opset: int | None = None, *,
                atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> tuple[onnx.ModelProto, str]:
-    """Export and attach the metadata docs/design.md lists, golden inputs and their PyTorch logits included
-    (with the tolerance the export is held to)."""
-    pre = checkpoint["preprocess"]
-    c, (h, w) = int(pre["channels"]), (int(v) for v in pre["size"])
-    golden = contract.golden_inputs([contract.GOLDEN_BATCH, c, h, w])
+    """Export and attach the metadata docs/design.md lists (the task's own through `Task.onnx_metadata`), golden
+    inputs and their PyTorch outputs included (with the tolerance the export is held to)."""
+    task = task_for(checkpoint)
+    golden = contract.golden_inputs([contract.GOLDEN_BATCH, *task.input_shape(checkpoint)])
     example = torch.from_numpy(golden)
-    proto, exporter = export_model(model, example, opset)
+    proto, exporter = export_model(model, example, opset, task.output_name)
     with torch.inference_mode():
         logits = model(example).numpy()
     meta.set_metadata(proto, {
-        "classes": list(checkpoint["classes"]),
-        "preprocess": pre,
+        "task": task.name,
+        **task.onnx_metadata(checkpoint),
         "arch": checkpoint["arch"],
-        "num_classes": int(checkpoint["num_classes"]),
-        "val_acc": float(checkpoint["metrics"].get("val_acc", float("nan"))),
         "epoch": int(checkpoint["epoch"]),
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "torchferry_version": torchferry.__version__,
@@ -192,7 +192,7 @@ def _optimize(src: str, dst: str, atol: float, rtol: float) -> dict[str, Any]:
         meta.set_metadata(optimized, {**values, "optimization": "onnxruntime-extended"})
         onnx.save(optimized, tmp)
         x, expected, _, _ = contract.read_golden(values["golden"], values["golden"]["shape"][1:],
-                                                 len(values["classes"]))
+                                                 len(values["golden"]["logits"][0]))
         got = ort_session(tmp).run(None, {INPUT_NAME: x})[0]
         ratio = tolerance_ratio(got, expected, atol, rtol)
         if not ratio <= 1.0:
@@ -214,6 +214,9 @@ def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset:
     `factory` is the command line's --model: the only way a `package.module:factory` checkpoint is rebuilt.
     """
     checkpoint = load_checkpoint(checkpoint_path)
+    if quantize and task_for(checkpoint).name != "image":
+        raise TorchferryError(f"--quantize {quantize} is for image models; this checkpoint is a "
+                              f"{task_for(checkpoint).name} model")
     model = model_from_checkpoint(checkpoint, factory=factory)
     output = os.path.abspath(output or os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "model.onnx"))
     os.makedirs(os.path.dirname(output), exist_ok=True)

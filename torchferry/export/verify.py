@@ -30,6 +30,7 @@ from torchferry.cli import FAILED, add_debug_arguments, add_factory_argument, er
 from torchferry.contract import INPUT_NAME, decode_metadata, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from torchferry.distributed.tasks import Task, get_task, task_for
 
 _logger = logging.getLogger(__name__)
 
@@ -49,27 +50,27 @@ def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
 
 
 def compare(onnx_logits: np.ndarray, torch_logits: np.ndarray, atol: float = DEFAULT_ATOL,
-            rtol: float = DEFAULT_RTOL) -> dict[str, float]:
+            rtol: float = DEFAULT_RTOL, task: Task | None = None) -> dict[str, float]:
     """max abs error, max relative error (|a-b| / max(|b|, 1e-6)), the tolerance ratio (<= 1 passes, see
-    `tolerance_ratio`) and top-1 agreement of two logit batches."""
+    `tolerance_ratio`) of two output batches, and the task's agreement figures (a classifier's top-1 agreement)."""
     diff = np.abs(onnx_logits.astype(np.float64) - torch_logits.astype(np.float64))
     rel = diff / np.maximum(np.abs(torch_logits.astype(np.float64)), 1e-6)
-    agree = float(np.mean(onnx_logits.argmax(1) == torch_logits.argmax(1)))
     return {"max_abs": float(diff.max()), "max_rel": float(rel.max()),
-            "tolerance_ratio": tolerance_ratio(onnx_logits, torch_logits, atol, rtol), "top1_agreement": agree}
+            "tolerance_ratio": tolerance_ratio(onnx_logits, torch_logits, atol, rtol),
+            **(task or get_task("image")).agreement(onnx_logits, torch_logits)}
 
 
 def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator[tuple[Any, Any]], str]:
-    """Batches of (images, labels) from the checkpoint's validation split, with a description.
+    """Batches of (inputs, targets) from the checkpoint's validation split, with a description (`Task.real_batches`).
 
     Raises TorchferryError when the data cannot be reached.
     """
-    from torchferry.distributed.data import checkpoint_datasets
+    return task_for(checkpoint).real_batches(checkpoint, data, limit)
 
-    rebuilt = checkpoint_datasets(checkpoint, data)
-    indices = list(range(min(len(rebuilt.val), limit)))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(rebuilt.val, indices), batch_size=32)
-    return iter(loader), f"{len(indices)} validation images from {rebuilt.source}"
+
+def _failed_case(case: str, kind: str, batch: int, exc: Exception) -> dict[str, Any]:
+    return {"case": case, "kind": kind, "batch": batch, "max_abs": float("inf"), "max_rel": float("inf"),
+            "tolerance_ratio": float("inf"), "top1_agreement": 0.0, "error": str(exc).strip().splitlines()[0][:300]}
 
 
 def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], *, data: str | None = None,
@@ -82,61 +83,66 @@ def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], 
     A case passes when every logit satisfies |onnx - torch| <= atol + rtol * |torch| and, on real images,
     top-1 agreement reaches `min_top1`.
     """
-    model = model.eval()
+    model, task = model.eval(), task_for(checkpoint)
     session = ort_session(onnx_path)
-    c = int(checkpoint["preprocess"]["channels"])
-    h, w = (int(v) for v in checkpoint["preprocess"]["size"])
     cases: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(seed)
     for b in batch_sizes:
-        x = torch.randn(b, c, h, w, generator=gen)
+        x = task.random_input(checkpoint, b, gen)
         with torch.inference_mode():
             expected = model(x).numpy()
         try:
             got = session.run(None, {INPUT_NAME: x.numpy()})[0]
         except Exception as exc:  # noqa: BLE001 - a model that cannot run this batch fails this case
-            cases.append({"case": f"random batch {b}", "kind": "random", "batch": b, "max_abs": float("inf"),
-                          "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
-                          "error": str(exc).strip().splitlines()[0][:300]})
+            cases.append(_failed_case(f"random batch {b}", "random", b, exc))
             continue
         cases.append({"case": f"random batch {b}", "kind": "random", "batch": b,
-                      **compare(got, expected, atol, rtol)})
+                      **compare(got, expected, atol, rtol, task)})
     real_note = "not requested"
     if use_real:
-        try:
-            batches, real_note = real_batches(checkpoint, data, max_images)
-        except (TorchferryError, OSError, RuntimeError) as exc:
-            batches, real_note = iter(()), f"validation data not reachable ({exc}); pass --data to point at it"
-            _logger.warning(real_note)
-        outs, refs = [], []
-        try:
-            for x, _ in batches:
-                with torch.inference_mode():
-                    refs.append(model(x).numpy())
-                outs.append(session.run(None, {INPUT_NAME: x.numpy()})[0])
-        except Exception as exc:  # noqa: BLE001 - the model failing on real images fails that case
-            cases.append({"case": "validation images", "kind": "real", "batch": 32, "max_abs": float("inf"),
-                          "max_rel": float("inf"), "tolerance_ratio": float("inf"), "top1_agreement": 0.0,
-                          "error": str(exc).strip().splitlines()[0][:300]})
-            outs = []
-        if outs:
-            got, expected = np.concatenate(outs), np.concatenate(refs)
-            cases.append({"case": "validation images", "kind": "real", "batch": 32, "images": len(got),
-                          **compare(got, expected, atol, rtol)})
+        case, real_note = _real_case(session, model, checkpoint, data, max_images, atol, rtol)
+        cases += [case] if case else []
     for case in cases:
         case["passed"] = (case["tolerance_ratio"] <= 1.0
-                          and (case["kind"] != "real" or case["top1_agreement"] >= min_top1))
+                          and (case["kind"] != "real" or case.get("top1_agreement", 1.0) >= min_top1))
     contract = metadata_mismatches(session, checkpoint)
     return {"model": os.path.abspath(onnx_path), "atol": atol, "rtol": rtol, "min_top1_agreement": min_top1,
             "real_images": real_note, "cases": cases, "metadata_mismatches": contract,
             "passed": all(c["passed"] for c in cases) and not contract}
 
 
+def _real_case(session: ort.InferenceSession, model: nn.Module, checkpoint: dict[str, Any], data: str | None,
+               limit: int, atol: float, rtol: float) -> tuple[dict[str, Any] | None, str]:
+    """The case of the checkpoint's validation data (None when it cannot be reached), and what the data were."""
+    try:
+        batches, note = real_batches(checkpoint, data, limit)
+    except (TorchferryError, OSError, RuntimeError) as exc:
+        note = f"validation data not reachable ({exc}); pass --data to point at it"
+        _logger.warning(note)
+        return None, note
+    outs, refs = [], []
+    try:
+        for x, _ in batches:
+            with torch.inference_mode():
+                refs.append(model(x).numpy())
+            outs.append(session.run(None, {INPUT_NAME: x.numpy()})[0])
+    except Exception as exc:  # noqa: BLE001 - the model failing on real data fails that case
+        return _failed_case("validation images", "real", 32, exc), note
+    if not outs:
+        return None, note
+    got, expected = np.concatenate(outs), np.concatenate(refs)
+    return {"case": "validation images", "kind": "real", "batch": 32, "images": len(got),
+            **compare(got, expected, atol, rtol, task_for(checkpoint))}, note
+
+
 def metadata_mismatches(session: ort.InferenceSession, checkpoint: dict[str, Any]) -> list[str]:
-    """Contract fields of the model's metadata that disagree with the checkpoint (classes, preprocess, arch)."""
+    """Contract fields of the model's metadata that disagree with the checkpoint (the task's: classes, preprocess
+    and arch for an image classifier)."""
     values = decode_metadata(session.get_modelmeta().custom_metadata_map)
     problems = []
-    for key in ("classes", "preprocess", "arch"):
+    if values.get("task", "image") != task_for(checkpoint).name:
+        problems.append(f"task: model says {str(values.get('task'))[:40]!r}, checkpoint says {task_for(checkpoint).name!r}")
+    for key in task_for(checkpoint).metadata_keys():
         if key not in values:
             continue  # a model exported elsewhere: only the numbers are compared
         value = values[key]
@@ -149,9 +155,10 @@ def format_report(report: dict[str, Any]) -> str:
     """The short table printed after verification."""
     lines = [f"{'case':<22}{'max abs':>12}{'max rel':>12}{'top-1 agree':>13}  ok"]
     for c in report["cases"]:
-        lines.append(f"{c['case']:<22}{c['max_abs']:>12.3g}{c['max_rel']:>12.3g}{c['top1_agreement']:>12.1%}"
+        agree = f"{c['top1_agreement']:>12.1%}" if "top1_agreement" in c else f"{'-':>12}"
+        lines.append(f"{c['case']:<22}{c['max_abs']:>12.3g}{c['max_rel']:>12.3g}{agree}"
                      f"  {'yes' if c['passed'] else 'NO'}")
-    lines.append(f"real images: {report['real_images']}")
+    lines.append(f"real data: {report['real_images']}")
     for problem in report.get("metadata_mismatches", []):
         lines.append(f"metadata mismatch: {problem}")
     return "\n".join(lines)
@@ -168,7 +175,7 @@ def failure_message(report: dict[str, Any]) -> str:
         reasons.append(f"{worst['case']} breaks |onnx - torch| <= atol + rtol*|torch| (max abs {worst['max_abs']:.3g}, "
                        f"max rel {worst['max_rel']:.3g}; --atol {report['atol']:g} bounds the absolute error of "
                        f"logits near zero, --rtol {report['rtol']:g} the error relative to large logits){detail}")
-    low = [c for c in failed if c["kind"] == "real" and c["top1_agreement"] < report["min_top1_agreement"]]
+    low = [c for c in failed if c["kind"] == "real" and c.get("top1_agreement", 1.0) < report["min_top1_agreement"]]
     if low:
         reasons.append(f"top-1 agreement {low[0]['top1_agreement']:.1%} on validation images is below "
                        f"--min-top1-agreement {report['min_top1_agreement']:g}")

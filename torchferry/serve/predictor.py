@@ -1,9 +1,11 @@
 """One ONNX Runtime session per process, built from the model file alone, proven before it serves.
 
-The model's metadata (written by `python -m export.onnx`) carries the classes, the preprocessing and golden
-inputs with the logits PyTorch gave for them. At start-up the predictor checks the file's sha256 against
-its sidecar, refuses external-data initializers, checks the metadata against the graph (one float input
-[N, C, H, W] whose static sizes are the preprocessing's, one output [N, K] with K the number of classes),
+The model's metadata (written by `python -m export.onnx`) carries its task, the task's input spec (an image
+classifier's classes and preprocessing; a table's features) and golden inputs with the outputs PyTorch gave
+for them. At start-up the predictor checks the file's sha256 against its sidecar, refuses external-data
+initializers, checks the metadata against the graph through the task (`serve/tasks.py`: for an image
+classifier one float input [N, C, H, W] whose static sizes are the preprocessing's, one output [N, K] with K
+the number of classes),
 rebuilds the golden inputs with numpy and runs them: a model that does not reproduce them is never marked
 ready. The file is untrusted: every value it carries is checked before use, and the tolerance of the
 proof is the server's (`torchferry.contract.GOLDEN_ATOL`, `GOLDEN_RTOL`); a file may only ask for a stricter one.
@@ -33,9 +35,11 @@ from torchferry.contract import (
     preprocess_problems,
     read_golden,
     recorded_sha256,
+    task_of,
     tolerance_ratio,
 )
 from torchferry.serve.device import check_session, golden_bound, is_gpu, load_gpu_libraries, providers
+from torchferry.serve.tasks import ServeTask, serve_task, softmax, top_k_answers
 
 _logger = logging.getLogger(__name__)
 
@@ -44,27 +48,28 @@ class ModelRefused(ContractError):
     """The model file cannot be served: missing, altered, external data, not ours, or failing its proof."""
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64, stable for large logits."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["ModelInfo", "ModelRefused", "Predictor", "softmax"]
 
 
 @dataclass
 class ModelInfo:
-    """What the model file says about itself."""
+    """What the model file says about itself: its task and the task's checked input spec (`spec`; an image
+    classifier's `classes` and `preprocess` are also fields of their own, empty for other tasks)."""
 
     path: str
     sha256: str
     classes: list[str]
     preprocess: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    task: str = "image"
+    spec: dict[str, Any] = field(default_factory=dict)
+    shape: list[int] = field(default_factory=list)
 
     @property
     def input_shape(self) -> list[Any]:
-        """[N, C, H, W] with N dynamic."""
+        """The input's shape with N dynamic: [N, C, H, W] for images, [N, F] for tables."""
+        if self.shape:
+            return ["N", *self.shape]
         h, w = self.preprocess["size"]
         return ["N", int(self.preprocess["channels"]), int(h), int(w)]
 
@@ -103,31 +108,36 @@ class Predictor:
         self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id))
         self.providers = check_session(self.session, device)  # DeviceRefused when ORT fell back to the CPU
         meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        for key in ("classes", "preprocess"):
-            if key not in meta:
-                raise ModelRefused(f"{model_path} lacks the '{key}' metadata of a torchferry export")
-        classes, spec = check_classes(meta["classes"]), check_preprocess(meta["preprocess"])
-        self.input_name, self.output_name = self._check_graph(classes, spec)
-        self.info = ModelInfo(path=os.path.abspath(model_path), sha256=digest, classes=list(classes),
-                              preprocess=dict(spec), metadata=meta)
+        try:
+            self.task: ServeTask = serve_task(task_of(meta))
+            spec = self.task.read_spec(meta)
+        except ContractError as exc:
+            raise ModelRefused(f"{model_path}: {exc}") from None
+        shape, columns = self.task.input_shape(spec), self.task.output_columns(spec)
+        self.input_name, self.output_name = self._check_graph(shape, columns)
+        self.info = ModelInfo(path=os.path.abspath(model_path), sha256=digest, classes=list(self.task.classes(spec)),
+                              preprocess=dict(spec.get("preprocess", {})), metadata=meta, task=self.task.name,
+                              spec=spec, shape=shape)
         self._lock = threading.Lock()
 
-    def _check_graph(self, classes: list[str], spec: dict[str, Any]) -> tuple[str, str]:
-        """The input and output names, once the graph is seen to take what the metadata says it takes."""
+    def _check_graph(self, shape: list[int], columns: int) -> tuple[str, str]:
+        """The input and output names, once the graph is seen to take what the metadata says it takes: one
+        input [N, *shape] of the task's type, an output [N, columns]."""
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        want = ", ".join(["N", *map(str, shape)])
         if len(inputs) != 1 or len(outputs) < 1:
-            raise ModelRefused(f"the graph has {len(inputs)} inputs and {len(outputs)} outputs; a classifier has "
-                               "one input [N, C, H, W] and an output [N, classes]")
+            raise ModelRefused(f"the graph has {len(inputs)} inputs and {len(outputs)} outputs; a {self.task.name} "
+                               f"model has one input [{want}] and an output [N, {columns}]")
         inp, out = inputs[0], outputs[0]
-        if inp.type != "tensor(float)":
-            raise ModelRefused(f"the graph's input {inp.name!r} is {inp.type}; expected tensor(float)")
-        want = [None, int(spec["channels"]), *(int(v) for v in spec["size"])]
-        if len(inp.shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(inp.shape, want)):
-            raise ModelRefused(f"the graph's input {inp.name!r} has shape {inp.shape}; the metadata's preprocessing "
-                               f"gives [N, {want[1]}, {want[2]}, {want[3]}] (channels, size)")
-        if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != len(classes)):
-            raise ModelRefused(f"the graph's output {out.name!r} has shape {out.shape}; the metadata names "
-                               f"{len(classes)} classes, so it must be [N, {len(classes)}]")
+        if inp.type != self.task.input_type:
+            raise ModelRefused(f"the graph's input {inp.name!r} is {inp.type}; expected {self.task.input_type}")
+        if len(inp.shape) != len(shape) + 1 or any(isinstance(d, int) and d != w for d, w in zip(inp.shape[1:], shape)):
+            raise ModelRefused(f"the graph's input {inp.name!r} has shape {inp.shape}; the metadata "
+                               f"gives [{want}]" + (" (channels, size)" if self.task.name == "image" else ""))
+        if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != columns):
+            what = f"names {columns} classes" if self.task.classifier else f"gives {columns} output column(s)"
+            raise ModelRefused(f"the graph's output {out.name!r} has shape {out.shape}; the metadata {what}, "
+                               f"so it must be [N, {columns}]")
         return inp.name, out.name
 
     @staticmethod
@@ -152,10 +162,9 @@ class Predictor:
 
     def golden(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(inputs, expected logits, atol, rtol) from the file's golden record, every field checked first."""
-        spec = self.info.preprocess
         try:
-            return read_golden(self.info.metadata.get("golden"), [int(spec["channels"]), *map(int, spec["size"])],
-                               len(self.info.classes), golden_bound(self.device))
+            return read_golden(self.info.metadata.get("golden"), self.info.shape,
+                               self.task.output_columns(self.info.spec), golden_bound(self.device))
         except ContractError as exc:
             raise ModelRefused(str(exc)) from None
 
@@ -171,9 +180,10 @@ class Predictor:
             got = self.run(x)
         except Exception as exc:  # noqa: BLE001 - ORT's refusal of its own graph, in one line
             raise ModelRefused(f"the model fails on its golden inputs: {str(exc).strip().splitlines()[0][:300]}") from None
-        if got.ndim != 2 or got.shape[1] != len(self.info.classes):
+        columns = self.task.output_columns(self.info.spec)
+        if got.ndim != 2 or got.shape[1] != columns:
             raise ModelRefused(f"the model's output has shape {list(got.shape)} for its golden inputs; the metadata "
-                               f"names {len(self.info.classes)} classes")
+                               f"gives {columns} output column(s)")
         if got.shape != expected.shape:
             raise ModelRefused(f"the model gives {list(got.shape)} logits for golden inputs of "
                                f"{list(expected.shape)}")
@@ -188,17 +198,9 @@ class Predictor:
         return worst
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a float32 [N, C, H, W] batch."""
+        """The outputs for a batch of the model's input ([N, C, H, W] floats for images, [N, F] for tables)."""
         return self.session.run(None, {self.input_name: batch})[0]
 
     def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Per row: the best label, its index and score, and the top `k` labels with scores."""
-        probs = softmax(logits)
-        k = min(k, probs.shape[1])
-        results = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            top = [{"label": self.info.classes[i], "index": int(i), "score": float(row[i])} for i in order]
-            results.append({"label": top[0]["label"], "index": top[0]["index"], "score": top[0]["score"],
-                            "top_k": [{"label": t["label"], "score": t["score"]} for t in top]})
-        return results
+        return top_k_answers(logits, self.info.classes, k)

@@ -10,7 +10,6 @@ import json
 import logging
 import time
 
-import numpy as np
 from flask import Blueprint, Response, g, jsonify, request
 
 from torchferry.serve.auth import EXEMPT_PATHS
@@ -94,34 +93,6 @@ def serving() -> Served:
     return served
 
 
-def _collect_images(max_images: int) -> list[tuple[str, bytes]]:
-    mimetype = request.mimetype or ""
-    if mimetype == "multipart/form-data":
-        files = [(f.filename or key, f) for key, f in request.files.items(multi=True)]
-        if not files:
-            raise HTTPError(400, "no_image", "the multipart body holds no file fields")
-        if len(files) > max_images:
-            raise HTTPError(413, "too_many_images", f"{len(files)} images in one request; the limit is {max_images}")
-        return [(name, f.read()) for name, f in files]
-    if mimetype.startswith("image/"):
-        return [("body", request.get_data(cache=False))]
-    raise HTTPError(415, "unsupported_media_type", f"Content-Type {mimetype or 'missing'!r}: send "
-                    "multipart/form-data with image files, or a raw body with an image/* type")
-
-
-def _top_k(default: int, num_classes: int) -> int:
-    raw = request.args.get("top_k")
-    if raw is None:
-        return min(default, num_classes)
-    try:
-        k = int(raw)
-    except ValueError:
-        k = 0
-    if not 1 <= k <= num_classes:
-        raise HTTPError(400, "bad_top_k", f"top_k must be an integer from 1 to {num_classes}, got {raw!r}")
-    return k
-
-
 @bp.get("/healthz")
 def healthz():
     served = state().repo.active  # where ONNX Runtime runs the model: the device asked for, the providers got
@@ -144,6 +115,7 @@ def metadata():
     info = served.predictor.info
     meta = info.metadata
     return jsonify({"name": served.name, "version": served.version, "model_versions": versions_for_caller(),
+                    "task": info.task, **{k: v for k, v in info.spec.items() if k not in ("classes", "preprocess")},
                     "classes": info.classes, "input_shape": info.input_shape, "input": served.predictor.input_name,
                     "output": served.predictor.output_name, "preprocess": info.preprocess, "sha256": info.sha256,
                     "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),
@@ -163,12 +135,12 @@ def prometheus():
 def predict():
     served, settings = serving(), state().settings
     predictor = served.predictor
-    k = _top_k(settings.top_k, len(predictor.info.classes))
-    images = _collect_images(settings.max_images)
-    batch = np.stack([state().prepare(data, predictor.info.preprocess, name) for name, data in images])
-    g.images = len(images)
-    logits = served.run(batch)
-    count_images(len(images))
-    return jsonify({"predictions": predictor.top_k(logits, k),
+    batch, render = predictor.task.predict_batch(predictor.info, settings.max_images, settings.top_k)
+    g.images = len(batch)
+    outputs = served.run(batch)
+    count_images(len(batch))
+    return jsonify({"predictions": render(outputs),
                     "model": {"name": served.name, "version": served.version, "sha256": predictor.info.sha256,
-                              "arch": predictor.info.metadata.get("arch"), "classes": len(predictor.info.classes)}})
+                              "arch": predictor.info.metadata.get("arch"), "task": predictor.info.task,
+                              **({"classes": len(predictor.info.classes)} if predictor.task.classifier
+                                 else {"target": predictor.info.spec.get("target")})}})

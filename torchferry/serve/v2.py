@@ -92,21 +92,22 @@ def encode_response(
 
 def model_metadata(served: Served, versions: dict[str, dict[str, str]]) -> dict[str, Any]:
     """$metadata_model_response: name, the version that answers, platform, tensors (-1: the dynamic batch)."""
-    info = served.predictor.info
-    _, c, h, w = info.input_shape
+    predictor = served.predictor
+    info, task = predictor.info, predictor.task
     return {
         "name": served.name,
         "versions": [served.version],
         "platform": PLATFORM,
-        "inputs": [{"name": served.predictor.input_name, "datatype": "FP32", "shape": [-1, c, h, w]}],
-        "outputs": [{"name": served.predictor.output_name, "datatype": "FP32", "shape": [-1, len(info.classes)]}],
-        # Beyond the spec's fields (clients ignore them): what answers, what was refused, how to send images.
+        "inputs": [{"name": predictor.input_name, "datatype": task.v2_datatype, "shape": [-1, *info.shape]}],
+        "outputs": [{"name": predictor.output_name, "datatype": "FP32",
+                     "shape": [-1, task.output_columns(info.spec)]}],
+        # Beyond the spec's fields (clients ignore them): what answers, what was refused, how to send inputs.
         "parameters": {
             "version": served.version,
             "sha256": info.sha256,
-            "classes": info.classes,
-            "image_input": f"{served.predictor.input_name!r} also takes BYTES [-1] of encoded images "
-            "(raw with binary_tensor_data, base64 in JSON)",
+            "task": info.task,
+            **({"classes": info.classes} if task.classifier else {}),
+            **task.v2_note(predictor.input_name, info.spec),
             "model_versions": versions,
         },
     }
@@ -183,7 +184,7 @@ def infer(name: str, version: str | None = None):
     if "id" in req and not isinstance(req["id"], str):
         raise refused(400, "'id' must be a string")
     outputs = requested_outputs(req, served)
-    batch = input_batch(req, binary, served, settings.max_images, state().prepare)
+    batch = input_batch(req, binary, served, settings.max_images)
     logits = served.run(batch)
     count_images(int(batch.shape[0]))
     payload, headers = encode_response(req, served, logits, outputs)

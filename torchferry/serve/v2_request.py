@@ -145,12 +145,13 @@ def _flatten(data: Any) -> list[Any]:
 
 
 def _fp32(
-    inp: dict[str, Any], shape: list[int], raw: bytes | None, model_shape: list[int], max_images: int
+    inp: dict[str, Any], shape: list[int], raw: bytes | None, model_shape: list[Any], max_images: int
 ) -> np.ndarray:
     name = inp["name"]
-    c, h, w = model_shape[1:]
-    if len(shape) != 4 or shape[1:] != [c, h, w]:
-        raise refused(400, f"input {name!r}: shape {shape} does not match the model's [-1, {c}, {h}, {w}]")
+    one = list(model_shape[1:])
+    if len(shape) != len(model_shape) or shape[1:] != one:
+        raise refused(400, f"input {name!r}: shape {shape} does not match the model's "
+                      f"[{', '.join(map(str, [-1, *one]))}]")
     _batch_size(shape[0], max_images)
     count = math.prod(shape)
     if raw is not None:
@@ -196,10 +197,11 @@ def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
-def _images(
+def images_input(
     inp: dict[str, Any], shape: list[int], raw: bytes | None, spec: dict[str, Any], max_images: int,
     prepare_image: PrepareImage,
 ) -> np.ndarray:
+    """BYTES [N] of encoded images as the model's float32 [N, C, H, W], each prepared as /predict does."""
     name = inp["name"]
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise refused(400, f"input {name!r}: BYTES images take shape [N] or [N, 1], got {shape}")
@@ -226,11 +228,9 @@ def _images(
     return np.stack([prepare_image(b, spec, f"{name}[{i}]") for i, b in enumerate(blobs)])
 
 
-def input_batch(
-    request: dict[str, Any], binary: bytes, served: Served, max_images: int, prepare_image: PrepareImage
-) -> np.ndarray:
-    """The model's float32 [N, C, H, W] batch from the request's one input (FP32 tensor or BYTES images);
-    `prepare_image(data, spec, name)` decodes and preprocesses one encoded image as /predict does."""
+def input_batch(request: dict[str, Any], binary: bytes, served: Served, max_images: int) -> np.ndarray:
+    """The model's batch from the request's one input: the model's own FP32 tensor, or another datatype its task
+    takes (`ServeTask.v2_input`: BYTES encoded images for an image classifier)."""
     predictor = served.predictor
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) for i in inputs):
@@ -259,13 +259,13 @@ def input_batch(
         raise refused(400, f"{len(binary)} bytes of binary data follow the JSON, but no input claims them")
     datatype = inp.get("datatype")
     info = predictor.info
-    if datatype == "FP32":
+    if datatype == "FP32" and predictor.task.v2_datatype == "FP32":
         return _fp32(inp, shape, raw, info.input_shape, max_images)
-    if datatype == "BYTES":
-        return _images(inp, shape, raw, info.preprocess, max_images, prepare_image)
-    raise refused(
-        400, f"input {name!r}: datatype {datatype!r}; send FP32 tensors (preprocessed) or BYTES (encoded images)"
-    )
+    if datatype in ("FP32", "BYTES", "INT64"):
+        return predictor.task.v2_input(datatype, inp, shape, raw, info, max_images)
+    raise refused(400, f"input {name!r}: datatype {str(datatype)[:20]!r}; send FP32 tensors (preprocessed) or "
+                  "BYTES (encoded images)" if predictor.task.name == "image" else
+                  f"input {name!r}: datatype {str(datatype)[:20]!r}; send {predictor.task.v2_datatype}")
 
 
 @dataclass
@@ -289,7 +289,7 @@ def requested_outputs(request: dict[str, Any], served: Served) -> list[OutputReq
         return [OutputRequest(output_name, 0, default_binary)]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise refused(400, "'outputs' must be a list of objects")
-    num_classes = len(served.predictor.info.classes)
+    num_classes = len(served.predictor.info.classes)  # none for a regression: classification is refused
     out, seen = [], set()
     for o in outputs:
         name = o.get("name")
