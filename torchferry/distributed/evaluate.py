@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from torchferry.cli import add_debug_arguments, add_factory_argument, run_main
+from torchferry.contract import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from torchferry.distributed.data import checkpoint_datasets
 from torchferry.distributed.report import confusion_table, plot_confusion
@@ -43,6 +44,10 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
+    if checkpoint.get("task", "image") != "image":
+        raise TorchferryError(f"{path} is a {checkpoint['task']} model; this report (accuracy, per-class table, "
+                              "confusion matrix) is for image classifiers: its validation figures are in metrics.csv, "
+                              "its ONNX parity proof in python -m export.verify")
     model = model_from_checkpoint(checkpoint, factory=factory)
     rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
     classes = list(checkpoint["classes"])
