@@ -10,7 +10,8 @@ called in-process, as ratios.
 
 Each client is a thread with its own keep-alive session posting one real image file per request (raw
 image/* body), bounded by time and by request count. Reported: requests/s and p50/p95/p99 latency, and with
---against the peak resident memory of the server's whole process tree (psutil, sampled every 50 ms). The
+--against the peak resident memory of the server's whole process tree and the CPU time it spent per request
+(psutil, sampled every 50 ms): CPU per request moves far less than requests/s when other work shares the machine. The
 in-process figure runs the same decode + preprocess + ONNX Runtime path with the same number of threads,
 without HTTP; the ratio server/in-process is what HTTP, Flask and gunicorn cost.
 """
@@ -84,16 +85,18 @@ def http_caller(url: str, path: str = "/predict") -> Callable[[bytes], bool]:
     return call
 
 
-class PeakTreeMemory:
-    """The largest resident memory of a process and all its descendants (RSS summed), sampled every `interval` s
-    on a thread while the `with` block runs."""
+class TreeProbe:
+    """A process and all its descendants while the `with` block runs, sampled every `interval` s on a thread:
+    the largest resident memory (RSS summed over the tree) and the CPU seconds (user + system) the tree used."""
 
     def __init__(self, pid: int, interval: float = 0.05):
         import psutil
 
         self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._start: dict[int, float] = {}
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="peak-tree-memory", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="tree-probe", daemon=True)
 
     def sample(self) -> int:
         """The tree's RSS now, in bytes (processes that end while being read count as 0)."""
@@ -102,11 +105,19 @@ class PeakTreeMemory:
         total = 0
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                with proc.oneshot():
+                    total += proc.memory_info().rss
+                    times = proc.cpu_times()
+                self._cpu[proc.pid] = times.user + times.system
             except psutil.Error:
                 pass
         self.peak = max(self.peak, total)
         return total
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU the tree used since the block began (a process that ended before the last sample loses its share)."""
+        return sum(t - self._start.get(pid, 0.0) for pid, t in self._cpu.items())
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -114,6 +125,7 @@ class PeakTreeMemory:
 
     def __enter__(self):
         self.sample()
+        self._start = dict(self._cpu)
         self._thread.start()
         return self
 
@@ -136,8 +148,8 @@ def listening_pid(port: int) -> int:
 
 
 def against(url: str, images: list[bytes], clients: list[int], seconds: float, pid: int | None) -> list[dict[str, Any]]:
-    """The server at `url` (the whole endpoint) at each client count: rate, latency, peak RSS of its process tree,
-    and the machine's 1-minute load average before each point."""
+    """The server at `url` (the whole endpoint) at each client count: rate, latency, the peak RSS of its process tree
+    and the CPU it spent per request, and the machine's 1-minute load average before each point."""
     host = url.split("//", 1)[-1].split("/", 1)[0]
     port = int(host.rsplit(":", 1)[1]) if ":" in host else 80
     call = http_caller(url, "")
@@ -146,9 +158,10 @@ def against(url: str, images: list[bytes], clients: list[int], seconds: float, p
     rows = []
     for n in clients:
         load = os.getloadavg()[0]
-        with PeakTreeMemory(pid) as memory:
+        with TreeProbe(pid) as probe:
             r = drive(call, images, n, seconds)
-        rows.append({**r, "peak_rss_mb": memory.peak / 2**20, "load_average": load})
+        rows.append({**r, "peak_rss_mb": probe.peak / 2**20, "load_average": load,
+                     "server_cpu_ms_per_request": 1000 * probe.cpu_seconds / max(1, r["requests"])})
     return rows
 
 

@@ -5,6 +5,8 @@ absent (the comparison itself runs only on demand: python -m bench.peers)."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bench import common, run_all
-from bench.load import PeakTreeMemory, listening_pid
+from bench.load import TreeProbe, listening_pid
 from bench.peers import report
 from bench.peers.classify import prepare as peer_prepare
 from torchferry.serve.images import prepare
@@ -87,24 +89,24 @@ def test_the_quieter_round_of_each_server_is_reported() -> None:
     assert {(r["server"], r["req_s"]) for r in chosen["rows"]} == {("flask", 80.0), ("torchferry", 90.0)}
 
 
-def test_peak_tree_memory_counts_the_children_and_finds_the_listener() -> None:
+def test_the_tree_probe_counts_the_childrens_memory_and_cpu_and_finds_the_listener() -> None:
+    child = ("import time; b = bytearray(80 * 2**20); t = time.process_time()\n"
+             "while time.process_time() - t < 1.0: pass\n"
+             "time.sleep(60)")
     code = ("import socket, subprocess, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
-            "print(s.getsockname()[1], flush=True); "
-            "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(80 * 2**20); import time; time.sleep(60)']); "
+            f"print(s.getsockname()[1], flush=True); c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         port = int(proc.stdout.readline())
         assert listening_pid(port) == proc.pid
-        deadline = time.monotonic() + 30
-        with PeakTreeMemory(proc.pid, interval=0.02) as memory:
-            while memory.sample() < 80 * 2**20 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        with TreeProbe(proc.pid, interval=0.02) as probe:
+            while (probe.sample() < 80 * 2**20 or probe.cpu_seconds < 0.9) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        assert memory.peak >= 80 * 2**20  # the child's 80 MB count in the root's tree
+        assert probe.peak >= 80 * 2**20  # the child's 80 MB count in the root's tree
+        assert 0.9 <= probe.cpu_seconds < 30  # and its second of CPU
     finally:
-        import os
-        import signal
-
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 

@@ -309,3 +309,72 @@ def test_buffered_bytes_are_bounded_per_worker_and_a_body_waits_for_room() -> No
 
     assert _content_length(req(("HOST", "x"), ("CONTENT-LENGTH", "12"))) == 12
     assert _content_length(req(("CONTENT-LENGTH", "twelve"))) is None and _content_length(req()) is None
+
+
+class _Recorder:
+    """A socket that records every send."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+    def fileno(self) -> int:
+        self.sends.append(b"<fileno>")
+        return -1
+
+
+def test_a_response_head_leaves_with_the_first_body_bytes_and_nothing_is_reordered() -> None:
+    from gunicorn import util
+
+    from torchferry.serve.worker import HeadWithBody
+
+    sock = _Recorder()
+    out = HeadWithBody(sock)
+    util.write(out, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    assert sock.sends == []  # held
+    util.write(out, b"{}")
+    util.write(out, b"more")
+    out.flush()
+    assert sock.sends == [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", b"more"]  # one send, then as they come
+    sock = _Recorder()
+    out = HeadWithBody(sock)
+    util.write(out, b"HTTP/1.1 200 OK\r\n\r\n")
+    util.write(out, b"body", chunked=True)
+    out.fileno()  # sendfile: what is held leaves first
+    assert sock.sends == [b"HTTP/1.1 200 OK\r\n\r\n4\r\nbody\r\n", b"<fileno>"]
+    sock = _Recorder()
+    out = HeadWithBody(sock)
+    util.write(out, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")  # a HEAD request's answer: no body follows
+    out.flush()
+    out.flush()
+    assert sock.sends == [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n"]
+
+
+def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monkeypatch, tmp_path: Path) -> None:
+    import importlib.util
+    import io
+    import logging
+    import types
+    from logging.handlers import QueueHandler
+
+    spec = importlib.util.spec_from_file_location("tf_gunicorn_conf", REPO / "torchferry" / "serve" / "gunicorn.conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    root, stream = logging.getLogger(), io.StringIO()
+    saved = root.handlers[:], root.level
+    root.handlers = [logging.StreamHandler(stream)]
+    root.setLevel(logging.INFO)  # what basicConfig sets in a fresh worker
+    worker = types.SimpleNamespace(notify=lambda: None)
+    try:
+        conf.post_fork(None, worker)
+        worker.model_loaded.set()
+        assert [type(h) for h in root.handlers] == [QueueHandler]  # a request thread only enqueues
+        for i in range(200):
+            logging.getLogger("torchferry.serve.access").info('{"n": %d}', i)
+        conf.worker_exit(None, worker)
+        assert stream.getvalue().splitlines() == [f'{{"n": {i}}}' for i in range(200)]
+    finally:
+        root.handlers, level = saved
+        root.setLevel(level)

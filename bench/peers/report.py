@@ -16,7 +16,8 @@ METHOD = ("one load generator (bench/load.py: threads with keep-alive sessions) 
           "random-weight smallcnn export with the same decode, preprocessing and ONNX Runtime call, 2 worker "
           "processes, ONNX Runtime threads = cores / workers, each framework otherwise at its defaults; peak RSS = "
           "the largest sum of RSS over the server's whole process tree while the point ran (psutil, every 50 ms; "
-          "forked workers' shared pages count in each); the servers run in interleaved rounds and each is reported "
+          "forked workers' shared pages count in each); server CPU = the user + system seconds of that tree over "
+          "the requests answered; the servers run in interleaved rounds and each is reported "
           "from its quieter round (the lower mean 1-minute load average before its points)")
 
 
@@ -93,15 +94,17 @@ def render(result: dict[str, Any], source: str | None = None) -> list[str]:
     labels = result.get("labels", {})
     out = [title, "", ("`python -m bench.peers` run on its own. " if source else "") + result["method"]
            + f"; {result['seconds_per_point']:g} s per point, {result['rounds']} round(s).", "",
-           "| server | clients | req/s | p50 ms | p99 ms | peak RSS MB | load average | round |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    order = [s for s in (FLOOR, *FRAMEWORKS, "torchferry") if any(r["server"] == s for r in result["rows"])]
+           "| server | clients | req/s | p50 ms | p99 ms | peak RSS MB | server CPU ms/request | load average | round |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = [s for s in (FLOOR, *FRAMEWORKS, "torchferry-before", "torchferry")
+             if any(r["server"] == s for r in result["rows"])]
     for server in order:
         for n in CLIENTS:
             r = _row(result["rows"], server, n)
             if r:
                 out.append(f"| {labels.get(server, server)} | {n} | {_fmt(r['req_s'])} | {_fmt(r['p50_ms'], 2)} | "
-                           f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['load_average'])} | "
+                           f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | "
+                           f"{_fmt(r.get('server_cpu_ms_per_request'), 2)} | {_fmt(r['load_average'])} | "
                            f"{r['round']} |")
     failed = [f"{r['server']} (round {r['round']}): {r['error']}" for r in result.get("runs", []) if "error" in r]
     out += ["", *(f"Failed: {f}." for f in failed)] if failed else []

@@ -46,6 +46,7 @@ class Server:
     label: str
     venv: str | None
     args: tuple[str, ...]
+    root: Path = ROOT  # the checkout it runs from (--baseline: an earlier one)
 
     def python(self) -> str:
         return str(HOME / self.venv / "bin" / "python") if self.venv else sys.executable
@@ -66,6 +67,15 @@ PEERS = (
 TORCHFERRY = Server("torchferry", f"torchferry, gunicorn -c torchferry/serve/gunicorn.conf.py, {WORKERS} workers",
                     None, ("-m", "gunicorn", "-c", str(ROOT / "torchferry" / "serve" / "gunicorn.conf.py")))
 SERVERS = (*PEERS, TORCHFERRY)
+
+
+def baseline(folder: str) -> Server:
+    """torchferry's server from another checkout (e.g. `git worktree add /tmp/before <rev>`), measured beside this one."""
+    root = Path(folder).resolve()
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         check=False).stdout.strip() or root.name
+    return Server("torchferry-before", f"torchferry at {rev} (before), {WORKERS} workers", None,
+                  ("-m", "gunicorn", "-c", str(root / "torchferry" / "serve" / "gunicorn.conf.py")), root)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,8 +122,10 @@ def setup() -> int:
 
 def server_env(server: Server, model: str, port: int) -> dict[str, str]:
     """The repository on PYTHONPATH, the model and port, and each framework's quiet switches."""
-    env = repo_env(PEER_MODEL=model, PEER_PORT=str(port), PEER_WORKERS=str(WORKERS), BENTOML_DO_NOT_TRACK="True",
-                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    extra = {"PEER_MODEL": model, "PEER_PORT": str(port), "PEER_WORKERS": str(WORKERS),
+             "BENTOML_DO_NOT_TRACK": "True", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # This checkout first on PYTHONPATH; a baseline's own checkout alone.
+    env = repo_env(**extra) if server.root == ROOT else {**os.environ, "PYTHONPATH": str(server.root), **extra}
     if server.venv:
         env["PATH"] = f"{HOME / server.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["VIRTUAL_ENV"] = str(HOME / server.venv)
@@ -181,7 +193,7 @@ def measure(server: Server, model: str, images: list[bytes], seconds: float, log
     url = f"http://127.0.0.1:{port}/predict"
     log = logs / f"{server.name}-{time.strftime('%H%M%S')}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(server.command(port), cwd=ROOT, env=server_env(server, model, port), stdout=out,
+        proc = subprocess.Popen(server.command(port), cwd=server.root, env=server_env(server, model, port), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(proc, url, images[0], log)
@@ -215,6 +227,7 @@ def run_rounds(servers: list[Server], rounds: int, seconds: float, tmp: Path) ->
             for row in rows:
                 print(f"  clients {row['clients']:>2}: {row['req_s']:7.1f} req/s  p50 {row['p50_ms']:6.2f} ms  "
                       f"p99 {row['p99_ms']:6.2f} ms  peak RSS {row['peak_rss_mb']:6.0f} MB  "
+                      f"CPU {row['server_cpu_ms_per_request']:5.2f} ms/req  "
                       f"errors {row['errors']}  load {row['load_average']:.1f}", flush=True)
             runs.append({"server": server.name, "round": r, "rows": rows})
     return runs
@@ -239,12 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
     p.add_argument("--only", default=",".join(s.name for s in SERVERS),
                    help="servers, comma-separated (default: all: flask,litserve,bentoml,rayserve,torchferry)")
+    p.add_argument("--baseline", metavar="DIR", help="also run torchferry's server from this checkout of an earlier "
+                                                     "revision (git worktree add DIR REV), just before this one's")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-peers.json)")
     args = p.parse_args(argv)
+    if args.baseline and not (Path(args.baseline) / "torchferry" / "serve" / "gunicorn.conf.py").is_file():
+        p.error(f"--baseline {args.baseline}: not a torchferry checkout (no torchferry/serve/gunicorn.conf.py)")
     if args.setup:
         return setup()
     names = args.only.split(",")
-    unknown = sorted(set(names) - {s.name for s in SERVERS})
+    servers = [*PEERS, *([baseline(args.baseline)] if args.baseline else []), TORCHFERRY]
+    names += ["torchferry-before"] if args.baseline else []
+    unknown = sorted(set(names) - {s.name for s in servers})
     if unknown or args.rounds < 1:
         p.error(f"unknown server(s) {unknown}; choose from {[s.name for s in SERVERS]}" if unknown
                 else "--rounds must be at least 1")
@@ -254,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     with tempfile.TemporaryDirectory(prefix="tf-peers-") as tmp:
-        runs = run_rounds([s for s in SERVERS if s.name in names], args.rounds, seconds, Path(tmp))
+        runs = run_rounds([s for s in servers if s.name in names], args.rounds, seconds, Path(tmp))
     result = {**result_header("peers"), "machine": machine_info("onnxruntime"), "seconds_per_point": seconds,
-              "rounds": args.rounds, "workers": WORKERS, "labels": {s.name: s.label for s in SERVERS},
+              "rounds": args.rounds, "workers": WORKERS, "labels": {s.name: s.label for s in servers},
               "method": report.METHOD, "runs": runs}
     result.update(report.choose(runs))
     result["targets"] = report.targets(result)

@@ -94,11 +94,20 @@ def post_worker_init(worker):
 
 
 def post_fork(server, worker):
-    """JSON access lines from the app reach gunicorn's error log stream (stderr); a heartbeat while the model loads."""
+    """JSON access lines from the app reach gunicorn's error log stream (stderr), written by a thread of their own;
+    a heartbeat while the model loads."""
     import logging
+    import queue
     import threading
+    from logging.handlers import QueueHandler, QueueListener
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # A request thread only puts its lines on a queue (the standard library's pattern for threads that must not
+    # wait on I/O); one listener thread takes the stream handler's lock and writes them. worker_exit drains it.
+    root, lines = logging.getLogger(), queue.SimpleQueue()
+    worker.log_listener = QueueListener(lines, *root.handlers, respect_handler_level=True)
+    root.handlers = [QueueHandler(lines)]
+    worker.log_listener.start()
     # The model loads before the worker's own loop starts beating (wsgi_app): beat for it meanwhile, so that a
     # model that takes longer than `timeout` to load and prove is not killed as a hung worker.
     worker.model_loaded = threading.Event()
@@ -108,6 +117,13 @@ def post_fork(server, worker):
             worker.notify()
 
     threading.Thread(target=beat, name="torchferry-load-heartbeat", daemon=True).start()
+
+
+def worker_exit(server, worker):
+    """Worker: write the log lines still queued before the process ends."""
+    listener = getattr(worker, "log_listener", None)
+    if listener is not None:
+        listener.stop()
 
 
 def child_exit(server, worker):

@@ -103,7 +103,11 @@ class BufferingWorker(GeventWorker):
             except BodyTimeout:
                 self._answer_timeout(req, sock)
                 raise StopIteration() from None
-            return super().handle_request(listener_name, req, sock, addr)
+            out = HeadWithBody(sock)
+            try:
+                return super().handle_request(listener_name, req, out, addr)
+            finally:
+                out.flush()
         finally:
             if held:
                 self.budget.give(held)
@@ -154,6 +158,33 @@ class BufferingWorker(GeventWorker):
             sock.sendall(head + body)
         except OSError:
             pass
+
+
+class HeadWithBody:
+    """A connection's socket as gunicorn's response writes to it: the response head (always its first `sendall`) is
+    held until the first body bytes, so that both leave in one send, one system call and, for a small JSON answer,
+    one TCP segment instead of two. Anything else asked of the socket (`fileno` for sendfile, `close`, ...) first
+    sends what is held, so nothing is reordered."""
+
+    def __init__(self, sock):
+        self._sock, self._head, self._started = sock, b"", False
+
+    def sendall(self, data: bytes) -> None:
+        if not self._started:  # the head: gunicorn writes it whole, before any body bytes
+            self._head, self._started = bytes(data), True
+            return
+        data, self._head = self._head + data if self._head else data, b""
+        self._sock.sendall(data)
+
+    def flush(self) -> None:
+        """Send a head still held (a response without body bytes)."""
+        if self._head:
+            head, self._head = self._head, b""
+            self._sock.sendall(head)
+
+    def __getattr__(self, name: str):
+        self.flush()
+        return getattr(self._sock, name)
 
 
 def _content_length(req) -> int | None:
