@@ -41,8 +41,7 @@ def _replica_grpc_on_loopback() -> None:
 _replica_grpc_on_loopback()
 
 
-@serve.deployment(num_replicas=WORKERS, ray_actor_options={"num_cpus": 0})
-class Classify:
+class ClassifyReplica:
     """POST /predict: an image body → its top-5 classes as JSON."""
 
     def __init__(self, model: str) -> None:
@@ -50,6 +49,11 @@ class Classify:
 
     async def __call__(self, request: Request) -> dict[str, Any]:
         return self.classifier.classify(await request.body())
+
+
+# The class keeps its own module-level name, so that Ray sends it to the replicas by reference (they import this
+# module, and its loopback patch above) rather than by value.
+Classify = serve.deployment(num_replicas=WORKERS, ray_actor_options={"num_cpus": 0})(ClassifyReplica)
 
 
 def main() -> None:
