@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ from torchferry.contract import (
     sidecar_path,
     sidecar_text,
 )
+from torchferry.files import atomic_write_bytes, default_file_mode  # noqa: F401 - export/ imports them here
 
 if TYPE_CHECKING:
     from torchferry.distributed.config import TrainConfig
@@ -90,45 +90,6 @@ def build_checkpoint(model: nn.Module, cfg: TrainConfig, classes: Sequence[str] 
         "metrics": {k: float(metrics[k]) for k in task.checkpoint_metrics}, **(resume or {}), "config": cfg.to_dict(),
         "versions": versions(),
     }
-
-
-def default_file_mode() -> int:
-    """0o666 less the umask: what `open()` would give, not mkstemp's owner-only 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem (e.g. some network mounts) supports fsync on a directory
-    finally:
-        os.close(fd)
 
 
 def write_sidecar(path: str, digest: str) -> None:

@@ -89,19 +89,30 @@ def check_classes(classes: Any) -> list[str]:
     return classes
 
 
+def read_model_file(model_path: str) -> bytes:
+    """The model file's bytes, refused when missing or when they differ from its sha256 sidecar."""
+    if not os.path.isfile(model_path):
+        raise ModelRefused(f"model file {model_path!r} does not exist")
+    with open(model_path, "rb") as f:
+        data = f.read()
+    recorded = recorded_sha256(model_path)
+    digest = hashlib.sha256(data).hexdigest()
+    if recorded is not None and recorded != digest:
+        raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {recorded[:12]}…: "
+                           "the file is altered or truncated")
+    return data
+
+
 class Predictor:
     """Loads, checks and runs one ONNX classifier; thread-safe (ORT sessions are)."""
 
-    def __init__(self, model_path: str, intra_op_threads: int = 0, device: str = "cpu", device_id: int = 0):
-        if not os.path.isfile(model_path):
-            raise ModelRefused(f"model file {model_path!r} does not exist")
-        with open(model_path, "rb") as f:
-            data = f.read()
+    def __init__(self, model_path: str, intra_op_threads: int = 0, device: str = "cpu", device_id: int = 0,
+                 data: bytes | None = None):
+        """Load `model_path` (its sha256 checked against the sidecar when there is one), or, given `data`, those
+        bytes as the file that `model_path` names (a batch actor gets the file the driver read and checked)."""
+        if data is None:
+            data = read_model_file(model_path)
         digest = hashlib.sha256(data).hexdigest()
-        recorded = recorded_sha256(model_path)
-        if recorded is not None and recorded != digest:
-            raise ModelRefused(f"sha256 of {model_path} is {digest[:12]}…, its sidecar says {recorded[:12]}…: "
-                               "the file is altered or truncated")
         self.device = device
         if is_gpu(device):
             load_gpu_libraries()

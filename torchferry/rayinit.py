@@ -1,0 +1,83 @@
+"""Ray for a command: join `--address`/$RAY_ADDRESS, or start a local Ray that listens on loopback only.
+
+Torch-free, so training (torchferry.distributed) and batch prediction (torchferry.batch) start Ray the same way.
+Ray loads only when a function here runs (`--help` imports this module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from torchferry.cli import lead_line
+
+
+class ClusterUnavailable(Exception):
+    """Ray could not be started or joined; the message says what to try."""
+
+
+def keep_ray_on_loopback() -> None:
+    """Make a locally started Ray take 127.0.0.1 as its node address, so its servers bind to loopback only.
+
+    `ray.init` swaps a loopback `_node_ip_address` for the machine's routable address; Ray's own switch for
+    single-machine clusters (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows) makes
+    it use loopback instead. The environment variable reaches the raylet and workers Ray spawns; the
+    constant covers a driver process that imported Ray before.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# Ray Train's controller looks at its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): that is
+# also how long, 1 s on average, a finished run or a dead worker goes unnoticed. On a local Ray the look is a
+# local actor call, so a run started here looks four times as often.
+LOCAL_HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
+def local_ray_settings() -> None:
+    """Settings for a Ray started here, each unless the operator's environment sets it already.
+
+    - Worker processes at niceness 0, as torchrun's (`RAY_worker_niceness`): Ray starts them at 15 by default,
+      so the training workers and the DataLoader processes they fork would yield the CPU to every other
+      process on the machine (Ray's own GCS and raylet included).
+    - The controller's health check every 0.5 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so the end of training
+      reaches the driver sooner.
+
+    Ray's processes inherit the driver's environment when `ray.init` starts them.
+    """
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+
+
+def join_or_start_ray(address: str | None, verbose: bool, num_gpus: int = 0) -> bool:
+    """Join `address` (else $RAY_ADDRESS), or start a local Ray on 127.0.0.1 with no dashboard; True if started
+    here (the caller shuts it down). ClusterUnavailable, saying what to try, when neither works."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = logging.INFO if verbose else logging.WARNING
+    if address:
+        import ray
+
+        try:
+            ray.init(address=address, logging_level=quiet, log_to_driver=verbose)
+        except Exception as exc:  # Ray raises plain Exception, ConnectionError, RuntimeError ...
+            raise ClusterUnavailable(f"cannot join the Ray cluster at {address}: {lead_line(exc)}; check that it "
+                                     f"runs and is reachable (ray status --address {address}), or leave out "
+                                     "--address and $RAY_ADDRESS to start a local Ray") from exc
+        return False
+    keep_ray_on_loopback()
+    local_ray_settings()
+    import ray
+
+    # Loopback only, no dashboard and so no job API: Ray's job API runs any command for whoever reaches it
+    # (CVE-2023-48022). Worker output stays in Ray's log files unless --verbose.
+    # address="local": always a fresh local instance, never a cluster some other program left running here.
+    try:
+        ray.init(address="local", include_dashboard=False, logging_level=quiet, log_to_driver=verbose,
+                 num_gpus=max(0, num_gpus))
+    except Exception as exc:  # e.g. "The current node timed out during startup" is a bare Exception
+        raise ClusterUnavailable(f"the local Ray did not start: {lead_line(exc)}; try again when the machine is "
+                                 "less busy, check free memory and space in Ray's temp dir ($RAY_TMPDIR, default "
+                                 "/tmp/ray), or run with --verbose to see Ray's own log") from exc
+    return True
