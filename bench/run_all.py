@@ -4,7 +4,7 @@
     python -m bench.run_all --render bench/results/<date>-<host>-all.json     # rewrite RESULTS.md only
 
 Runs bench.train_throughput, trains a small resnet18 with torchferry for the INT8 accuracy check,
-runs bench.infer (with that checkpoint), bench.load --suite and bench.startup, each as its own process, and
+runs bench.infer (with that checkpoint), bench.load --suite, bench.batch and bench.startup, each as its own process, and
 merges their JSON into bench/results/<date>-<host>-all.json with the targets checked. The GPU section of
 RESULTS.md comes from the newest bench/results/*-gpu-train.json (bench.gpu_train on a GPU machine).
 """
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import batch as batch_bench
 from bench.common import (
     RESULTS,
     ROOT,
@@ -49,6 +50,9 @@ TARGETS = [
      lambda r: _load(r, "resnet18", 4, "throughput_server_over_inprocess")),
     ("server vs in-process throughput, 4 clients (smallcnn)", 0.8,
      lambda r: _load(r, "smallcnn", 4, "throughput_server_over_inprocess")),
+    ("python -m serve.batch, 2 actors, vs the in-process predictor in a loop, 1 thread (smallcnn, JPEG)", 1.6,
+     lambda r: next((row["ray_over_loop_1_thread"] for row in r.get("batch", {}).get("rows", [])
+                     if row["model"] == "smallcnn"), float("nan"))),
 ]
 # Lower is better for these: (name, ceiling, getter).
 CEILINGS = [
@@ -182,7 +186,8 @@ def _render_header(result: dict[str, Any], source: str) -> list[str]:
              "section below was measured separately on the machine it names."), "",
             ("**Repeat:** `python -m bench.run_all --quick` (about 10 minutes on 2 cores) or without `--quick` "
              "(more epochs, repetitions and seconds per point). Each part alone: `python -m bench.train_throughput`, "
-             "`python -m bench.infer`, `python -m bench.load --suite`, and on a GPU `bench/gpu_check.sh`."), ""]
+             "`python -m bench.infer`, `python -m bench.load --suite`, `python -m bench.batch`, and on a GPU "
+             "`bench/gpu_check.sh`."), ""]
 
 
 def _render_targets(targets: list[dict[str, Any]]) -> list[str]:
@@ -337,6 +342,8 @@ def render(result: dict[str, Any], source: str) -> str:
         out += _render_infer(result["infer"])
     if "load" in result:
         out += _render_load(result["load"])
+    if "batch" in result:
+        out += batch_bench.render(result["batch"])
     for part, draw in (("peers", peers_report.render), ("startup", _render_startup)):  # else its newest own run
         if part in result:
             out += draw(result[part])
@@ -348,8 +355,9 @@ def render(result: dict[str, Any], source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the short suite (under 10 minutes on 2 cores)")
-    p.add_argument("--only", default="train,infer,load,startup,peers",
-                   help="which parts (default: train,infer,load,startup,peers; peers needs python -m bench.peers --setup)")
+    p.add_argument("--only", default="train,infer,load,batch,startup,peers",
+                   help="which parts (default: train,infer,load,batch,startup,peers; peers needs python -m bench.peers "
+                   "--setup)")
     p.add_argument("--render", metavar="JSON", help="only regenerate bench/RESULTS.md from this merged JSON")
     p.add_argument("--out", default=None, help="merged JSON (default: bench/results/<date>-<host>-all.json)")
     args = p.parse_args(argv)
@@ -378,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         if "load" in parts:
             run([sys.executable, "-m", "bench.load", "--suite", *quick, "--out", os.path.join(tmp, "load.json")], env)
             result["load"] = json.loads(Path(tmp, "load.json").read_text())
+        if "batch" in parts:
+            run([sys.executable, "-m", "bench.batch", *quick, "--out", os.path.join(tmp, "batch.json")], env)
+            result["batch"] = json.loads(Path(tmp, "batch.json").read_text())
         if "startup" in parts:
             rounds = ["--rounds", "1" if args.quick else "3"]
             run([sys.executable, "-m", "bench.startup", *rounds, "--out", os.path.join(tmp, "startup.json")], env)

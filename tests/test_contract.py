@@ -41,6 +41,7 @@ def _refused(path: Path, prefixes: tuple[str, ...]) -> list[str]:
     ("export", ("torchferry.serve",)),
     ("inputs", ("torch", "torchvision", "ray", "onnx", "onnxruntime", "flask", "torchferry.distributed",
                 "torchferry.export", "torchferry.serve")),
+    ("batch", ("torch", "torchvision", "onnx", "torchferry.distributed", "torchferry.export")),
 ])
 def test_packages_import_one_way(package: str, refused: tuple[str, ...]) -> None:
     files = sorted((PACKAGE / package).glob("*.py"))
@@ -53,6 +54,23 @@ def test_the_contract_imports_no_torchferry_package_nor_torch() -> None:
     imported = _imports(PACKAGE / "contract.py")
     assert {m.split(".")[0] for m in imported} <= {"__future__", "hashlib", "importlib", "json", "math", "os",
                                                     "collections", "typing", "numpy"}, imported
+
+
+def test_the_shared_torch_free_modules_import_only_the_contract_and_cli() -> None:
+    """torchferry/cli.py, files.py and rayinit.py serve every package, so they import none of them (nor torch)."""
+    for name in ("cli.py", "files.py", "rayinit.py"):
+        ours = {m for m in _imports(PACKAGE / name) if m.startswith("torchferry") or m.split(".")[0] in (
+            "torch", "torchvision", "onnx")}
+        assert ours <= {"torchferry.contract", "torchferry.contract.TorchferryError", "torchferry.cli",
+                        "torchferry.cli.lead_line"}, (name, ours)
+
+
+def test_batch_loads_without_torch() -> None:
+    code = ("import sys, torchferry.batch.command, torchferry.batch.run; "
+            "bad = [m for m in ('torch', 'onnx', 'torchferry.distributed', 'torchferry.export') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_serve_and_export_read_the_contract_from_its_one_home() -> None:
