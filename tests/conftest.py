@@ -103,7 +103,7 @@ def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
 
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-    from torchferry.distributed.cluster import keep_ray_on_loopback
+    from torchferry.rayinit import keep_ray_on_loopback
 
     keep_ray_on_loopback()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -230,7 +230,7 @@ def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
 
 
 def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchferry.distributed.cluster import local_ray_settings
+    from torchferry.rayinit import local_ray_settings
 
     monkeypatch.setenv("RAY_worker_niceness", "15")
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)

@@ -23,6 +23,9 @@ from torchferry.serve.predictor import ModelRefused, Predictor
 def load_proven(model: bytes, name: str, sha256: str, threads: int) -> Predictor:
     """A predictor on the model file's bytes (those the driver checked: `sha256`), proven on its golden inputs."""
     predictor = Predictor(name, threads, data=model)
+    if predictor.info.task != "image":
+        raise ModelRefused(f"{name} is a {predictor.info.task!r} model; python -m serve.batch scores image "
+                           "classifiers (serve its task with python -m serve)")
     if predictor.info.sha256 != sha256:
         raise ModelRefused(f"{name} reached this worker as {predictor.info.sha256[:12]}…, not the {sha256[:12]}… "
                            "the driver checked")

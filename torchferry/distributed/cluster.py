@@ -10,12 +10,7 @@ import os
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
-from torchferry.rayinit import (  # noqa: F401 - where the tests and launch import them from
-    ClusterUnavailable,
-    join_or_start_ray,
-    keep_ray_on_loopback,
-    local_ray_settings,
-)
+from torchferry.rayinit import join_or_start_ray
 
 
 def start_ray(cfg: TrainConfig) -> bool:

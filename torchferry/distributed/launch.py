@@ -15,12 +15,13 @@ import time
 from typing import Any, NoReturn
 
 from torchferry.cli import run_command
-from torchferry.distributed.cluster import ClusterUnavailable, check_resources, start_ray
+from torchferry.distributed.cluster import check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note
 from torchferry.distributed.flags import config_from_args
 from torchferry.distributed.preflight import claim_run_dir, prepare
 from torchferry.distributed.timeline import mark
+from torchferry.rayinit import ClusterUnavailable
 
 _logger = logging.getLogger(__name__)
 
