@@ -8,7 +8,8 @@ Each mode runs `distributed.epoch.train_one_epoch` (the function every Ray Train
 `--warmup` steps first (cuDNN autotuning, compilation), then `--steps` timed steps, `--reps` times; the
 median is reported. Synthetic data is one batch resident on the GPU (the model's own speed); with
 `--real-data`, JPEGs are decoded and augmented by DataLoader workers with torchferry's train transform,
-pinned and copied without blocking (what a run pays end to end). The FLOPs of one training step are
+pinned and copied without blocking (what a run pays end to end), and with --gpu-decode's pipeline (the workers
+read bytes, the GPU decodes them with nvJPEG and augments them). The FLOPs of one training step are
 counted with torch's FlopCounterMode, so the table can say which fraction of the GPU's dense bf16 peak
 the model reaches. Results go to bench/results/<date>-<gpu>-gpu-train.json.
 """
@@ -129,8 +130,10 @@ def bench_synthetic(arch: str, size: int, batch: int, steps: int, warmup: int, r
     return rows, models
 
 
-def real_loader(root: str, size: int, batch: int, workers: int, uint8: bool) -> tuple[Any, Any]:
-    """torchferry's training pipeline on JPEGs; `uint8`: workers stop at uint8, the GPU normalises."""
+def real_loader(root: str, size: int, batch: int, workers: int, kind: str, device: str) -> tuple[Any, Any]:
+    """torchferry's training pipeline on JPEGs. `kind`: "float" (the workers decode, augment and normalise), "uint8"
+    (they stop at uint8, the GPU normalises) or "gpu-decode" (they read the files' bytes; the GPU decodes them with
+    nvJPEG, augments and normalises: --gpu-decode, distributed/gpu_input.py)."""
     from torch.utils.data import DataLoader
 
     from torchferry.distributed.config import TrainConfig, resolve_defaults
@@ -139,24 +142,38 @@ def real_loader(root: str, size: int, batch: int, workers: int, uint8: bool) -> 
 
     cfg = resolve_defaults(TrainConfig(data=root, image_size=size, check_images="none"))
     split = discover(cfg)
-    train_ds, _ = build_datasets(split, 3, build_train_transform(cfg, normalize=not uint8), None)
-    loader = DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=True, persistent_workers=True, prefetch_factor=4)
-    return loader, DeviceNormalize(list(cfg.mean or []), list(cfg.std or [])) if uint8 else None
+    normalize = DeviceNormalize(list(cfg.mean or []), list(cfg.std or [])) if kind != "float" else None
+    common: dict[str, Any] = {"batch_size": batch, "shuffle": True, "drop_last": True, "num_workers": workers,
+                              "persistent_workers": True, "prefetch_factor": 4}
+    if kind == "gpu-decode":
+        from torchferry.distributed.gpu_input import (
+            DeviceAugment,
+            DeviceDecodingLoader,
+            EncodedImageDataset,
+            collate_encoded,
+        )
+
+        loader = DataLoader(EncodedImageDataset(split.train, 3), collate_fn=collate_encoded, **common)
+        return DeviceDecodingLoader(loader, DeviceAugment(cfg, device)), normalize
+    train_ds, _ = build_datasets(split, 3, build_train_transform(cfg, normalize=kind == "float"), None)
+    return DataLoader(train_ds, pin_memory=True, **common), normalize
+
+
+REAL_KINDS = {"float": "float32, normalised by the workers", "uint8": "uint8, normalised on the GPU",
+              "gpu-decode": "bytes, decoded (nvJPEG), augmented and normalised on the GPU (--gpu-decode)"}
 
 
 def bench_real(root: str, size: int, batch: int, steps: int, warmup: int, workers: int,
                models: dict[str, Any], device: str) -> list[dict[str, Any]]:
     rows = []
-    for uint8 in (False, True):
-        loader, normalize = real_loader(root, size, batch, workers, uint8)
-        label = f"JPEG, {workers} loader workers, " + ("uint8, normalised on the GPU" if uint8 else
-                                                         "float32, normalised by the workers")
+    for kind, what in REAL_KINDS.items():
+        loader, normalize = real_loader(root, size, batch, workers, kind, device)
+        label = f"JPEG, {workers} loader workers, {what}"
 
         def batches(n: int, loader: Any = loader) -> Any:
             return _cycle(loader, n)
 
-        # The input pipeline alone: decode + augment in `workers` processes, pinned, copied to the GPU.
+        # The input pipeline alone: decode + augment in `workers` processes (or on the GPU), copied to the GPU.
         for _ in batches(warmup):
             pass
         _sync()
@@ -172,7 +189,7 @@ def bench_real(root: str, size: int, batch: int, steps: int, warmup: int, worker
         rows.append({"data": label, "mode": "loader only", "img_s": rate})
         print(f"{label}: loader only {rate:8.0f} img/s", flush=True)
         for mode, (model, optimizer, kw) in models.items():
-            if mode == "fp32" and uint8:
+            if mode == "fp32" and kind != "float":
                 continue
             _timed(model, optimizer, batches(warmup), {**kw, "normalize": normalize})
             seconds, images = _timed(model, optimizer, batches(steps), {**kw, "normalize": normalize})

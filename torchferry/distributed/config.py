@@ -99,6 +99,7 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     channels_last: bool | None = None
+    gpu_decode: bool = False
     seed: int = 0
     # cluster and run
     gpus: int = 0
@@ -221,6 +222,8 @@ def validate_flags(cfg: TrainConfig) -> None:
         (cfg.resize_size is None or 1 <= cfg.resize_size <= MAX_RESIZE,
          f"--resize-size must be between 1 and {MAX_RESIZE}, got {cfg.resize_size}"),
         (cfg.hflip is None or 0.0 <= cfg.hflip <= 1.0, f"--hflip is a probability, got {cfg.hflip}"),
+        (not cfg.gpu_decode or cfg.gpus > 0, "--gpu-decode decodes and augments on the GPU: it needs --gpus 1 or more"),
+        (not cfg.gpu_decode or cfg.task == "image", f"--gpu-decode is for images, not the {cfg.task} task"),
         (cfg.crop_scale_min is None or 0.0 < cfg.crop_scale_min <= 1.0,
          f"--crop-scale-min must be in (0, 1], got {cfg.crop_scale_min}"),
         (not (cfg.resume and not cfg.name), "--resume needs --name of the run to continue"),

@@ -26,6 +26,7 @@ from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.epoch import amp_dtype, evaluate, is_main_process, train_one_epoch
 from torchferry.distributed.events import EventSink, format_epoch, record_placement, setup_worker_logging
+from torchferry.distributed.gpu_input import DeviceAugment, DeviceDecodingLoader, collate_encoded, encoded_train_dataset
 from torchferry.distributed.models import find_head, set_backbone_trainable
 from torchferry.distributed.resume import Resumed, init_from_checkpoint, restore_latest, resume_state
 from torchferry.distributed.tasks import Task, get_task
@@ -52,16 +53,22 @@ def build_loaders(split: Any, cfg: TrainConfig, rank: int, world: int,
     """Sharded training loader (seeded DistributedSampler) and unpadded validation shard of the task's
     datasets, via Ray."""
     train_ds, val_ds = get_task(cfg.task).datasets(split, cfg, use_cuda)
+    gpu_decode = bool(cfg.gpu_decode and use_cuda)
+    if gpu_decode:  # the training JPEGs travel as bytes; the GPU decodes and augments them (gpu_input.py)
+        train_ds = encoded_train_dataset(split, int(cfg.channels or 3), train_ds)
     per_worker = cfg.batch_size // world
     common: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": use_cuda,
                               "persistent_workers": cfg.num_workers > 0}
     train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=train_sampler, generator=generator, **common)
+    train_loader = DataLoader(train_ds, batch_size=per_worker, sampler=train_sampler, generator=generator,
+                              collate_fn=collate_encoded if gpu_decode else None, **common)
     val_loader = DataLoader(val_ds, batch_size=per_worker, sampler=ShardSampler(len(val_ds), rank, world), **common)
     # The samplers are ours (seeded, unpadded validation); Ray places the batches on the worker's device.
-    return (ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False),
-            ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False))
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    if gpu_decode:
+        return DeviceDecodingLoader(train_loader, DeviceAugment(cfg, ray.train.torch.get_device())), val_loader
+    return ray.train.torch.prepare_data_loader(train_loader, add_dist_sampler=False), val_loader
 
 
 def build_optimizer(params: Any, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -66,6 +66,17 @@ def build_train_transform(cfg: TrainConfig, normalize: bool = True) -> v2.Compos
     `normalize=False` stops at the uint8 tensor: the training loop then normalises on the GPU
     (`DeviceNormalize`).
     """
+    steps = train_augment_steps(cfg)
+    if normalize:
+        steps.extend(_to_normalized_tensor(list(cfg.mean or []), list(cfg.std or [])))
+    else:
+        steps.append(v2.PILToTensor())
+    return v2.Compose(steps)
+
+
+def train_augment_steps(cfg: TrainConfig) -> list[Any]:
+    """The augmentation alone, for PIL images or uint8 tensors on any device (gpu_input.py runs it on the GPU):
+    random resized crop, flip, rotation and color jitter as configured."""
     steps: list[Any] = [v2.RandomResizedCrop(int(cfg.image_size or 224), scale=(float(cfg.crop_scale_min or 0.08), 1.0),
                                              interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
     if cfg.hflip:
@@ -76,8 +87,4 @@ def build_train_transform(cfg: TrainConfig, normalize: bool = True) -> v2.Compos
         j = cfg.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j) if cfg.channels == 1
                      else v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    if normalize:
-        steps.extend(_to_normalized_tensor(list(cfg.mean or []), list(cfg.std or [])))
-    else:
-        steps.append(v2.PILToTensor())
-    return v2.Compose(steps)
+    return steps
