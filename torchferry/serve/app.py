@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from typing import Any
+import time
+from typing import Any, NoReturn
 
 from flask import Flask
 
 from torchferry.serve import routes, v2
 from torchferry.serve.auth import BearerAuth
-from torchferry.serve.device import DeviceRefused
+from torchferry.serve.device import REFUSAL_MARK_ENV, DeviceRefused
 from torchferry.serve.errors import register_error_handlers
 from torchferry.serve.images import PixelBudget
 from torchferry.serve.metrics import Metrics
@@ -33,6 +35,7 @@ from torchferry.serve.settings import ServeSettings, settings_from_env  # noqa: 
 from torchferry.serve.state import EXTENSION, ServerState
 
 WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR
+REFUSED_WAIT_S = 3.0  # past the master's reaction to the first one's exit (its loop wakes each second)
 
 
 def _configure(app: Flask, settings: ServeSettings, config: dict[str, Any]) -> None:
@@ -91,6 +94,29 @@ def gunicorn_app() -> Flask:
     try:
         return create_app({"LOAD_FIRST": True})
     except DeviceRefused as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        logging.shutdown()
-        os._exit(WORKER_BOOT_ERROR)
+        _end_refused_worker(str(exc))
+
+
+def _end_refused_worker(problem: str) -> NoReturn:
+    """The first worker to refuse says why and exits with the boot-error status. The others, which fail alike,
+    wait (at most REFUSED_WAIT_S) for the master's SIGTERM and exit 0: gunicorn 27 raises its HaltServer again,
+    with a traceback and exit 1, when it reaps a second boot error while it halts."""
+    mark = os.environ.get(REFUSAL_MARK_ENV)
+    if mark and not _first_to_refuse(mark):
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+        time.sleep(REFUSED_WAIT_S)
+        os._exit(0)
+    print(f"error: {problem}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(WORKER_BOOT_ERROR)
+
+
+def _first_to_refuse(mark: str) -> bool:
+    """True for the one process that creates `mark` (and when it cannot be created at all)."""
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -30,6 +30,9 @@ NEEDED = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",),
 # in little more than the time of one image, so waiting up to 2 ms (about one resnet50 call at batch 1) to
 # gather concurrent requests pays there; on the CPU a batch costs what its images cost, so it stays off.
 GPU_BATCH_WINDOW_MS = 2.0
+# Under gunicorn with a GPU device: a file that only the first worker whose device refuses creates
+# (torchferry/serve/gunicorn.conf.py names it, serve/app.py's gunicorn_app creates it).
+REFUSAL_MARK_ENV = "TORCHFERRY_REFUSAL_MARK"
 
 
 class DeviceRefused(TorchferryError):

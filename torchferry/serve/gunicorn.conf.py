@@ -23,8 +23,11 @@ restart the server (a rolling update in Kubernetes).
 """
 
 import os
+import shutil
 import signal
+import tempfile
 
+from torchferry.serve.device import REFUSAL_MARK_ENV, is_gpu
 from torchferry.serve.settings import exit_on_bad_settings
 
 # Every TORCHFERRY_* setting, read and checked once (serve/settings.py); one that cannot work: one line, exit 2,
@@ -61,6 +64,17 @@ loglevel = _settings.log_level
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _ort_threads = _app_settings.ort_threads
 raw_env = [f"TORCHFERRY_ORT_THREADS={max(1, _cores // workers) if _ort_threads is None else _ort_threads}"]
+# A GPU whose session falls back to the CPU fails every worker alike: only the first to fail (the one that creates
+# this file) says so and exits with gunicorn's boot-error status, and the master stops (serve/app.py).
+_refusals = tempfile.mkdtemp(prefix="torchferry-refusals-") if is_gpu(_app_settings.device) else None
+if _refusals:
+    raw_env.append(f"{REFUSAL_MARK_ENV}={os.path.join(_refusals, 'refused')}")
+
+
+def on_exit(server):
+    """Master: the refusal mark's folder goes with the server."""
+    if _refusals:
+        shutil.rmtree(_refusals, ignore_errors=True)
 
 
 def on_starting(server):
