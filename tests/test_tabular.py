@@ -286,6 +286,15 @@ def test_bad_requests_get_a_json_4xx(client, body: object, status: int, message:
     assert r.status_code == status and message in r.json["error"]["message"], r.json
 
 
+def test_a_body_past_the_upload_limit_is_refused_before_it_is_parsed(tabular_model: dict) -> None:
+    from torchferry.serve.app import create_app
+
+    small = create_app({"MODEL": str(tabular_model["model"]), "LOAD_SYNC": True, "MAX_UPLOAD_BYTES": 4096})
+    huge = '{"rows": [{"year": "' + "x" * 10_000 + '"}]}'
+    r = small.test_client().post("/predict", data=huge, content_type="application/json")
+    assert r.status_code == 413 and r.is_json
+
+
 def test_other_bodies_and_tensors_are_refused(client) -> None:
     assert client.post("/predict", data=b"x", content_type="image/png").status_code == 415
     bad = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
@@ -297,7 +306,7 @@ def test_other_bodies_and_tensors_are_refused(client) -> None:
     r = client.post("/v2/models/mlp/infer", json={"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 10],
                                                              "data": [0] * 10}],
                                                   "outputs": [{"name": "prediction", "parameters": {"classification": 1}}]})
-    assert r.status_code == 400
+    assert r.status_code == 400 and "classification is for classifiers" in r.json["error"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +329,7 @@ def test_diabetes_trains_exports_and_serves_at_the_linear_baseline(tmp_path: Pat
     """`--data diabetes` through the three commands: val RMSE within 3 % of LinearRegression's (or better), the
     exported model proven on real validation rows, the server answering as ONNX Runtime does."""
     env_cmd = [sys.executable, "-m", "distributed.launch", "--data", "diabetes", "--gpus", "0", "--workers", "2",
-               "--epochs", "30", "--batch-size", "32", "--lr", "0.003", "--num-workers", "0",
+               "--epochs", "15", "--batch-size", "32", "--lr", "0.003", "--num-workers", "0",
                "--output-dir", str(tmp_path / "runs"), "--name", "diabetes"]
     proc = subprocess.run(env_cmd, capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -333,6 +342,7 @@ def test_diabetes_trains_exports_and_serves_at_the_linear_baseline(tmp_path: Pat
     assert rmse <= 1.03 * baseline
     assert (run / "curves.png").stat().st_size > 0 and (run / "val_predictions.png").stat().st_size > 0
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss,train_rmse,val_loss,val_mae")
+    _resumes_from_its_newest_checkpoint(run, rmse)
     proc = subprocess.run([sys.executable, "-m", "export.onnx", str(run / "best.pth")], capture_output=True,
                           text=True, cwd=REPO, timeout=600, check=False)
     assert proc.returncode == 0 and "88 validation rows" in proc.stdout, proc.stdout + proc.stderr[-2000:]
@@ -353,3 +363,21 @@ def test_diabetes_trains_exports_and_serves_at_the_linear_baseline(tmp_path: Pat
                           ({"rows": [{k: v for k, v in rows[0].items() if k != "age"}]}, "'age' is missing")):
         r = requests.post(f"{server.base}/predict", json=body, timeout=60)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def _resumes_from_its_newest_checkpoint(run: Path, best_rmse: float) -> None:
+    """What a worker does after a failure or with --resume: the newest epoch checkpoint Ray kept, loaded
+    weights-only, restores the model, the optimizer, the schedule and the best val_rmse so far."""
+    from torchferry.distributed.checkpoint import model_from_checkpoint
+    from torchferry.distributed.loop import build_optimizer, build_scheduler
+    from torchferry.distributed.resume import checkpoint_dirs, newest_usable, resume_state
+    from torchferry.distributed.tasks import get_task
+
+    found = newest_usable(checkpoint_dirs(str(run)), warn=print)
+    assert found is not None and found.checkpoint["task"] == "tabular"
+    cfg = TrainConfig.from_dict(found.checkpoint["config"])
+    model = model_from_checkpoint(found.checkpoint, factory=None)
+    optimizer = build_optimizer(model.parameters(), cfg, float(cfg.lr or 0.003))
+    past = resume_state(get_task("tabular"), found.checkpoint, optimizer, build_scheduler(optimizer, cfg, cfg.epochs),
+                        torch.amp.GradScaler("cpu", enabled=False))
+    assert past.start_epoch == 15 and len(past.history) == 15 and past.best == pytest.approx(best_rmse, abs=1e-3)

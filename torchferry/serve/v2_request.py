@@ -289,7 +289,7 @@ def requested_outputs(request: dict[str, Any], served: Served) -> list[OutputReq
         return [OutputRequest(output_name, 0, default_binary)]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise refused(400, "'outputs' must be a list of objects")
-    num_classes = len(served.predictor.info.classes)  # none for a regression: classification is refused
+    num_classes = len(served.predictor.info.classes)
     out, seen = [], set()
     for o in outputs:
         name = o.get("name")
@@ -300,6 +300,9 @@ def requested_outputs(request: dict[str, Any], served: Served) -> list[OutputReq
         seen.add(name)
         p = _params(o, f"output {name!r}")
         k = p.get("classification", 0)
+        if k and not served.predictor.task.classifier:
+            raise refused(400, f"output {name!r}: classification is for classifiers; this model is a "
+                          f"{served.predictor.task.name} regression")
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= num_classes:
             raise refused(400, f"output {name!r}: classification must be an integer from 1 to {num_classes}")
         binary = p.get("binary_data", default_binary)
