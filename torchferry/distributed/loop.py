@@ -53,7 +53,7 @@ def build_loaders(split: Any, cfg: TrainConfig, rank: int, world: int,
     """Sharded training loader (seeded DistributedSampler) and unpadded validation shard of the task's
     datasets, via Ray."""
     train_ds, val_ds = get_task(cfg.task).datasets(split, cfg, use_cuda)
-    gpu_decode = bool(cfg.gpu_decode and use_cuda)
+    gpu_decode = bool(cfg.gpu_decode and use_cuda and cfg.task == "image")  # images only: a table has no JPEGs
     if gpu_decode:  # the training JPEGs travel as bytes; the GPU decodes and augments them (gpu_input.py)
         train_ds = encoded_train_dataset(split, int(cfg.channels or 3), train_ds)
     per_worker = cfg.batch_size // world
