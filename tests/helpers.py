@@ -3,9 +3,11 @@ real server processes on 127.0.0.1. Fixtures live in conftest.py; tests import t
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import pickle
+import random
 import signal
 import socket
 import struct
@@ -378,3 +380,39 @@ def val_images(data: Path, tmp: Path) -> list[Path]:
         jpgs.append(tmp / f"{p.parent.name}-{p.stem}.jpg")
         Image.open(p).save(jpgs[-1], quality=95)
     return pngs + jpgs
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+
+
+TEXT_TOPICS = {
+    "sports": ("goal", "match", "team", "score", "coach", "league", "player", "win", "stadium", "referee"),
+    "food": ("pasta", "recipe", "bake", "flavor", "spicy", "dinner", "sauce", "chef", "garlic", "oven"),
+    "weather": ("rain", "storm", "sunny", "cloudy", "wind", "forecast", "snow", "cold", "thunder", "humid"),
+}
+TEXT_FILLER = ("the", "a", "today", "was", "really", "very", "we", "saw", "and", "it", "again", "new", "big",
+               "after", "this", "week", "so", "about", "our", "all")
+
+
+def text_sentence(rng: random.Random, topic: str) -> str:
+    """One short sentence: 2 or 3 of the topic's words among filler words, a comma or two, some capitals."""
+    words = rng.sample(TEXT_TOPICS[topic], rng.randint(2, 3)) + [rng.choice(TEXT_FILLER) for _ in range(rng.randint(3, 8))]
+    rng.shuffle(words)
+    if rng.random() < 0.3:
+        words[rng.randrange(len(words))] += ","
+    words[0] = words[0].capitalize()
+    return " ".join(words) + rng.choice((".", "!", "?", ""))
+
+
+def write_text_csv(path: Path, per_class: int = 60, seed: int = 0) -> Path:
+    """A `text,label` CSV of per_class generated sentences per topic (sports, food, weather), deterministic."""
+    rng = random.Random(seed)
+    rows = [(text_sentence(rng, topic), topic) for topic in TEXT_TOPICS for _ in range(per_class)]
+    rng.shuffle(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path

@@ -32,6 +32,7 @@ class TextSplit:
     classes: list[str]
     train: list[TextRow] = field(default_factory=list)
     val: list[TextRow] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)  # the `text` spec (torchferry.inputs.text), once built
 
     def describe(self) -> str:
         """One line for the log: what was found."""
