@@ -416,3 +416,69 @@ def write_text_csv(path: Path, per_class: int = 60, seed: int = 0) -> Path:
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     return path
+
+
+def write_text_checkpoint(path: Path, data: Path, arch: str = "lstm", epochs: int = 3, seed: int = 0,
+                          max_length: int = 16) -> Path:
+    """A text checkpoint made in this process, no Ray: `arch` trained `epochs` passes (Adam) on the text CSV's
+    training split by the project's train_one_epoch, its vocabulary and split the text task's own."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from torchferry.distributed import checkpoint as ckpt
+    from torchferry.distributed.config import TrainConfig
+    from torchferry.distributed.epoch import evaluate, train_one_epoch
+    from torchferry.distributed.tasks import get_task
+
+    task = get_task("text")
+    torch.manual_seed(seed)
+    cfg, split = task.prepare(TrainConfig(task="text", data=str(data), model=arch, opt="adam", lr=0.01,
+                                          max_length=max_length, name="made"))
+    model = task.build_model(cfg, split)
+    train_ds, val_ds = task.datasets(split, cfg, use_cuda=False)
+    loss, cpu = torch.nn.CrossEntropyLoss(), torch.device("cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loader = DataLoader(train_ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    stats = None
+    for _ in range(epochs):
+        stats = train_one_epoch(model, loader, loss, optimizer, cpu, sums=task.batch_sums)
+    val = evaluate(model, DataLoader(val_ds, batch_size=64), loss, cpu, sums=task.batch_sums)
+    metrics = {"val_acc": val.accuracy, "val_loss": val.loss, "train_loss": stats.loss, "train_acc": stats.accuracy}
+    checkpoint = ckpt.build_checkpoint(model.eval(), cfg, epoch=epochs - 1, metrics=metrics,
+                                       fields=task.checkpoint_fields(split, cfg))
+    ckpt.save_checkpoint(checkpoint, str(path), sidecar=True)
+    return path
+
+
+def write_text_onnx(path: Path, vocab: list[str], classes: list[str], max_length: int = 8,
+                    changes: dict | None = None) -> Path:
+    """A small text classifier written directly as ONNX (no torch export): each token's embedding row is its
+    logits, averaged over the text's positions; its metadata (`text` spec, classes, golden outputs from ONNX
+    Runtime) as the export writes them, with the metadata `changes` applied."""
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    from torchferry import contract
+    from torchferry.inputs.text import text_spec
+
+    table = np.random.RandomState(0).normal(size=(len(vocab), len(classes))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input"], ["rows"]),
+         helper.make_node("ReduceMean", ["rows", "axes"], ["logits"], keepdims=0)], "text",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.INT64, ["N", max_length])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", len(classes)])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    shape = [contract.GOLDEN_BATCH, max_length]
+    golden = contract.golden_inputs(shape, dtype="int64", low=0, high=len(vocab))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": golden})[0]
+    values = {"task": "text", "classes": classes, "text": text_spec(vocab, max_length), "arch": "handmade",
+              "golden": contract.golden_record(logits, shape, "onnxruntime", 1e-5, dtype="int64", low=0,
+                                               high=len(vocab)), **(changes or {})}
+    for key, value in contract.encode_metadata(values).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path

@@ -170,7 +170,7 @@ def test_flags_and_environment_fill_the_same_typed_settings() -> None:
     assert (s.max_images, s.top_k, s.ort_threads, s.poll_seconds, s.max_batch) == (3, 2, 2, 1.5, 32)
     help_text = " ".join(get_args_parser().format_help().split())
     flagged = [spec for spec, _ in ServeSettings.table().values() if spec.flag]
-    assert len(flagged) == 13 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
+    assert len(flagged) == 14 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
 
 
 def test_serve_never_imports_torch() -> None:

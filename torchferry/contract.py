@@ -179,26 +179,47 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
 
 
 def golden_inputs(shape: list[int] | tuple[int, ...], seed: int = GOLDEN_SEED, low: float = GOLDEN_RANGE[0],
-                  high: float = GOLDEN_RANGE[1]) -> np.ndarray:
-    """The golden batch of `shape` [N, ...] ([N, C, H, W] for images, [N, F] for tables): uniform in [low, high), float32, the same on every machine.
+                  high: float = GOLDEN_RANGE[1], dtype: str = "float32") -> np.ndarray:
+    """The golden batch of `shape` [N, ...] ([N, C, H, W] for images, [N, F] for tables, [N, L] token ids for
+    texts), the same on every machine: float32 uniform in [low, high), or int64 uniform in low..high-1.
 
     Regenerated from the seed rather than stored, with numpy's legacy RandomState (whose streams numpy keeps
     stable across versions), so a model file stays small whatever its input size.
     """
     import numpy as np
 
-    return np.random.RandomState(seed).uniform(low, high, size=tuple(int(s) for s in shape)).astype(np.float32)
+    rng, size = np.random.RandomState(seed), tuple(int(s) for s in shape)
+    if dtype == "int64":
+        return rng.randint(int(low), int(high), size=size).astype(np.int64)
+    return rng.uniform(low, high, size=size).astype(np.float32)
 
 
-def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float, rtol: float = 0.0) -> dict[str, Any]:
+def golden_record(logits: np.ndarray, shape: list[int], source: str, atol: float, rtol: float = 0.0, *,
+                  dtype: str = "float32", low: float = GOLDEN_RANGE[0],
+                  high: float = GOLDEN_RANGE[1]) -> dict[str, Any]:
     """The `golden` metadata: how to rebuild the inputs, the logits they gave, and the bound they were held to,
     |got - logits| <= atol + rtol * |logits| (a reader may hold them to a stricter one)."""
     import numpy as np
 
-    return {"seed": GOLDEN_SEED, "range": list(GOLDEN_RANGE), "shape": [int(s) for s in shape],
-            "generator": "numpy.random.RandomState(seed).uniform(low, high, shape).astype(float32)",
+    generator = ("numpy.random.RandomState(seed).randint(low, high, shape).astype(int64)" if dtype == "int64"
+                 else "numpy.random.RandomState(seed).uniform(low, high, shape).astype(float32)")
+    return {"seed": GOLDEN_SEED, "range": [low, high], "shape": [int(s) for s in shape], "generator": generator,
+            **({"dtype": dtype} if dtype != "float32" else {}),
             "logits": np.asarray(logits, dtype=np.float32).tolist(), "source": source, "atol": float(atol),
             "rtol": float(rtol)}
+
+
+def _golden_range(golden: dict[str, Any]) -> tuple[str, float, float]:
+    """The dtype and [low, high) of a golden record's inputs, checked (token ids: integers from 0 to 2**31)."""
+    dtype = golden.get("dtype", "float32")
+    if dtype not in ("float32", "int64"):
+        raise ContractError(f"golden.dtype must be 'float32' or 'int64', got {short(dtype)}")
+    low, high = _finite_numbers(golden.get("range"), "golden.range", 2)
+    if not low < high:
+        raise ContractError(f"golden.range must be [low, high] with low < high, got {[low, high]}")
+    if dtype == "int64" and not (low == int(low) and high == int(high) and 0 <= low and high <= 2**31):
+        raise ContractError(f"golden.range of int64 inputs must be integers from 0 to 2**31, got {[low, high]}")
+    return dtype, low, high
 
 
 def _finite_numbers(value: Any, what: str, count: int) -> list[float]:
@@ -231,9 +252,7 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int,
     seed = golden.get("seed")
     if not is_int(seed, 0, 2**32 - 1):
         raise ContractError(f"golden.seed must be an integer from 0 to 2**32 - 1, got {seed!r}"[:300])
-    low, high = _finite_numbers(golden.get("range"), "golden.range", 2)
-    if not low < high:
-        raise ContractError(f"golden.range must be [low, high] with low < high, got {[low, high]}")
+    dtype, low, high = _golden_range(golden)
     try:
         expected = np.asarray(golden.get("logits"), dtype=np.float32)
     except (TypeError, ValueError):
@@ -242,12 +261,12 @@ def read_golden(golden: Any, input_shape: list[int], num_classes: int,
         raise ContractError(f"golden.logits must be {shape[0]} rows of {num_classes} finite numbers "
                             f"(one per output column), got shape {list(expected.shape)}")
     if bound is not None:
-        return golden_inputs(shape, seed, low, high), expected, float(bound[0]), float(bound[1])
+        return golden_inputs(shape, seed, low, high, dtype), expected, float(bound[0]), float(bound[1])
     bounds = []
     for key, ours in (("atol", GOLDEN_ATOL), ("rtol", GOLDEN_RTOL)):
         theirs = golden.get(key)
         bounds.append(float(theirs) if is_number(theirs) and math.isfinite(theirs) and 0 <= theirs < ours else ours)
-    return golden_inputs(shape, seed, low, high), expected, bounds[0], bounds[1]
+    return golden_inputs(shape, seed, low, high, dtype), expected, bounds[0], bounds[1]
 
 
 def tolerance_ratio(got: np.ndarray, reference: np.ndarray, atol: float, rtol: float) -> float:

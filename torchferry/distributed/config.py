@@ -18,6 +18,7 @@ from typing import Any
 
 from torchferry.contract import DEFAULT_TASK, MAX_IMAGE_SIDE, MAX_RESIZE, TASKS
 from torchferry.distributed import TorchferryError
+from torchferry.inputs.text import MAX_SEQUENCE, MAX_VOCAB
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -53,6 +54,9 @@ class TrainConfig:
     data: str = "digits"
     target: str | None = None
     categorical: list[str] = field(default_factory=list)
+    max_length: int = 64
+    vocab_size: int = 20_000
+    min_freq: int = 1
     val_data: str | None = None
     image_root: str | None = None
     val_split: float = 0.2
@@ -185,10 +189,24 @@ def _short_repr(value: Any) -> str:
 
 def infer_task(data: str, target: str | None) -> str:
     """The task --data and --target imply when --task is not given: a table with --target (or a built-in
-    table) is a tabular regression; anything else an image classification."""
+    table) is a tabular regression; a CSV whose header names a `text` column a text classification; anything
+    else an image classification."""
     if data in BUILTIN_TABLES or target is not None:
         return "tabular"
+    if data.lower().endswith(".csv") and "text" in _csv_header(data):
+        return "text"
     return DEFAULT_TASK
+
+
+def _csv_header(path: str) -> list[str]:
+    """The lower-cased column names of a CSV's first line (none when it cannot be read: the data check says why)."""
+    import csv
+
+    try:
+        with open(os.path.expanduser(path), newline="", encoding="utf-8-sig", errors="replace") as f:
+            return [c.strip().lower() for c in next(csv.reader([f.readline(65536)]), [])]
+    except OSError:
+        return []
 
 
 def data_set_key(data: str) -> str:
@@ -207,6 +225,9 @@ def validate_flags(cfg: TrainConfig) -> None:
         (cfg.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}"),
         (cfg.loss is None or cfg.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}"),
         (math.isfinite(cfg.huber_delta) and cfg.huber_delta > 0, f"--huber-delta must be positive, got {cfg.huber_delta}"),
+        (1 <= cfg.max_length <= MAX_SEQUENCE, f"--max-length must be from 1 to {MAX_SEQUENCE}, got {cfg.max_length}"),
+        (3 <= cfg.vocab_size <= MAX_VOCAB, f"--vocab-size must be from 3 to {MAX_VOCAB}, got {cfg.vocab_size}"),
+        (cfg.min_freq >= 1, f"--min-freq must be at least 1, got {cfg.min_freq}"),
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.gpus >= 0, f"--gpus must be 0 or more, got {cfg.gpus}"),
         (cfg.workers >= 1, f"--workers must be at least 1, got {cfg.workers}"),

@@ -59,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("task")
     g.add_argument("--task", choices=TASKS, default=None, help="what to learn: image classification, tabular "
-                   "regression or text classification (default: tabular for --data diabetes or with --target, "
-                   "else image)")
+                   "regression or text classification (default: tabular for --data diabetes or with --target, text "
+                   "for a CSV with a 'text' column, else image)")
     g.add_argument("--target", default=None, help="tabular: the CSV column to predict (default: none; "
                    "'target' for the built-in diabetes set)")
     g.add_argument("--categorical", type=_names, default=[], help="tabular: comma-separated columns to one-hot "
@@ -69,6 +69,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "target (default: mse)")
     g.add_argument("--huber-delta", type=float, default=d.huber_delta, help="tabular: Huber's delta, in "
                    f"standard deviations of the target (default: {d.huber_delta:g})")
+    text_flags = {"--max-length": "text: tokens per text, the rest cut off, shorter texts padded",
+                  "--vocab-size": "text: vocabulary entries, <pad> and <unk> included, the most frequent training "
+                  "tokens",
+                  "--min-freq": "text: a token enters the vocabulary when the training texts hold it this many times"}
+    for flag, what in text_flags.items():
+        default = getattr(d, flag[2:].replace("-", "_"))
+        g.add_argument(flag, type=int, default=default, help=f"{what} (default: {default:,})")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="'digits' (built-in, default), an ImageFolder directory "
                    "(DIR/train/<class>, DIR/val/<class>, or DIR/<class> split by --val-split), an annotation "

@@ -32,6 +32,7 @@ class ImageTask(Task):
     best_metric, best_mode = "val_acc", "max"
     metric_columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds")
     checkpoint_metrics = ("val_acc", "val_loss", "train_loss", "train_acc")
+    input_key = "preprocess"  # the checkpoint and metadata key of the input spec (the text task's: "text")
     required_keys = ("num_classes", "classes", "preprocess")
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
@@ -108,19 +109,7 @@ class ImageTask(Task):
         if not isinstance(arch, str) or not (is_builtin(arch) or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
             yield (f"arch {short(arch)} is neither smallcnn, a torchvision classifier nor a package.module:factory "
                    "name")
-        n = obj["num_classes"]
-        if not is_int(n, 2, MAX_CLASSES):
-            yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {short(n)}"
-        classes = obj["classes"]
-        problem = classes_problem(classes)
-        if problem:
-            yield problem
-        elif len(classes) != n:
-            yield f"classes lists {len(classes)} names for num_classes {short(n)}"
-        yield from preprocess_problems(obj["preprocess"])
-        metrics = obj["metrics"]
-        if isinstance(metrics, dict) and not (is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
-            yield f"metrics.val_acc must be a number from 0 to 1, got {short(metrics.get('val_acc'))}"
+        yield from classifier_problems(obj, preprocess_problems(obj["preprocess"]))
 
     def model_builder(self, checkpoint: dict[str, Any], factory: str | None) -> Callable[[], nn.Module]:
         from torchferry.distributed.models import build_model, check_arch_kwargs, require_trusted_arch
@@ -137,12 +126,12 @@ class ImageTask(Task):
         return [int(pre["channels"]), *(int(v) for v in pre["size"])]
 
     def onnx_metadata(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        return {"classes": list(checkpoint["classes"]), "preprocess": checkpoint["preprocess"],
+        return {"classes": list(checkpoint["classes"]), self.input_key: checkpoint[self.input_key],
                 "num_classes": int(checkpoint["num_classes"]),
                 "val_acc": float(checkpoint["metrics"].get("val_acc", float("nan")))}
 
     def metadata_keys(self) -> tuple[str, ...]:
-        return ("classes", "preprocess", "arch")
+        return ("classes", self.input_key, "arch")
 
     def random_input(self, checkpoint: dict[str, Any], batch: int, generator: Any) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape(checkpoint), generator=generator)
@@ -168,3 +157,21 @@ def image_fields(classes: list[str], cfg: TrainConfig) -> dict[str, Any]:
     if not classes:
         raise TorchferryError("an image checkpoint needs its class names")
     return {"num_classes": len(classes), "classes": list(classes), "preprocess": preprocess_spec(cfg)}
+
+
+def classifier_problems(obj: dict[str, Any], input_problems: Iterator[str]) -> Iterator[str]:
+    """What is wrong with a classifier checkpoint's `num_classes` and `classes`, its input spec (`input_problems`)
+    and its `metrics.val_acc`, in that order."""
+    n = obj["num_classes"]
+    if not is_int(n, 2, MAX_CLASSES):
+        yield f"num_classes must be an integer from 2 to {MAX_CLASSES}, got {short(n)}"
+    classes = obj["classes"]
+    problem = classes_problem(classes)
+    if problem:
+        yield problem
+    elif len(classes) != n:
+        yield f"classes lists {len(classes)} names for num_classes {short(n)}"
+    yield from input_problems
+    metrics = obj["metrics"]
+    if isinstance(metrics, dict) and not (is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
+        yield f"metrics.val_acc must be a number from 0 to 1, got {short(metrics.get('val_acc'))}"

@@ -105,6 +105,10 @@ class Task:
         """The metadata keys export.verify holds equal to the checkpoint's."""
         raise NotImplementedError
 
+    def golden_kind(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """How the golden inputs are drawn (`contract.golden_inputs`' dtype, low, high): floats by default."""
+        return {}
+
     def random_input(self, checkpoint: dict[str, Any], batch: int, generator: Any) -> Any:
         """A random batch the parity proof runs (float32 tensor)."""
         raise NotImplementedError

@@ -7,16 +7,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchferry.contract import classes_problem, is_number, short
+from torchferry.contract import short
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import TrainConfig, absolute_path
-from torchferry.distributed.image_task import ImageTask
+from torchferry.distributed.config import TrainConfig, absolute_path, resolve_defaults
+from torchferry.distributed.image_task import ImageTask, classifier_problems
 from torchferry.distributed.text_data import TextSplit, encoded_dataset, text_split
 from torchferry.distributed.text_models import TEXT_ARCHS, build_text_model, check_text_arch_kwargs
 from torchferry.inputs.text import build_vocab, text_spec, text_spec_problems
@@ -49,6 +50,18 @@ def _build(arch: str, num_classes: int, spec: dict[str, Any], kwargs: dict[str, 
     return model
 
 
+def _check_outputs(model: nn.Module, split: TextSplit) -> None:
+    """A forward pass on two validation texts: the model must give one logit per class."""
+    probe = encoded_dataset(split.val[:2], split.spec).tensors[0]
+    with torch.no_grad():
+        out = model.eval()(probe)
+    want = (len(probe), len(split.classes))
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == want):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TorchferryError(f"the text model gives {shape} for {want[0]} texts; a text classifier gives "
+                              f"[batch, {want[1]}], one logit per class")
+
+
 class TextTask(ImageTask):
     """A text classifier: int64 token ids [N, max_length] in, one logit per class out. A classifier as the image
     task is (cross-entropy, accuracy, the best by val_acc, top-1 agreement in the parity proof): what reads,
@@ -56,25 +69,24 @@ class TextTask(ImageTask):
 
     name = "text"
     required_keys = ("num_classes", "classes", "text")
+    input_key = "text"
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
-        from torchferry.distributed.models import is_custom
+        from torchferry.distributed.models import FACTORY_PATTERN
 
-        if cfg.model not in TEXT_ARCHS and not is_custom(cfg.model):
+        if cfg.model not in TEXT_ARCHS and not FACTORY_PATTERN.fullmatch(cfg.model):
             raise TorchferryError(f"--model {cfg.model!r} is not a text model; choose one of {list(TEXT_ARCHS)} "
-                                  "or PKG.MOD:FACTORY")
-        cfg = dataclasses.replace(cfg, data=absolute_path(cfg.data),
-                                  val_data=absolute_path(cfg.val_data) if cfg.val_data else None)
-        split = read_split(cfg)
-        _logger.info("data: %s, vocabulary of %d tokens", split.describe(), len(split.spec["vocab"]))
-        model = self.build_model(cfg, split).eval()
-        probe = encoded_dataset(split.val[:2], split.spec).tensors[0]
-        with torch.no_grad():
-            out = model(probe)
-        if tuple(out.shape) != (len(probe), len(split.classes)):
-            raise TorchferryError(f"--model {cfg.model!r} gives {list(out.shape)} for {len(probe)} texts; a text "
-                                  f"classifier gives [N, {len(split.classes)}]")
-        return cfg, split
+                                  "or package.module:factory")
+        r = dataclasses.replace(cfg, data=absolute_path(cfg.data),
+                                val_data=absolute_path(cfg.val_data) if cfg.val_data else None)
+        split = read_split(r)
+        _logger.info("data: %s, a vocabulary of %d tokens", split.describe(), len(split.spec["vocab"]))
+        if r.name is None:
+            source = os.path.basename(r.data).rsplit(".", 1)[0] or "texts"
+            r.name = f"{r.model.rsplit(':', 1)[-1]}-{source}-{time.strftime('%Y%m%d-%H%M%S')}"
+        r = resolve_defaults(r)
+        _check_outputs(self.build_model(r, split), split)
+        return r, split
 
     def worker_split(self, loop_config: dict[str, Any]) -> Any:
         return read_split(TrainConfig.from_dict(loop_config["cfg"]))
@@ -92,10 +104,11 @@ class TextTask(ImageTask):
         return list(source.get("classes") or []) == list(split.classes) and source.get("text") == split.spec
 
     def pictures(self, cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
+        from torchferry.distributed.checkpoint import model_from_checkpoint
         from torchferry.distributed.report import plot_confusion, plot_curves
 
         plot_curves(history, os.path.join(cfg.run_dir, "curves.png"))
-        model = self.model_from_checkpoint(best, cfg.model)
+        model = model_from_checkpoint(best, factory=cfg.model)
         ids, labels = encoded_dataset(split.val, split.spec).tensors
         with torch.no_grad():
             predicted = torch.cat([model(chunk).argmax(1) for chunk in ids.split(256)])
@@ -112,15 +125,7 @@ class TextTask(ImageTask):
 
         if not isinstance(arch, str) or not (arch in TEXT_ARCHS or FACTORY_PATTERN.fullmatch(arch)) or len(arch) > 200:
             yield f"arch {short(arch)} is neither {' nor '.join(TEXT_ARCHS)} nor a package.module:factory name"
-        problem = classes_problem(obj["classes"])
-        if problem:
-            yield problem
-        elif obj["num_classes"] != len(obj["classes"]) or isinstance(obj["num_classes"], bool):
-            yield f"classes lists {len(obj['classes'])} names for num_classes {short(obj['num_classes'])}"
-        yield from text_spec_problems(obj["text"])
-        metrics = obj["metrics"]
-        if isinstance(metrics, dict) and not (is_number(metrics.get("val_acc")) and 0.0 <= metrics["val_acc"] <= 1.0):
-            yield f"metrics.val_acc must be a number from 0 to 1, got {short(metrics.get('val_acc'))}"
+        yield from classifier_problems(obj, text_spec_problems(obj["text"]))
 
     def model_builder(self, checkpoint: dict[str, Any], factory: str | None) -> Callable[[], nn.Module]:
         from torchferry.distributed.models import is_custom, require_trusted_arch
@@ -137,13 +142,8 @@ class TextTask(ImageTask):
     def input_shape(self, checkpoint: dict[str, Any]) -> list[int]:
         return [int(checkpoint["text"]["max_length"])]
 
-    def onnx_metadata(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        return {"classes": list(checkpoint["classes"]), "text": checkpoint["text"],
-                "num_classes": int(checkpoint["num_classes"]),
-                "val_acc": float(checkpoint["metrics"].get("val_acc", float("nan")))}
-
-    def metadata_keys(self) -> tuple[str, ...]:
-        return ("classes", "text", "arch")
+    def golden_kind(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        return {"dtype": "int64", "low": 0, "high": len(checkpoint["text"]["vocab"])}
 
     def random_input(self, checkpoint: dict[str, Any], batch: int, generator: Any) -> torch.Tensor:
         spec = checkpoint["text"]

@@ -33,6 +33,7 @@ class TextSplit:
     train: list[TextRow] = field(default_factory=list)
     val: list[TextRow] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)  # the `text` spec (torchferry.inputs.text), once built
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # the image task's; texts have none
 
     def describe(self) -> str:
         """One line for the log: what was found."""

@@ -104,7 +104,8 @@ def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Modul
     """Export and attach the metadata docs/design.md lists (the task's own through `Task.onnx_metadata`), golden
     inputs and their PyTorch outputs included (with the tolerance the export is held to)."""
     task = task_for(checkpoint)
-    golden = contract.golden_inputs([contract.GOLDEN_BATCH, *task.input_shape(checkpoint)])
+    kind = task.golden_kind(checkpoint)
+    golden = contract.golden_inputs([contract.GOLDEN_BATCH, *task.input_shape(checkpoint)], **kind)
     example = torch.from_numpy(golden)
     proto, exporter = export_model(model, example, opset, task.output_name)
     with torch.inference_mode():
@@ -118,7 +119,7 @@ def build_onnx(checkpoint: dict[str, Any], checkpoint_path: str, model: nn.Modul
         "torchferry_version": torchferry.__version__,
         "exporter": exporter,
         "versions": {**checkpoint.get("versions", {}), "onnx": onnx.__version__},
-        "golden": contract.golden_record(logits, list(golden.shape), "pytorch", atol, rtol),
+        "golden": contract.golden_record(logits, list(golden.shape), "pytorch", atol, rtol, **kind),
     })
     proto.producer_name = "torchferry"
     proto.producer_version = torchferry.__version__

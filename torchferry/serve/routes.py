@@ -115,7 +115,7 @@ def metadata():
     info = served.predictor.info
     meta = info.metadata
     return jsonify({"name": served.name, "version": served.version, "model_versions": versions_for_caller(),
-                    "task": info.task, **{k: v for k, v in info.spec.items() if k not in ("classes", "preprocess")},
+                    "task": info.task, **{k: v for k, v in info.spec.items() if k not in ("classes", "preprocess") and not k.startswith("_")},
                     "classes": info.classes, "input_shape": info.input_shape, "input": served.predictor.input_name,
                     "output": served.predictor.output_name, "preprocess": info.preprocess, "sha256": info.sha256,
                     "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),

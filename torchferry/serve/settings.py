@@ -142,8 +142,10 @@ class ServeSettings(_Settings):
                                           "re-read when it changes", unset="authentication off", keep_empty=True)
     max_upload_bytes: int = setting("TORCHFERRY_MAX_UPLOAD_BYTES", 16 * 1024 * 1024, "largest request body",
                                     low=1, high=2**31, flag="--max-upload-bytes")
-    max_images: int = setting("TORCHFERRY_MAX_IMAGES", 16, "images per request", low=1, high=4096,
+    max_images: int = setting("TORCHFERRY_MAX_IMAGES", 16, "images (or texts, rows) per request", low=1, high=4096,
                               flag="--max-images")
+    max_text_chars: int = setting("TORCHFERRY_MAX_TEXT_CHARS", 10_000, "longest text a text model is sent, in "
+                                  "characters", low=1, high=2**26, flag="--max-text-chars")
     max_pixels: int = setting("TORCHFERRY_MAX_PIXELS", 40_000_000, "largest image, width × height",
                               low=ROW_COST_PIXELS, high=2**31, flag="--max-pixels")
     top_k: int = setting("TORCHFERRY_TOP_K", 5, "labels per image when the request does not say", low=1,

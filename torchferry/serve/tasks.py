@@ -70,12 +70,7 @@ class ImageServeTask(ServeTask):
     name = "image"
 
     def read_spec(self, meta: dict[str, Any]) -> dict[str, Any]:
-        for key in ("classes", "preprocess"):
-            if key not in meta:
-                raise ContractError(f"it lacks the '{key}' metadata of a torchferry export")
-        problem = classes_problem(meta["classes"])
-        if problem:
-            raise ContractError(f"metadata {problem}")
+        checked_classes(meta, "preprocess")
         for problem in preprocess_problems(meta["preprocess"]):
             raise ContractError(f"metadata {problem}")
         return {"classes": list(meta["classes"]), "preprocess": dict(meta["preprocess"])}
@@ -93,7 +88,7 @@ class ImageServeTask(ServeTask):
     def predict_batch(self, info: Any, max_items: int, top_k: int) -> tuple[np.ndarray, Render]:
         from torchferry.serve.state import state
 
-        k = _top_k(top_k, len(info.classes))
+        k = top_k_param(top_k, len(info.classes))
         images = _collect_images(max_items)
         batch = np.stack([state().prepare(data, info.preprocess, name) for name, data in images])
         return batch, lambda logits: top_k_answers(logits, info.classes, k)
@@ -110,6 +105,17 @@ class ImageServeTask(ServeTask):
     def v2_note(self, input_name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {"image_input": f"{input_name!r} also takes BYTES [-1] of encoded images (raw with "
                 "binary_tensor_data, base64 in JSON)"}
+
+
+def checked_classes(meta: dict[str, Any], *keys: str) -> list[str]:
+    """A classifier's `classes` from its metadata, checked, once `classes` and `keys` are seen to be there."""
+    for key in ("classes", *keys):
+        if key not in meta:
+            raise ContractError(f"it lacks the '{key}' metadata of a torchferry export")
+    problem = classes_problem(meta["classes"])
+    if problem:
+        raise ContractError(f"metadata {problem}")
+    return list(meta["classes"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -148,7 +154,7 @@ def _collect_images(max_images: int) -> list[tuple[str, bytes]]:
                     "multipart/form-data with image files, or a raw body with an image/* type")
 
 
-def _top_k(default: int, num_classes: int) -> int:
+def top_k_param(default: int, num_classes: int) -> int:
     raw = request.args.get("top_k")
     if raw is None:
         return min(default, num_classes)

@@ -14,7 +14,11 @@ import binascii
 import json
 from typing import Any
 
+import numpy as np
+
+from torchferry.inputs.text import Encoder, check_text_spec
 from torchferry.serve.errors import HTTPError
+from torchferry.serve.tasks import Render, ServeTask, checked_classes, top_k_answers, top_k_param
 
 
 def _reject_constant(name: str) -> float:
@@ -84,3 +88,73 @@ def texts_from_v2(values: list[Any] | None, blobs: list[bytes] | None, name: str
                     raise HTTPError(400, "bad_texts", f"{name}[{i}]: 'b64' is not base64") from None
             texts.append(value)
     return check_texts(texts, max_texts, max_chars, name)
+
+
+class TextServeTask(ServeTask):
+    """A text classifier: texts (or token ids INT64 [N, max_length]) in, top-k classes out; the texts encoded by the
+    `Encoder` of the file's own `text` spec, built once when the model loads."""
+
+    name = "text"
+    input_type = "tensor(int64)"
+    v2_datatype = "INT64"
+
+    def read_spec(self, meta: dict[str, Any]) -> dict[str, Any]:
+        classes = checked_classes(meta, "text")
+        spec = check_text_spec(meta["text"], "metadata")
+        # /metadata shows the spec without its vocabulary (its size instead); "_encoder" is the server's own.
+        public = {**{k: v for k, v in spec.items() if k != "vocab"}, "vocab_size": len(spec["vocab"])}
+        return {"classes": classes, "text": public, "_encoder": Encoder(spec)}
+
+    def classes(self, spec: dict[str, Any]) -> list[str]:
+        return spec["classes"]
+
+    def input_shape(self, spec: dict[str, Any]) -> list[int]:
+        return [spec["_encoder"].max_length]
+
+    def output_columns(self, spec: dict[str, Any]) -> int:
+        return len(spec["classes"])
+
+    def predict_batch(self, info: Any, max_items: int, top_k: int) -> tuple[np.ndarray, Render]:
+        from flask import request
+
+        k = top_k_param(top_k, len(info.classes))
+        mimetype = request.mimetype or ""
+        if mimetype != "application/json":
+            raise HTTPError(415, "unsupported_media_type", f"Content-Type {mimetype[:60] or 'missing'!r}: send "
+                            'application/json {"texts": ["...", ...]}')
+        texts = texts_from_json(request.get_data(cache=False), max_items, _max_chars())
+        return info.spec["_encoder"].encode(texts), lambda logits: top_k_answers(logits, info.classes, k)
+
+    def v2_input(self, datatype: Any, inp: dict[str, Any], shape: list[int], raw: bytes | None, info: Any,
+                 max_items: int) -> np.ndarray:
+        from torchferry.serve.v2_request import bytes_elements, flat_values, int64_input
+
+        encoder = info.spec["_encoder"]
+        if datatype == "INT64":
+            return int64_input(inp, shape, raw, [encoder.max_length], encoder.vocab_size, max_items)
+        if datatype != "BYTES":
+            return super().v2_input(datatype, inp, shape, raw, info, max_items)
+        name = inp["name"]
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not shape[0]:
+            raise HTTPError(400, "bad_texts", f"input {name!r}: BYTES texts take shape [N] or [N, 1], N >= 1, got "
+                            f"{shape}"[:300])
+        if shape[0] > max_items:
+            raise HTTPError(413, "too_many_texts", f"{shape[0]} texts in one request; the limit is {max_items}")
+        if raw is not None:
+            texts = texts_from_v2(None, bytes_elements(raw, shape[0], name), name, max_items, _max_chars())
+        else:
+            values = flat_values(inp["data"])
+            if len(values) != shape[0]:
+                raise HTTPError(400, "bad_texts", f"input {name!r}: {len(values)} elements for shape {shape}")
+            texts = texts_from_v2(values, None, name, max_items, _max_chars())
+        return encoder.encode(texts)
+
+    def v2_note(self, input_name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"text_input": f"{input_name!r} also takes BYTES [-1] of UTF-8 texts (strings in JSON, raw with "
+                "binary_tensor_data)"}
+
+
+def _max_chars() -> int:
+    from torchferry.serve.state import state
+
+    return state().settings.max_text_chars

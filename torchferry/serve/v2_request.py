@@ -127,7 +127,7 @@ def _shape(inp: dict[str, Any], name: str) -> list[int]:
     return shape
 
 
-def _flatten(data: Any) -> list[Any]:
+def flat_values(data: Any) -> list[Any]:
     """Tensor data flat or nested (row-major), as the protocol allows, as one flat list."""
     if not isinstance(data, list):
         return [data]
@@ -159,7 +159,7 @@ def _fp32(
             raise refused(400, f"input {name!r}: {len(raw)} bytes of binary data; FP32 {shape} takes {4 * count}")
         x = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=True).reshape(shape)
     else:
-        values = _flatten(inp["data"])
+        values = flat_values(inp["data"])
         if len(values) != count:
             raise refused(400, f"input {name!r}: {len(values)} values for shape {shape}, which holds {count}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -180,7 +180,7 @@ def _batch_size(n: int, max_images: int) -> None:
         raise refused(413, f"{n} images in one request; the limit is {max_images}")
 
 
-def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
+def bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     """BYTES binary data: each element a 4-byte little-endian length, then that many bytes."""
     out, offset = [], 0
     while offset < len(raw) and len(out) < count:
@@ -197,6 +197,27 @@ def _bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
+def int64_input(inp: dict[str, Any], shape: list[int], raw: bytes | None, model_shape: list[int], high: int,
+                max_items: int) -> np.ndarray:
+    """An INT64 tensor [N, *model_shape] of token ids, each from 0 to high - 1 (JSON data or binary)."""
+    name = inp["name"]
+    want = [-1, *model_shape]
+    if len(shape) != len(want) or shape[1:] != want[1:]:
+        raise refused(400, f"input {name!r}: INT64 shape {shape}; the model takes {want}")
+    _batch_size(shape[0], max_items)
+    if raw is None:
+        values = flat_values(inp["data"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < high for v in values):
+            raise refused(400, f"input {name!r}: INT64 data must be token ids from 0 to {high - 1}")
+        raw = struct.pack(f"<{len(values)}q", *values)
+    if len(raw) != 8 * math.prod(shape):
+        raise refused(400, f"input {name!r}: {len(raw) // 8} INT64 values for shape {shape}")
+    ids = np.frombuffer(raw, dtype="<i8").astype(np.int64).reshape(shape)
+    if ids.min() < 0 or ids.max() >= high:
+        raise refused(400, f"input {name!r}: INT64 data must be token ids from 0 to {high - 1}")
+    return ids
+
+
 def images_input(
     inp: dict[str, Any], shape: list[int], raw: bytes | None, spec: dict[str, Any], max_images: int,
     prepare_image: PrepareImage,
@@ -207,9 +228,9 @@ def images_input(
         raise refused(400, f"input {name!r}: BYTES images take shape [N] or [N, 1], got {shape}")
     _batch_size(shape[0], max_images)
     if raw is not None:
-        blobs = _bytes_elements(raw, shape[0], name)
+        blobs = bytes_elements(raw, shape[0], name)
     else:
-        values = _flatten(inp["data"])
+        values = flat_values(inp["data"])
         if len(values) != shape[0]:
             raise refused(400, f"input {name!r}: {len(values)} elements for shape {shape}")
         blobs = []
