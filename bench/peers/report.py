@@ -106,6 +106,13 @@ def render(result: dict[str, Any], source: str | None = None) -> list[str]:
                            f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | "
                            f"{_fmt(r.get('server_cpu_ms_per_request'), 2)} | {_fmt(r['load_average'])} | "
                            f"{r['round']} |")
+    loads, cpus = [r["load_average"] for r in result["rows"]], result.get("machine", {}).get("cpus") or 0
+    if loads and cpus and max(loads) > cpus:
+        out += ["", (f"The 1-minute load average beside the figures ran from {min(loads):.1f} to {max(loads):.1f} on "
+                     f"{cpus} cores: other work shared the machine, so requests/s and latency here say more about it "
+                     "than about the servers; CPU ms per request and peak RSS move far less. Repeat on a quiet machine: "
+                     "`python -m bench.peers --setup && python -m bench.peers`, then `python -m bench.run_all --render "
+                     "<the newest bench/results/*-all.json>` (or a whole `python -m bench.run_all`).")]
     failed = [f"{r['server']} (round {r['round']}): {r['error']}" for r in result.get("runs", []) if "error" in r]
     out += ["", *(f"Failed: {f}." for f in failed)] if failed else []
     out += ["", "Targets:", ""]
