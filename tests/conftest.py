@@ -26,6 +26,22 @@ from helpers import (
 )
 
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup). Tests that share an
+# expensive session fixture, or one Docker daemon's images, run on the same worker, so the fixture is made once.
+SHARED_GROUPS = {"trained_run": "trained_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("container"):
+            item.add_marker(pytest.mark.xdist_group("docker"))
+            continue
+        for fixture, group in SHARED_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
 @pytest.fixture
 def digits_folder(tmp_path: Path) -> Path:
     """300 of the 8×8 grayscale digits as PNGs in train/ and val/ (a user's own small grayscale data)."""
