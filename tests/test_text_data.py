@@ -91,3 +91,24 @@ def test_the_encoded_dataset_holds_ids_and_labels(tmp_path: Path) -> None:
     ds = encoded_dataset(rows, spec)
     ids, label = ds[0]
     assert ids.dtype == torch.int64 and ids.tolist()[2] == 0 and label.item() == 1
+
+
+def test_a_csv_with_a_text_column_picks_the_text_task_and_its_defaults(tmp_path: Path) -> None:
+    from torchferry.distributed.flags import config_from_args
+
+    texts = _write(tmp_path, "\ufeffText,label\nhello,a\n")
+    annotations = _write(tmp_path, "path,label\na.png,x\n", "images.csv")
+    cfg = config_from_args(["--data", texts])
+    assert (cfg.task, cfg.model, cfg.opt) == ("text", "lstm", "adam")
+    assert config_from_args(["--data", annotations]).task == "image"
+    assert config_from_args(["--data", annotations, "--task", "text"]).task == "text"
+
+
+@pytest.mark.parametrize("flags", [["--max-length", "0"], ["--max-length", "5000"], ["--vocab-size", "2"],
+                                   ["--min-freq", "0"]])
+def test_text_flags_out_of_range_are_refused(flags: list[str]) -> None:
+    from torchferry.distributed.config import validate_flags
+    from torchferry.distributed.flags import config_from_args
+
+    with pytest.raises(TorchferryError, match=flags[0]):
+        validate_flags(config_from_args(["--task", "text", *flags]))

@@ -35,3 +35,43 @@ def test_arch_kwargs_from_a_file_are_bounded_and_unknown_names_refused() -> None
         build_text_model("gru", 2, 10, 4)
     with pytest.raises(TorchferryError, match="multiple of num_heads"):
         build_text_model("transformer", 2, 10, 4, {"embed_dim": 10, "num_heads": 4})
+
+
+def test_an_image_model_or_a_factory_of_the_wrong_shape_is_refused_before_training(tmp_path) -> None:
+    from helpers import write_text_csv
+
+    from torchferry.distributed.config import TrainConfig
+    from torchferry.distributed.tasks import get_task
+
+    data = str(write_text_csv(tmp_path / "texts.csv", per_class=4))
+    with pytest.raises(TorchferryError, match="not a text model"):
+        get_task("text").prepare(TrainConfig(task="text", data=data, model="smallcnn"))
+    with pytest.raises(TorchferryError, match=r"gives \[2, 5\] for 2 texts"):
+        get_task("text").prepare(TrainConfig(task="text", data=data, model="custom_model:text_five_outputs"))
+
+
+def test_a_checkpoint_with_a_hostile_text_spec_is_refused_on_load(tmp_path) -> None:
+    from helpers import write_text_checkpoint, write_text_csv
+
+    from torchferry.contract import ContractError
+    from torchferry.distributed.checkpoint import load_checkpoint, save_checkpoint
+
+    path = write_text_checkpoint(tmp_path / "best.pth", write_text_csv(tmp_path / "texts.csv", per_class=4), epochs=1)
+    checkpoint = load_checkpoint(str(path))
+    checkpoint["text"] = {**checkpoint["text"], "vocab": ["<pad>", "<unk>", "a", "a"]}
+    save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))
+    with pytest.raises(ContractError, match="text.vocab holds a token twice"):
+        load_checkpoint(str(tmp_path / "bad.pth"))
+
+
+@pytest.mark.slow
+def test_the_transformer_exports_with_parity_on_real_validation_texts(tmp_path) -> None:
+    from helpers import write_text_checkpoint, write_text_csv
+
+    from torchferry.export.onnx import export_checkpoint
+
+    data = write_text_csv(tmp_path / "texts.csv", per_class=10)
+    path = write_text_checkpoint(tmp_path / "best.pth", data, arch="transformer", epochs=1)
+    report = export_checkpoint(str(path), str(tmp_path / "model.onnx"), data=str(data))
+    real = [c for c in report["cases"] if c["kind"] == "real"]
+    assert report["passed"] and real and real[0]["top1_agreement"] == 1.0, report

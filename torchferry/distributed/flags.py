@@ -80,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=d.data, help="'digits' (built-in, default), an ImageFolder directory "
                    "(DIR/train/<class>, DIR/val/<class>, or DIR/<class> split by --val-split), an annotation "
                    "file ('relative/path label' lines, or a CSV with path,label columns), or a torchvision data "
-                   "set read from a local root: cifar10:DIR, mnist:DIR, fashionmnist:DIR, flowers102:DIR")
+                   "set read from a local root: cifar10:DIR, mnist:DIR, fashionmnist:DIR, flowers102:DIR; for the text "
+                   "task a CSV with text,label columns")
     g.add_argument("--val-data", default=None, help="validation annotation file or directory; without it "
                    "the validation set comes from the data layout or from --val-split (default: none)")
     g.add_argument("--image-root", default=None, help="directory that annotation-file paths are relative to "
