@@ -100,10 +100,10 @@ def missing_venvs() -> list[str]:
     return missing
 
 
-def setup() -> int:
-    """Create each peer's venv from its pinned requirements (skipped when already built from the same file)."""
+def setup(names: list[str]) -> int:
+    """Create each named peer's venv from its pinned requirements (skipped when already built from the same file)."""
     base = getattr(sys, "_base_executable", sys.executable)
-    for peer in PEERS:
+    for peer in (p for p in PEERS if p.name in names):
         if peer.name not in missing_venvs():
             print(f"{peer.name}: up to date ({HOME / peer.name})")
             continue
@@ -246,7 +246,7 @@ def for_run_all(tmp: str, quick: bool, env: dict[str, str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setup", action="store_true", help=f"create the peers' venvs under {HOME} and exit")
+    p.add_argument("--setup", action="store_true", help=f"create the peers' venvs (those --only names) under {HOME} and exit")
     p.add_argument("--quick", action="store_true", help="4 s per point instead of 10")
     p.add_argument("--seconds", type=float, default=None, help="seconds per point (default: 10, --quick 4)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.baseline and not (Path(args.baseline) / "torchferry" / "serve" / "gunicorn.conf.py").is_file():
         p.error(f"--baseline {args.baseline}: not a torchferry checkout (no torchferry/serve/gunicorn.conf.py)")
-    if args.setup:
-        return setup()
     names = args.only.split(",")
+    if args.setup:
+        return setup(names)
     servers = [*PEERS, *([baseline(args.baseline)] if args.baseline else []), TORCHFERRY]
     names += ["torchferry-before"] if args.baseline else []
     unknown = sorted(set(names) - {s.name for s in servers})
