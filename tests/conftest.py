@@ -26,22 +26,6 @@ from helpers import (
 )
 
 
-# The suite runs on two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup). Tests that share an
-# expensive session fixture, or one Docker daemon's images, run on the same worker, so the fixture is made once.
-SHARED_GROUPS = {"trained_run": "trained_run"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("container"):
-            item.add_marker(pytest.mark.xdist_group("docker"))
-            continue
-        for fixture, group in SHARED_GROUPS.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
-
-
 @pytest.fixture
 def digits_folder(tmp_path: Path) -> Path:
     """300 of the 8×8 grayscale digits as PNGs in train/ and val/ (a user's own small grayscale data)."""
@@ -93,11 +77,30 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One real 2-worker Ray run on an ImageFolder tree; later tests read its outputs."""
+def trained_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
+    """One real 2-worker Ray run on an ImageFolder tree; later tests read its outputs.
+
+    Made once per pytest run: under pytest-xdist the first worker that needs it trains, under a file lock in
+    the run's shared temporary folder, and the other reads what it left."""
+    if worker_id == "master":  # not under xdist
+        return _train_run(tmp_path_factory.mktemp("trained"))
+    import json
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    record = shared / "trained_run.json"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not record.is_file():
+            run = _train_run(shared / "trained")
+            record.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in run.items()}))
+    saved = json.loads(record.read_text())
+    return {"code": saved["code"], "run_dir": Path(saved["run_dir"]), "data": Path(saved["data"])}
+
+
+def _train_run(base: Path) -> dict:
     from torchferry.distributed import launch
 
-    base = tmp_path_factory.mktemp("trained")
     write_split_tree(base / "data")
     old = os.environ.get("TORCHFERRY_CACHE")
     os.environ["TORCHFERRY_CACHE"] = str(base / "cache")

@@ -2,7 +2,7 @@
 no capabilities, no new privileges, the pod's memory and CPU limits, env and mounts; a real HTTP client on
 loopback. Marked `container` (not in a plain `pytest` run; `.ci/run` runs it after the main suite):
 
-    pytest -m container tests/test_container.py
+    pytest -m container tests/test_container.py -rA -n 0
 
 Without a reachable dockerd the module skips. The base image is $TORCHFERRY_PYTHON_IMAGE when set (e.g. the public
 python:3.11-slim-bookworm), else the local one scripts/local-base-image.sh makes (cached by content).
