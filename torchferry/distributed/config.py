@@ -339,6 +339,11 @@ def fit_to_images(cfg: TrainConfig, profile: dict[str, Any] | None,
                f"{', a small-image set' if small else ''}): {' '.join(chosen)}; pass the flags to choose otherwise")
 
 
+def default_lr(opt: str, batch_size: int) -> float:
+    """--lr's default: sgd 0.1 × batch-size/256 (the linear scaling rule), adam/adamw 1e-3."""
+    return 0.1 * batch_size / 256 if opt == "sgd" else 1e-3
+
+
 def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None = None,
                      profile: dict[str, Any] | None = None) -> TrainConfig:
     """Fill the data- and model-dependent defaults; `weights_preprocess` comes from pretrained weights,
@@ -368,7 +373,7 @@ def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None
     if r.crop_scale_min is None:
         r.crop_scale_min = 0.5 if small else 0.08
     if r.lr is None:
-        r.lr = 0.1 * r.batch_size / 256 if r.opt == "sgd" else 1e-3
+        r.lr = default_lr(r.opt, r.batch_size)
     if r.unfreeze_at_epoch is not None and r.finetune_lr is None:
         r.finetune_lr = r.lr / 10
     if r.channels_last is None:

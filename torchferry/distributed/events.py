@@ -77,7 +77,8 @@ def format_epoch(row: dict[str, Any], epochs: int) -> str:
 
 
 def record_placement(cfg: TrainConfig, rank: int, world: int, events: EventSink) -> None:
-    """Which node each worker runs on: gathered on rank 0 into runs/<name>/cluster.json and told to the driver."""
+    """Which node each worker runs on, and the workers' placement group: gathered on rank 0 into
+    runs/<name>/cluster.json and told to the driver."""
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
           "pid": os.getpid()}
     everyone: list[Any] = [None] * world
@@ -86,8 +87,10 @@ def record_placement(cfg: TrainConfig, rank: int, world: int, events: EventSink)
     else:
         everyone = [me]
     if rank == 0:
+        group = ray.util.get_current_placement_group()  # Ray Train's, shared by the run's workers
+        record = {"workers": everyone, "placement_group": group.id.hex() if group else None}
         ckpt.atomic_write_bytes(os.path.join(cfg.run_dir, "cluster.json"),
-                                (json.dumps({"workers": everyone}, indent=2) + "\n").encode())
+                                (json.dumps(record, indent=2) + "\n").encode())
         nodes = sorted({w["node_id"] for w in everyone})
         events.send("info", message=f"{world} worker(s) on {len(nodes)} node(s): " + ", ".join(
             f"rank {w['rank']}@{w['ip']}/{w['node_id'][:8]}" for w in everyone))

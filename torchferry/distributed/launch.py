@@ -47,24 +47,21 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
-    """Run TorchTrainer and return its Result; raises TrainingFailed when training did not finish."""
+def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list[Any] | None = None) -> Any:
+    """The TorchTrainer of a run: `train_func` on `cfg`'s workers, checkpoints kept by the task's best metric
+    under `cfg.storage_path/cfg.name`; `callbacks` are Ray Train callbacks (a search passes Tune's)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
 
-    from torchferry.distributed.events import Console
     from torchferry.distributed.loop import train_func
-
-    events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
     from torchferry.distributed.tasks import get_task
 
     task = get_task(cfg.task)
     use_gpu = cfg.gpus > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "bad_images": bad_images, "events": events},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers_total, use_gpu=use_gpu,
                                                resources_per_worker=resources,
@@ -77,8 +74,20 @@ def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
                                                          checkpoint_score_order=task.best_mode),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+            callbacks=callbacks,
         ),
     )
+
+
+def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
+    """Run TorchTrainer and return its Result; raises TrainingFailed when training did not finish."""
+    import ray.train
+    from ray.util.queue import Queue
+
+    from torchferry.distributed.events import Console
+
+    events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, {"cfg": cfg.to_dict(), "bad_images": bad_images, "events": events})
     console = Console(events, cfg)
     console.start()
     mark("fit_called")
@@ -143,13 +152,17 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def cli() -> NoReturn:
-    """The command: `main()`, the exit handlers (Ray's, logging's), then the end of the process.
+    """The command: `main()`, then `exit_process`."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """The exit handlers (Ray's, logging's), then the end of the process with `code`.
 
     The interpreter's own teardown after a run (freeing the modules of torch, torchvision and Ray, their C++
     destructors) takes seconds and does nothing a finished command needs: 3 s for a bare `import torch` on a
     busy 2-core machine (bench.startup), so the process ends with os._exit once the handlers have run.
     """
-    code = main()
     atexit._run_exitfuncs()  # what a normal exit runs first; then nothing else is left to do
     sys.stdout.flush()
     sys.stderr.flush()
