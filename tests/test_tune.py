@@ -178,7 +178,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_search_keeps_the_best_trial_and_stops_poor_ones_early(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_search_keeps_the_best_trial_and_stops_poor_ones_early(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """4 trials, 2 epochs, 2 at a time, ASHA at epoch 1 keeping the better half.
 
     With --seed 0 Tune samples lr 0.023 and 1.4e-4 for the first two trials (val_acc 0.25 and 0.15 after
@@ -215,4 +216,4 @@ def test_a_search_keeps_the_best_trial_and_stops_poor_ones_early(tmp_path: Path,
     assert (search / "trials.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((search / "search.json").read_text())["space"]["batch_size"] == [32, 64]
     assert f"trial {best_row['trial_id']}" in out and str(search / "best.pth") in out
-    assert "stopped early by ASHA" in err
+    assert f"trial {stopped[0]['trial_id']} stopped early by ASHA after 1 epoch(s)" in caplog.text

@@ -221,7 +221,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     if not cfg.verbose:
         # Our own lines say how each trial goes (trials.TrialLog); Tune's tables and timing notes stay off.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     cfg = dataclasses.replace(cfg, name=cfg.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}")
     resolved, split = prepare_models(cfg, space)
     base = resolved[space.models(cfg.model)[0]]
