@@ -107,6 +107,12 @@ def test_batch_sizes_smaller_than_the_workers_are_refused() -> None:
         check_against(build_space(None, {"batch_size": "2,64"}), TrainConfig(workers=4))
 
 
+def test_label_smoothing_is_searched_only_for_the_image_classifier() -> None:
+    with pytest.raises(TorchferryError, match="the tabular task has none to smooth"):
+        check_against(build_space(None, {"label_smoothing": "0:0.2"}), TrainConfig(task="tabular"))
+    check_against(build_space(None, {"label_smoothing": "0:0.2"}), TrainConfig(task="image"))
+
+
 def test_a_trial_config_follows_the_launcher_defaults(tmp_path: Path) -> None:
     base = TrainConfig(name="s", lr=0.05, batch_size=128, opt="sgd", freeze_backbone=True, unfreeze_at_epoch=1,
                        finetune_lr=0.005, epochs=3)

@@ -206,7 +206,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a TrainConfig (not yet resolved against the data)."""
-    ns = get_args_parser().parse_args(argv)
+    return config_from_namespace(get_args_parser().parse_args(argv))
+
+
+def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed launcher flags: the task they imply, and its default model and optimizer."""
     if ns.task is None:
         ns.task = infer_task(ns.data, ns.target)
     ns.model = ns.model or DEFAULT_MODELS.get(ns.task, TrainConfig.model)

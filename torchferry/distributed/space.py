@@ -225,7 +225,11 @@ def build_space(file: str | None, flags: dict[str, str | None]) -> SearchSpace:
 
 
 def check_against(space: SearchSpace, cfg: TrainConfig) -> None:
-    """Refuse a space that no trial of this command line could train (a batch smaller than the workers)."""
+    """Refuse a space that no trial of this command line could train (a batch smaller than the workers, label
+    smoothing without labels)."""
+    if space.get("label_smoothing") and cfg.task != "image":
+        raise TorchferryError(f"search key 'label_smoothing' smooths the image classifier's labels; the {cfg.task} "
+                              "task has none to smooth")
     sizes = space.get("batch_size")
     if sizes and min(sizes.values) < cfg.num_workers_total:
         raise TorchferryError(f"search key 'batch_size': {min(sizes.values)} is a global batch; every size must be "

@@ -33,14 +33,14 @@ NO_RECORD = SimpleNamespace(best_checkpoints=[], checkpoint=None)
 
 @dataclass
 class Trial:
-    """One trial as the table shows it: its settings, its val_acc per epoch, how it ended, its best checkpoint."""
+    """One trial as the table shows it: its settings, its metric per epoch, how it ended, its best checkpoint."""
 
     trial_id: str
     params: dict[str, Any]
-    val_acc: list[float] = field(default_factory=list)
+    curve: list[float] = field(default_factory=list)  # the task's best metric (val_acc, val_rmse) per epoch
     stopped_early: bool = False
     error: str | None = None
-    best: dict[str, Any] | None = None  # finish()'s summary: best (path), epoch, val_acc
+    best: dict[str, Any] | None = None  # finish()'s summary: best (path), epoch, metric and its value
 
     @property
     def status(self) -> str:
@@ -53,13 +53,13 @@ class TrialLog(tune.Callback):
     """The driver's console during a search (one line per trial epoch, how each trial ended), and the release of
     a stopped trial's workers."""
 
-    def __init__(self, epochs: int, trials_dir: str):
-        self.epochs, self.trials_dir = epochs, trials_dir
+    def __init__(self, epochs: int, trials_dir: str, metric: str):
+        self.epochs, self.trials_dir, self.metric = epochs, trials_dir, metric
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if "val_acc" in result:
-            _logger.info("trial %s  epoch %d/%d  val_acc %.4f  val_loss %.4f", trial.trial_id,
-                         int(result.get("epoch", 0)) + 1, self.epochs, result["val_acc"], result["val_loss"])
+        if self.metric in result:
+            _logger.info("trial %s  epoch %d/%d  %s %.4f  val_loss %.4f", trial.trial_id, int(result.get("epoch", 0)) + 1,
+                         self.epochs, self.metric, result[self.metric], result.get("val_loss", float("nan")))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         done = int((trial.last_result or {}).get("training_iteration", 0))
@@ -96,18 +96,18 @@ def release_workers(run_dir: str) -> None:
         _logger.debug("released placement group %s of %s", group_id, run_dir)
 
 
-def trial_from_result(result: Any, trials_dir: str, epochs: int) -> Trial:
+def trial_from_result(result: Any, trials_dir: str, epochs: int, metric: str) -> Trial:
     """A Tune Result as a Trial, its best checkpoint kept (trials/<id>/best.pth) by finish()."""
     from torchferry.cli import lead_line
 
     trial_id = os.path.basename(os.path.normpath(result.path))
     frame = result.metrics_dataframe
-    val_acc = []
-    if frame is not None and "val_acc" in frame:
-        val_acc = [float(v) for v in frame.sort_values("training_iteration")["val_acc"].dropna()]
-    trial = Trial(trial_id, dict((result.config or {}).get("train_loop_config", {})), val_acc,
+    curve = []
+    if frame is not None and metric in frame:
+        curve = [float(v) for v in frame.sort_values("training_iteration")[metric].dropna()]
+    trial = Trial(trial_id, dict((result.config or {}).get("train_loop_config", {})), curve,
                   error=lead_line(result.error) if result.error else None)
-    trial.stopped_early = trial.error is None and len(val_acc) < epochs
+    trial.stopped_early = trial.error is None and len(curve) < epochs
     config_path = os.path.join(trials_dir, trial_id, "config.json")
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
@@ -120,22 +120,22 @@ def trial_from_result(result: Any, trials_dir: str, epochs: int) -> Trial:
     return trial
 
 
-def write_table(trials: list[Trial], path: str) -> None:
-    """trials.csv: one row per trial (id, status, epochs run, best val_acc and epoch, its settings), atomically."""
+def write_table(trials: list[Trial], path: str, metric: str) -> None:
+    """trials.csv: one row per trial (id, status, epochs run, best metric and epoch, its settings), atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial_id", "status", "stopped_early", "epochs_run", "best_val_acc", "best_epoch", *KEYS,
+    writer.writerow(["trial_id", "status", "stopped_early", "epochs_run", f"best_{metric}", "best_epoch", *KEYS,
                      "checkpoint", "error"])
     for t in trials:
         best = t.best or {}
-        writer.writerow([t.trial_id, t.status, str(t.stopped_early).lower(), len(t.val_acc),
-                         f"{best['val_acc']:.6f}" if best else "", best["epoch"] + 1 if best else "",
+        writer.writerow([t.trial_id, t.status, str(t.stopped_early).lower(), len(t.curve),
+                         f"{best[metric]:.6f}" if best else "", best["epoch"] + 1 if best else "",
                          *(t.params.get(key, "") for key in KEYS), best.get("best", ""), t.error or ""])
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def plot_trials(trials: list[Trial], best_id: str | None, path: str) -> None:
-    """trials.png: val_acc per epoch for every trial; the best bold, those ASHA stopped dashed, atomically."""
+def plot_trials(trials: list[Trial], best_id: str | None, path: str, metric: str) -> None:
+    """trials.png: the metric per epoch for every trial; the best bold, those ASHA stopped dashed, atomically."""
     from matplotlib.ticker import MaxNLocator
 
     from torchferry.distributed.report import _figure, _save
@@ -143,16 +143,16 @@ def plot_trials(trials: list[Trial], best_id: str | None, path: str) -> None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:
-        if not t.val_acc:
+        if not t.curve:
             continue
-        epochs = list(range(1, len(t.val_acc) + 1))
+        epochs = list(range(1, len(t.curve) + 1))
         best = t.trial_id == best_id
-        ax.plot(epochs, t.val_acc, marker="o", linestyle="--" if t.stopped_early else "-",
+        ax.plot(epochs, t.curve, marker="o", linestyle="--" if t.stopped_early else "-",
                 linewidth=2.5 if best else 1.2, zorder=3 if best else 2,
                 label=f"{t.trial_id}{' (best)' if best else ''}{' (stopped)' if t.stopped_early else ''}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val_acc")
-    ax.set_title(f"{len(trials)} trial(s): validation accuracy per epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{len(trials)} trial(s): {metric} per epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(trials) <= 20:
@@ -160,24 +160,25 @@ def plot_trials(trials: list[Trial], best_id: str | None, path: str) -> None:
     _save(fig, path)
 
 
-def summarize(results: Any, search_dir: str, trials_dir: str, epochs: int) -> dict[str, Any]:
+def summarize(results: Any, search_dir: str, trials_dir: str, epochs: int, metric: str, mode: str) -> dict[str, Any]:
     """Keep the best trial's best checkpoint as runs/<search>/best.pth; write trials.csv and trials.png.
 
-    The best trial is the one whose best checkpoint has the highest val_acc (the earliest trial among
-    equals). Raises TrainingFailed when no trial left a usable checkpoint.
+    The best trial is the one whose best checkpoint has the best `metric` (highest for mode "max", lowest for
+    "min"; the earliest trial among equals). Raises TrainingFailed when no trial left a usable checkpoint.
     """
-    trials = sorted((trial_from_result(r, trials_dir, epochs) for r in results), key=lambda t: t.trial_id)
+    trials = sorted((trial_from_result(r, trials_dir, epochs, metric) for r in results), key=lambda t: t.trial_id)
     kept = [t for t in trials if t.best]
-    best = max(kept, key=lambda t: (t.best["val_acc"], -trials.index(t))) if kept else None
-    write_table(trials, os.path.join(search_dir, "trials.csv"))
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(kept, key=lambda t: (sign * t.best[metric], -trials.index(t))) if kept else None
+    write_table(trials, os.path.join(search_dir, "trials.csv"), metric)
     try:
-        plot_trials(trials, best.trial_id if best else None, os.path.join(search_dir, "trials.png"))
+        plot_trials(trials, best.trial_id if best else None, os.path.join(search_dir, "trials.png"), metric)
     except Exception as exc:  # noqa: BLE001 - the picture is a convenience; the table and checkpoint matter
         _logger.warning("could not draw trials.png: %s", exc)
     if best is None:
         raise TrainingFailed(f"no trial finished an epoch with a usable checkpoint; see {search_dir}/trials.csv")
     path = os.path.join(search_dir, "best.pth")
     copy_checkpoint(best.best["best"], path)
-    return {"best": path, "trial_id": best.trial_id, "val_acc": best.best["val_acc"], "epoch": best.best["epoch"],
-            "params": ", ".join(f"{k} {v}" for k, v in best.params.items()), "trials": len(trials),
-            "stopped": sum(t.stopped_early for t in trials)}
+    return {"best": path, "trial_id": best.trial_id, "metric": metric, "value": best.best[metric],
+            "epoch": best.best["epoch"], "params": ", ".join(f"{k} {v}" for k, v in best.params.items()),
+            "trials": len(trials), "stopped": sum(t.stopped_early for t in trials)}

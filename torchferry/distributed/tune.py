@@ -80,12 +80,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(argv: list[str] | None = None) -> tuple[TrainConfig, SearchConfig]:
     """Parse the command line into the training config shared by all trials and the search config."""
-    ns = vars(get_args_parser().parse_args(argv))
+    from torchferry.distributed.flags import config_from_namespace
+
+    parsed = get_args_parser().parse_args(argv)
+    ns = vars(parsed)  # the namespace's own dict: what is popped here leaves the launcher's flags alone
     flags = {key: ns.pop(f"search_{key}") for key in KEYS}
     search = SearchConfig(space=ns.pop("space"), flags=flags, num_samples=ns.pop("num_samples"),
                           max_concurrent=ns.pop("max_concurrent"), grace_period=ns.pop("grace_period"),
                           reduction_factor=ns.pop("reduction_factor"))
-    return TrainConfig(**ns), search
+    return config_from_namespace(parsed), search
 
 
 def check_search(cfg: TrainConfig, search: SearchConfig) -> SearchSpace:
@@ -114,19 +117,14 @@ def check_search(cfg: TrainConfig, search: SearchConfig) -> SearchSpace:
 
 
 def prepare_models(cfg: TrainConfig, space: SearchSpace) -> tuple[dict[str, TrainConfig], Any]:
-    """Each searched model's resolved config (data checked once, every model built and run once on the driver)."""
-    from torchferry.distributed.config import absolute_paths
-    from torchferry.distributed.models import check_arch, weights_preprocess
-    from torchferry.distributed.preflight import fit_model_to_input, prepare
+    """Each searched model's resolved config, as the launcher prepares a run: data checked, the model built and
+    run once on the driver (`preflight.prepare`)."""
+    from torchferry.distributed.preflight import prepare
 
-    models = space.models(cfg.model)
-    first, split = prepare(dataclasses.replace(cfg, model=models[0]))
-    resolved = {models[0]: first}
-    for model in models[1:]:
-        check_arch(model)
-        other = absolute_paths(dataclasses.replace(cfg, model=model))
-        resolved[model] = fit_model_to_input(other, weights_preprocess(model, cfg.pretrained), split)
-        resolved[model].progress = first.progress
+    resolved, split = {}, None
+    for model in space.models(cfg.model):
+        resolved[model], found = prepare(dataclasses.replace(cfg, model=model))
+        split = split or found
     return resolved, split
 
 
@@ -184,13 +182,16 @@ def concurrency(cfg: TrainConfig, search: SearchConfig) -> int:
 
 def build_tuner(cfg: TrainConfig, search: SearchConfig, space: SearchSpace, plan: dict[str, Any],
                 search_dir: str) -> Any:
-    """Ray Tune's Tuner: ASHA on val_acc per epoch, seeded random sampling, trials as Train drivers with no CPU."""
+    """Ray Tune's Tuner: ASHA on the task's metric per epoch (val_acc), seeded random sampling, trials as Train
+    drivers with no CPU."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from torchferry.distributed.tasks import get_task
     from torchferry.distributed.trials import TrialLog
 
+    task = get_task(cfg.task)
     # A trial only drives its Ray Train run, whose workers hold the CPUs or GPUs: it asks for no CPU, only the
     # memory of its own process (Ray refuses a request for nothing at all).
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": TRIAL_MEMORY})
@@ -198,15 +199,16 @@ def build_tuner(cfg: TrainConfig, search: SearchConfig, space: SearchSpace, plan
         trainable,
         param_space={"train_loop_config": space.to_param_space()},
         tune_config=tune.TuneConfig(
-            metric="val_acc", mode="max", num_samples=search.num_samples,
-            # stop_last_trials=False: a trial that reaches the last epoch ends by itself, its Train run closed
-            # in good order; ASHA only stops the trials it cuts short.
+            metric=task.best_metric, mode=task.best_mode, num_samples=search.num_samples,
+            # stop_last_trials=False: Tune does not stop every trial for reaching the last epoch (it ends by
+            # itself, its Train run closed in good order); one ASHA cuts at the last rung has trained all its
+            # epochs and counts as finished, not as stopped early.
             scheduler=ASHAScheduler(max_t=cfg.epochs, grace_period=search.grace_period,
                                     reduction_factor=search.reduction_factor, stop_last_trials=False),
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency(cfg, search)),
             trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=search_dir, verbose=1 if cfg.verbose else 0,
-                                  callbacks=[TrialLog(cfg.epochs, plan["trials_dir"])]),
+                                  callbacks=[TrialLog(cfg.epochs, plan["trials_dir"], task.best_metric)]),
     )
 
 
@@ -215,6 +217,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     import ray
 
     from torchferry.distributed.cluster import check_resources, start_ray
+    from torchferry.distributed.tasks import get_task
     from torchferry.distributed.trials import summarize
 
     space = check_search(cfg, search)
@@ -229,7 +232,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     trials_dir = os.path.join(search_dir, "trials")
     plan = {"bases": {m: c.to_dict() for m, c in resolved.items()}, "default_model": cfg.model,
             "lr_given": cfg.lr is not None, "finetune_lr_given": cfg.finetune_lr is not None,
-            "trials_dir": trials_dir, "bad_images": split.bad_images,
+            "trials_dir": trials_dir, "bad_images": getattr(split, "bad_images", []),
             "trials_storage": os.path.join(base.storage, base.name, "trials") if base.storage else None}
     claim_search_dir(search_dir, {"space": space.to_dict(), "search": dataclasses.asdict(search),
                                   "config": base.to_dict()})
@@ -240,7 +243,8 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
         if base.resource_check:
             check_resources(base)
         results = build_tuner(base, search, space, plan, search_dir).fit()
-        return summarize(results, search_dir, trials_dir, base.epochs)
+        task = get_task(base.task)
+        return summarize(results, search_dir, trials_dir, base.epochs, task.best_metric, task.best_mode)
     finally:
         if started:
             ray.shutdown()
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _search(cfg: TrainConfig, search: SearchConfig) -> int:
     summary = run(cfg, search)
-    print(f"best val_acc {summary['val_acc']:.4f}: trial {summary['trial_id']} ({summary['params']}), "
+    print(f"best {summary['metric']} {summary['value']:.4f}: trial {summary['trial_id']} ({summary['params']}), "
           f"{summary['stopped']} of {summary['trials']} trial(s) stopped early: {summary['best']}")
     return 0
 
