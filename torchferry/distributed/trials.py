@@ -20,10 +20,11 @@ from typing import Any
 
 from ray import tune
 
-from torchferry.distributed.checkpoint import atomic_write_bytes, copy_checkpoint
+from torchferry.distributed.checkpoint import copy_checkpoint
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, finish
 from torchferry.distributed.space import KEYS
+from torchferry.files import atomic_write_bytes
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def release_workers(run_dir: str) -> None:
 
     Tune ends a trial it stops by ending the trial's process, and with it the Ray Train controller, before the
     controller can release its workers' placement group; Ray Train's own cleaner for that case asks Ray's
-    state API, which needs the dashboard that torchferry leaves off (cluster.py). Without this the CPUs of
+    state API, which needs the dashboard that torchferry leaves off (rayinit.py). Without this the CPUs of
     every stopped trial stay reserved and the next trials wait for them forever.
     """
     import ray

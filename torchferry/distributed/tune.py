@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 
 from torchferry.cli import run_command
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.cluster import ClusterUnavailable
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed
 from torchferry.distributed.space import KEYS, SearchSpace
+from torchferry.rayinit import ClusterUnavailable
 
 _logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def prepare_models(cfg: TrainConfig, space: SearchSpace) -> tuple[dict[str, Trai
 
 def claim_search_dir(search_dir: str, record: dict[str, Any]) -> None:
     """Make runs/<search> and write search.json; refuse a folder that already holds a search or a run."""
-    from torchferry.distributed.checkpoint import atomic_write_bytes
+    from torchferry.files import atomic_write_bytes
 
     held = [n for n in ("best.pth", "trials.csv", "tune", "trials", "metrics.csv")
             if os.path.exists(os.path.join(search_dir, n))]
