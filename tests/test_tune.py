@@ -69,7 +69,6 @@ def test_a_space_file_and_flags_that_override_it(tmp_path: Path, suffix: str) ->
     ({"batch_size": "32:64"}, "expected a number"),
     ({"batch_size": "32,6.5"}, "whole numbers"),
     ({"batch_size": "0,32"}, "at least 1"),
-    ({"model": "smallcnn,resnet9000"}, "unknown --model 'resnet9000'"),
     ({}, "nothing to search"),
 ])
 def test_bad_flags_are_refused(flags: dict, message: str) -> None:
@@ -105,6 +104,12 @@ def test_a_missing_or_malformed_json_file_is_refused(tmp_path: Path) -> None:
 def test_batch_sizes_smaller_than_the_workers_are_refused() -> None:
     with pytest.raises(TorchferryError, match="at least the number of workers \\(4\\)"):
         check_against(build_space(None, {"batch_size": "2,64"}), TrainConfig(workers=4))
+
+
+def test_unknown_image_models_are_refused() -> None:
+    with pytest.raises(TorchferryError, match="unknown --model 'resnet9000'"):
+        check_against(build_space(None, {"model": "smallcnn,resnet9000"}), TrainConfig())
+    check_against(build_space(None, {"model": "smallcnn,resnet18"}), TrainConfig())
 
 
 def test_label_smoothing_is_searched_only_for_the_image_classifier() -> None:

@@ -188,8 +188,6 @@ def _range(key: str, kind: str, values: list[Any]) -> Dimension:
 
 def _check_values(dim: Dimension) -> None:
     """The bounds each key has in TrainConfig (validate_flags says the same for one run)."""
-    from torchferry.distributed.models import check_arch
-
     numbers = [v for v in dim.values if not isinstance(v, str)]
     if dim.key == "lr" and min(numbers) <= 0:
         raise TorchferryError(f"search key 'lr': learning rates must be positive, got {min(numbers):g}")
@@ -199,9 +197,6 @@ def _check_values(dim: Dimension) -> None:
         raise TorchferryError(f"search key 'label_smoothing': must be in [0, 1), got {dim.describe()}")
     if dim.key == "batch_size" and min(numbers) < 1:
         raise TorchferryError(f"search key 'batch_size': sizes must be at least 1, got {min(numbers):g}")
-    if dim.key == "model":
-        for name in dim.values:
-            check_arch(name)
 
 
 def _short(value: Any) -> str:
@@ -225,8 +220,14 @@ def build_space(file: str | None, flags: dict[str, str | None]) -> SearchSpace:
 
 
 def check_against(space: SearchSpace, cfg: TrainConfig) -> None:
-    """Refuse a space that no trial of this command line could train (a batch smaller than the workers, label
-    smoothing without labels)."""
+    """Refuse a space that no trial of this command line could train (an unknown model, a batch smaller than the
+    workers, label smoothing for a task without it)."""
+    models = space.get("model")
+    if models and cfg.task == "image":  # a task's own model names are checked as it prepares each (tune.py)
+        from torchferry.distributed.models import check_arch
+
+        for name in models.values:
+            check_arch(name)
     if space.get("label_smoothing") and cfg.task != "image":
         raise TorchferryError(f"search key 'label_smoothing' smooths the image classifier's labels; the {cfg.task} "
                               "task has none to smooth")
