@@ -41,6 +41,8 @@ class Summary:
     scored: int = 0
     bad: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    first_rows_s: float = 0.0  # from the pipeline's start to its first answers (actors started and proven)
+    first_rows: int = 0
     output: str = ""
     ray_started: bool = False
 
@@ -54,12 +56,19 @@ class Summary:
         done = self.scored + self.bad_total
         return done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Files answered per second once the first answers came: the pool's pace, its start-up left out."""
+        rest, seconds = self.scored + self.bad_total - self.first_rows, self.seconds - self.first_rows_s
+        return rest / seconds if rest > 0 and seconds > 0 else 0.0
+
     def line(self) -> str:
         """The one-line summary the command prints."""
         bad = ", ".join(f"{code} {n}" for code, n in sorted(self.bad.items()))
         return (f"batch: {self.files} files: {self.scored} scored, {self.bad_total} bad"
                 + (f" ({bad})" if bad else "") + f", {self.skipped} skipped (already in the output); "
-                f"{self.images_per_s:.1f} img/s over {self.seconds:.1f} s; output {self.output}")
+                f"{self.images_per_s:.1f} img/s over {self.seconds:.1f} s ({self.steady_images_per_s:.1f} img/s after "
+                f"the first answers at {self.first_rows_s:.1f} s); output {self.output}")
 
 
 def split_entries(source: Source, done: set[str], max_bytes: int) -> tuple[list[Entry], list[Entry], dict]:
@@ -162,14 +171,21 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
     data, sha256, top_k = model
     quiet_ray_data(cfg.verbose)
     # Reading is file I/O, light beside decoding and inference: read tasks take no CPU slot, so that the actors
-    # may hold every CPU without starving the reads that feed them.
+    # may hold every CPU without starving the reads that feed them. One read task per batch of files, and as many
+    # at a time as there are actors: Ray Data would otherwise start a task per file, and with no CPU slot to
+    # bound them, dozens of worker processes at once.
+    actors = pool_size(cfg)
     ds = ray.data.read_binary_files([e.path for e in todo], include_paths=True, filesystem=source.fs,
-                                    ignore_missing_paths=True, num_cpus=0)
+                                    ignore_missing_paths=True, num_cpus=0, concurrency=actors,
+                                    override_num_blocks=-(-len(todo) // cfg.batch_size))
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
               "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "prefix": source.prefix}
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.threads,
-                        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg)), fn_constructor_kwargs=scorer)
+                        compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs=scorer)
+    started = time.perf_counter()
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        if not tally.summary.first_rows:
+            tally.summary.first_rows_s, tally.summary.first_rows = time.perf_counter() - started, table.num_rows
         tally.add(table)
 
 
@@ -199,6 +215,7 @@ def _score(cfg: BatchConfig, source: Source, todo: list[Entry], model: tuple[byt
 def _write_summary(out: OutputFolder, summary: Summary) -> None:
     """The run's summary beside its rows, as JSON (`_summary.json`, left out by table readers)."""
     record = {**asdict(summary), "bad_total": summary.bad_total, "images_per_s": summary.images_per_s,
+              "steady_images_per_s": summary.steady_images_per_s,
               "parts_written": [os.path.basename(p) for p in out.written]}
     atomic_write_bytes(os.path.join(out.path, "_summary.json"), (json.dumps(record, indent=2) + "\n").encode())
 
