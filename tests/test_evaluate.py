@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from torchferry.distributed import checkpoint as ckpt
-from torchferry.distributed import evaluate, report
+from torchferry.distributed import TorchferryError, evaluate, report
 
 
 @pytest.mark.slow
@@ -101,3 +101,15 @@ def test_text_confusion_matrix_labels_rows_and_columns_alike(classes: list[str])
         assert lines[4] == "classes: 0 = a rather long class name, 1 = dog, 2 = bird"
     else:
         assert columns == classes
+
+
+def test_evaluate_reports_on_a_text_checkpoint(tmp_path: Path) -> None:
+    from helpers import write_text_checkpoint, write_text_csv
+
+    data = write_text_csv(tmp_path / "texts.csv", per_class=10)
+    best = write_text_checkpoint(tmp_path / "best.pth", data, epochs=2)
+    report = evaluate.evaluate_checkpoint(str(best), str(data))
+    assert report["classes"] == ["food", "sports", "weather"] and report["images"] == 6
+    assert sum(map(sum, report["confusion_matrix"])) == 6 and "validation texts" in report["data"]
+    with pytest.raises(TorchferryError, match="pass --data"):
+        evaluate.evaluate_checkpoint(str(best))

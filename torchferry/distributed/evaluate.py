@@ -44,14 +44,23 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
-    if checkpoint.get("task", "image") != "image":
-        raise TorchferryError(f"{path} is a {checkpoint['task']} model; this report (accuracy, per-class table, "
-                              "confusion matrix) is for image classifiers: its validation figures are in metrics.csv, "
-                              "its ONNX parity proof in python -m export.verify")
+    task = checkpoint.get("task", "image")
+    if task not in ("image", "text"):
+        raise TorchferryError(f"{path} is a {task} model; this report (accuracy, per-class table, confusion "
+                              "matrix) is for classifiers: its validation figures are in metrics.csv, its ONNX parity "
+                              "proof in python -m export.verify")
     model = model_from_checkpoint(checkpoint, factory=factory)
-    rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
+    if task == "text":
+        from torchferry.distributed.tasks import get_task
+
+        if image_root:
+            raise TorchferryError("--image-root is for images; a text checkpoint reads --data (and --val-data)")
+        val, source = get_task("text").validation_set(checkpoint, data, val_data)
+    else:
+        rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
+        val, source = rebuilt.val, rebuilt.source
     classes = list(checkpoint["classes"])
-    truth, preds = predict(model, rebuilt.val, batch_size)
+    truth, preds = predict(model, val, batch_size)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(truth, preds, labels=labels, zero_division=0)
     matrix = confusion_matrix(truth, preds, labels=labels)
@@ -60,7 +69,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     pairs = sorted(((int(off[i, j]), classes[i], classes[j]) for i in labels for j in labels if off[i, j]),
                    reverse=True)
     return {
-        "checkpoint": os.path.abspath(path), "data": rebuilt.source, "images": int(len(truth)),
+        "checkpoint": os.path.abspath(path), "data": source, "images": int(len(truth)),
         "accuracy": float(np.mean(truth == preds)),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],

@@ -151,15 +151,22 @@ class TextTask(ImageTask):
         lengths = torch.randint(0, int(spec["max_length"]) + 1, (batch, 1), generator=generator)
         return ids.masked_fill(torch.arange(ids.shape[1]).unsqueeze(0) >= lengths, 0)
 
-    def real_batches(self, checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator, str]:
+    def validation_set(self, checkpoint: dict[str, Any], data: str | None,
+                       val_data: str | None = None) -> tuple[Any, str]:
+        """The validation texts of `data` (the command line's --data; --val-data when given) as the checkpoint
+        encodes them, split with its seed and --val-split, and what they are."""
         cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
         if not data:
             raise TorchferryError(f"the checkpoint was trained on {cfg.data[:200]!r}; pass --data to read it (a "
                                   "checkpoint alone does not choose which files are read)")
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(data)), val_data=None)
+        cfg = dataclasses.replace(cfg, data=absolute_path(data), val_data=absolute_path(val_data) if val_data else None)
         split = read_split(cfg)
         if split.classes != list(checkpoint["classes"]):
             raise TorchferryError(f"{data!r} has labels {split.classes[:5]}, the checkpoint {checkpoint['classes'][:5]}")
-        rows = split.val[:limit]
-        loader = torch.utils.data.DataLoader(encoded_dataset(rows, checkpoint["text"]), batch_size=32)
+        return encoded_dataset(split.val, checkpoint["text"]), f"{len(split.val)} validation texts from {data}"
+
+    def real_batches(self, checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator, str]:
+        dataset, _ = self.validation_set(checkpoint, data)
+        rows = range(min(len(dataset), limit))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=32)
         return iter(loader), f"{len(rows)} validation texts from {data}"
