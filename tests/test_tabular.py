@@ -234,6 +234,24 @@ def test_the_onnx_file_carries_the_spec_and_proves_itself(tabular_model: dict) -
     assert predictor.output_name == "prediction" and predictor.info.classes == []
 
 
+def test_a_model_file_with_a_hostile_spec_is_never_served(tabular_model: dict, tmp_path: Path) -> None:
+    import onnx
+
+    from torchferry.export.metadata import read_metadata, set_metadata
+    from torchferry.serve.predictor import ModelRefused, Predictor
+
+    proto = onnx.load(str(tabular_model["model"]))
+    features = read_metadata(proto)["features"]
+    wide = {**features, "columns": [*features["columns"][:-1], {"name": "x", "kind": "categorical",
+                                                                 "categories": [str(i) for i in range(100_000)]}]}
+    for bad, message in (({**features, "columns": [{**features["columns"][0], "std": -1}]}, "std must be a positive"),
+                         (wide, "categories must be 1 to 1000"), ("nope", "features must be a mapping")):
+        set_metadata(proto, {"features": bad})
+        onnx.save(proto, str(tmp_path / "bad.onnx"))
+        with pytest.raises(ModelRefused, match=message):
+            Predictor(str(tmp_path / "bad.onnx"))
+
+
 def test_files_without_a_task_are_image_files() -> None:
     assert task_of({}) == "image" and task_of({"task": "tabular"}) == "tabular"
     with pytest.raises(ContractError, match="task must be one of"):
