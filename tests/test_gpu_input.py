@@ -69,6 +69,9 @@ def test_only_upright_8_bit_jpegs_travel_as_bytes(mixed_images: dict[str, Path])
     assert decodable("rgb0") and decodable("gray") and decodable("gray", channels=1)
     assert not decodable("rgb0", channels=1)  # RGB to gray stays Pillow's conversion
     assert not decodable("png") and not decodable("cmyk") and not decodable("rotated")
+    progressive = io.BytesIO()
+    Image.fromarray(_photo(40, 30, 7)).save(progressive, format="JPEG", progressive=True)
+    assert not device_decodable(progressive.getvalue(), 3)  # nvJPEG's batched decode takes baseline JPEGs
     assert not device_decodable(b"\xff\xd8\xff" + b"\x00" * 20, 3)  # a broken JPEG goes to the CPU path's error
     assert read_sample(str(mixed_images["rgb1"]), 3).shape == (mixed_images["rgb1"].stat().st_size,)
     rotated = read_sample(str(mixed_images["rotated"]), 3)  # decoded here, upright as load_image makes it

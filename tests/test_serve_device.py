@@ -10,6 +10,7 @@ machine's onnxruntime cannot show the case (a CUDA build without TensorRT's libr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -184,8 +185,15 @@ def _serve_gpu_pin(name: str) -> str:
     return f"{req.name}{req.specifier}"
 
 
+# The onnxruntime-gpu wheel (~250 MB) comes from a local folder, never the network during a test: .ci/run fetches
+# it with `pip download` before the suite (an install step) and names the folder here.
+WHEELS = os.environ.get("TORCHFERRY_TEST_WHEELS")
+
+
 @pytest.mark.slow
 @cpu_build_only
+@pytest.mark.skipif(not WHEELS, reason="set TORCHFERRY_TEST_WHEELS to a folder holding the [serve-gpu] onnxruntime-gpu "
+                                       "wheel (pip download --no-deps -d DIR onnxruntime-gpu==PIN), as .ci/run does")
 def test_onnxruntime_gpu_on_a_machine_without_a_gpu_stops_gunicorn_after_one_worker(
         exported_model: dict, tmp_path: Path) -> None:
     """The serve-gpu image's own onnxruntime-gpu wheel (from PyPI, without NVIDIA's libraries) on this GPU-less
@@ -194,7 +202,8 @@ def test_onnxruntime_gpu_on_a_machine_without_a_gpu_stops_gunicorn_after_one_wor
     is ever answered from the CPU."""
     target = tmp_path / "ort-gpu"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                          "--target", str(target), _serve_gpu_pin("onnxruntime-gpu")],
+                          "--no-index", "--find-links", str(WHEELS), "--target", str(target),
+                          _serve_gpu_pin("onnxruntime-gpu")],
                          check=False, capture_output=True, text=True, timeout=900)
     assert pip.returncode == 0, pip.stderr[-2000:]
     env = {"PATH": str(Path(sys.executable).parent), "PYTHONPATH": f"{target}:{REPO}", "HOME": str(tmp_path),

@@ -36,14 +36,16 @@ EXIF_ORIENTATION = 0x0112
 
 
 def device_decodable(data: bytes, channels: int) -> bool:
-    """True when the GPU decodes these bytes to what load_image gives: a JPEG in L or RGB (or L read as RGB, which
-    both convert alike), upright by its EXIF orientation. Reads the header only."""
+    """True when the GPU decodes these bytes to what load_image gives: a baseline (not progressive) JPEG in L or RGB
+    (or L read as RGB, which both convert alike), upright by its EXIF orientation. Reads the header only."""
     if not data.startswith(JPEG_MAGIC):
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
             upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
-            return img.format == "JPEG" and upright and img.mode in (("L",) if channels == 1 else ("L", "RGB"))
+            baseline = not (img.info.get("progressive") or img.info.get("progression"))
+            return (img.format == "JPEG" and upright and baseline
+                    and img.mode in (("L",) if channels == 1 else ("L", "RGB")))
     except Exception:  # noqa: BLE001 - whatever Pillow makes of it, the CPU path reads it (and names a bad file)
         return False
 
