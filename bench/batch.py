@@ -103,8 +103,8 @@ def render(b: dict[str, Any]) -> list[str]:
     """The RESULTS.md section for a batch result."""
     out = ["## Batch prediction (CPU)", "", b["method"][0].upper() + b["method"][1:] + ".", "",
            ("| model | images | loop, 1 thread img/s | loop, ORT threads img/s | serve.batch, 2 actors img/s | "
-            "vs loop 1 thread | vs loop ORT threads | command wall s | load average |"),
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "vs loop 1 thread | vs loop ORT threads | pipeline img/s (first answers at s) | command wall s | "
+            "load average |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in b["rows"]:
         out.append(f"| {r['model']} | {r['images']} | {r['loop_1_thread_img_s']:.1f} | "
                    f"{r['loop_ort_threads_img_s']:.1f} | {r['ray_2_actors_img_s']:.1f} | "

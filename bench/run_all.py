@@ -87,6 +87,9 @@ WHY = {
     "server p50 latency vs in-process, 1 client (smallcnn)": "the same fixed ~2 ms per request on a 1.4 ms model.",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
+    "python -m serve.batch, 2 actors": "on 2 cores the two actors share them with Ray's own processes (raylet, "
+    "GCS, the driver's streaming executor, the read tasks); the figure moves with the machine's load (1.72x at load "
+    "average 17, 0.83x at 10 on the shared machine, where the actors' CPU time was under half their wall time).",
     "ORT fp32 vs torch eager": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
     "ORT INT8 vs ORT fp32": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
 }

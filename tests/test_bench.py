@@ -66,6 +66,19 @@ def test_results_table_names_the_machine_the_misses_and_the_commands() -> None:
     assert "| resnet18 | 3x224x224 | 1 | 10.0 | 21.0 | 2.10 | 42.0 | 2.00 |" in text
 
 
+def test_batch_bench_is_a_target_and_a_table() -> None:
+    row = {"model": "smallcnn", "images": 4000, "loop_1_thread_img_s": 150.0, "loop_ort_threads_img_s": 70.0,
+           "ray_2_actors_img_s": 225.0, "ray_over_loop_1_thread": 1.5, "ray_over_loop_ort_threads": 3.2,
+           "ray_pipeline_img_s": 100.0, "ray_first_rows_s": 20.0, "ray_command_wall_s": 60.0,
+           "load_average_before": 2.0}
+    result = {**_result(), "batch": {"method": "the same files", "rows": [row]}}
+    checks = {c["target"]: c for c in run_all.check_targets(result)}
+    batch = next(c for name, c in checks.items() if name.startswith("python -m serve.batch, 2 actors"))
+    assert batch["met"] is False and batch["short_by"] == "short by 6.2 %"
+    text = run_all.render({**result, "targets": run_all.check_targets(result)}, "x.json")
+    assert "## Batch prediction (CPU)" in text and "| smallcnn | 4000 | 150.0 | 70.0 | 225.0 | 1.50x |" in text
+
+
 def test_no_benchmark_changes_sys_path_and_each_runs_as_a_module() -> None:
     for name in MODULES:
         source = (REPO / "bench" / f"{name}.py").read_text()
