@@ -302,3 +302,38 @@ def test_build_checkpoint_is_what_training_and_loading_agree_on(tmp_path: Path) 
         loaded = ckpt.load_checkpoint(str(tmp_path / name))
         assert loaded["epoch"] == 3 and loaded.get("best_val_acc") == checkpoint.get("best_val_acc")
     assert isinstance(ckpt.model_from_checkpoint(loaded, factory=None), torch.nn.Module)
+
+
+def test_files_from_before_tasks_are_image_files(small_checkpoint: dict, tmp_path: Path) -> None:
+    """A checkpoint and an ONNX file without the `task` key (every file written before tasks existed) load,
+    export with parity and serve as the image classifier they are."""
+    import numpy as np
+    import onnx
+
+    from torchferry.contract import golden_inputs, sha256_file, sidecar_path, sidecar_text
+    from torchferry.export.onnx import export_checkpoint
+    from torchferry.serve.predictor import Predictor
+
+    old = torch.load(small_checkpoint["checkpoint"], weights_only=True)
+    assert old.pop("task") == "image"
+    old["config"].pop("task", None)
+    path = str(tmp_path / "old.pth")
+    ckpt.save_checkpoint(old, path, sidecar=True)
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.get("task", "image") == "image" and loaded["classes"] == old["classes"]
+    model_path = tmp_path / "old.onnx"
+    report = export_checkpoint(path, str(model_path), data=str(small_checkpoint["data"]))
+    assert report["passed"], report
+    model = onnx.load(str(model_path))
+    kept = [p for p in model.metadata_props if p.key != "task"]
+    assert len(kept) == len(model.metadata_props) - 1  # the export wrote it; this file is as an older one was
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(model_path))
+    with open(sidecar_path(str(model_path)), "wb") as f:
+        f.write(sidecar_text(str(model_path), sha256_file(str(model_path))))
+    predictor = Predictor(str(model_path))
+    assert predictor.info.task == "image" and predictor.info.classes == old["classes"]
+    predictor.prove()  # the golden outputs the export recorded
+    x = golden_inputs([2, *predictor.info.input_shape[1:]])
+    assert predictor.run(x).shape == (2, len(old["classes"])) and np.isfinite(predictor.run(x)).all()

@@ -147,6 +147,8 @@ def test_the_flag_needs_a_gpu_and_the_image_task() -> None:
     validate_flags(TrainConfig(data="digits", gpu_decode=True, gpus=1))
     with pytest.raises(TorchferryError, match="--gpu-decode decodes and augments on the GPU: it needs --gpus"):
         validate_flags(TrainConfig(data="digits", gpu_decode=True))
+    with pytest.raises(TorchferryError, match="--gpu-decode is for images, not the tabular task"):
+        validate_flags(TrainConfig(data="diabetes", task="tabular", gpu_decode=True, gpus=1))
 
 
 @pytest.mark.gpu
