@@ -112,3 +112,21 @@ def test_text_flags_out_of_range_are_refused(flags: list[str]) -> None:
 
     with pytest.raises(TorchferryError, match=flags[0]):
         validate_flags(config_from_args(["--task", "text", *flags]))
+
+
+def test_labels_that_cannot_be_a_checkpoints_classes_are_refused_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from torchferry.contract import MAX_CLASS_NAME, MAX_CLASSES
+    from torchferry.distributed import launch
+
+    long_label = "x" * (MAX_CLASS_NAME + 1)
+    with pytest.raises(TorchferryError, match="cannot be a checkpoint's classes"):
+        text_split(_write(tmp_path, f"text,label\na,{long_label}\nb,{long_label}\nc,y\nd,y\n"))
+    many = "".join(f"t,{i}\n" for i in range(MAX_CLASSES + 1))
+    with pytest.raises(TorchferryError, match=f"from 2 to {MAX_CLASSES} classes, got {MAX_CLASSES + 1}"):
+        text_split(_write(tmp_path, "text,label\n" + many, "many.csv"), allow_small_classes=True)
+    code = launch.main(["--data", _write(tmp_path, f"text,label\na,{long_label}\nb,{long_label}\nc,y\nd,y\n", "l.csv"),
+                        "--output-dir", str(tmp_path / "runs"), "--workers", "2", "--gpus", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be a checkpoint's classes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

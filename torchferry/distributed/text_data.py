@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchferry.contract import classes_problem
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.discovery import sort_labels, stratified_split
 
@@ -106,6 +107,9 @@ def text_split(path: str, *, val_path: str | None = None, val_split: float = 0.2
     classes = sort_labels({label for _, label, _ in rows})
     if len(classes) < 2:
         raise TorchferryError(f"found {len(classes)} label(s) in {path!r}; a classifier needs at least 2")
+    problem = classes_problem(classes)  # checked now, not when export, evaluate or --resume read the checkpoint
+    if problem:
+        raise TorchferryError(f"the labels of {path!r} cannot be a checkpoint's classes: {problem}")
     index = {name: i for i, name in enumerate(classes)}
     samples = [(text, index[label]) for text, label, _ in rows]
     if val_path is None:
