@@ -32,6 +32,7 @@ def test_texts_are_read_from_a_json_object() -> None:
 @pytest.mark.parametrize(("body", "status", "code"), [
     (b"", 400, "no_text"),
     (b"\xff\xfe{}", 400, "not_utf8"),
+    ('{"texts": ["a"]}'.encode("utf-16"), 400, "not_utf8"),
     (b'{"texts": [NaN]}', 400, "bad_json"),
     (b'{"texts": ["a"], "x": Infinity}', 400, "bad_json"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "bad_json"),

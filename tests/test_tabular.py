@@ -304,6 +304,16 @@ def test_bad_requests_get_a_json_4xx(client, body: object, status: int, message:
     assert r.status_code == status and message in r.json["error"]["message"], r.json
 
 
+@pytest.mark.parametrize(("body", "code"), [
+    ('{"rows": [{"year": 2016, "week": "Mon", "temp_1": 1, "temp_2": 2}]}'.encode("utf-16"), "not_utf8"),
+    (b"  ", "no_rows"),
+    (b'{"rows": [{}], "top_k": 1}', "bad_request"),
+])
+def test_a_body_is_read_as_the_text_task_reads_it(client, body: bytes, code: str) -> None:
+    r = client.post("/predict", data=body, content_type="application/json")
+    assert (r.status_code, r.json["error"]["code"]) == (400, code), r.json
+
+
 def test_a_body_past_the_upload_limit_is_refused_before_it_is_parsed(tabular_model: dict) -> None:
     from torchferry.serve.app import create_app
 

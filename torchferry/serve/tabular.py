@@ -8,7 +8,6 @@ row is encoded by `torchferry.inputs.tabular.encode_rows` (what training encoded
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -17,22 +16,13 @@ from flask import request
 from torchferry.contract import ContractError
 from torchferry.inputs.tabular import InputRefused, encode_rows, feature_names, features_problems, width
 from torchferry.serve.errors import HTTPError
-from torchferry.serve.tasks import Render, ServeTask
-
-
-def _reject_constant(name: str) -> float:
-    raise HTTPError(400, "bad_json", f"{name} is not a number a request may carry")
+from torchferry.serve.tasks import Render, ServeTask, json_field
 
 
 def read_rows(body: bytes, max_rows: int) -> list[Any]:
     """The `rows` of a JSON body: a list of 1 to `max_rows` entries (each checked when encoded)."""
-    try:
-        payload = json.loads(body, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # the HTTPError of _reject_constant passes through
-        raise HTTPError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(payload, dict) or set(payload) - {"rows"}:
-        raise HTTPError(400, "bad_request", 'send a JSON object {"rows": [{"column": value, ...}, ...]}')
-    rows = payload.get("rows")
+    rows = json_field(body, "rows", code="bad_request", empty="no_rows",
+                      example='{"rows": [{"column": value, ...}, ...]}')
     if not isinstance(rows, list) or not rows:
         raise HTTPError(400, "no_rows", "'rows' must be a non-empty list of objects")
     if len(rows) > max_rows:

@@ -8,6 +8,7 @@ docs/design.md lists what each task provides.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,32 @@ class ImageServeTask(ServeTask):
     def v2_note(self, input_name: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {"image_input": f"{input_name!r} also takes BYTES [-1] of encoded images (raw with "
                 "binary_tensor_data, base64 in JSON)"}
+
+
+def _reject_constant(name: str) -> float:
+    raise HTTPError(400, "bad_json", f"{name} is not a number a request may carry")
+
+
+def json_field(body: bytes, field: str, *, code: str, empty: str, example: str) -> Any:
+    """The value of `field` in a `/predict` body that must be a UTF-8 JSON object with that field alone (no NaN
+    or Infinity, nesting no deeper than the parser allows); else an HTTPError: 400 `empty` for an empty body,
+    `not_utf8`, `bad_json`, or `code` for another shape, the message showing `example`."""
+    if not body.strip():
+        raise HTTPError(400, empty, f"empty body: send JSON {example}")
+    try:
+        decoded = body.decode("utf-8")  # bytes would let json.loads guess UTF-16 or UTF-32
+    except UnicodeDecodeError as exc:
+        raise HTTPError(400, "not_utf8", f"the body is not UTF-8 (byte {exc.start}): {exc.reason}") from None
+    try:
+        obj = json.loads(decoded, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # the HTTPError of _reject_constant passes through
+        raise HTTPError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise HTTPError(400, code, f"send a JSON object {example}")
+    extra = sorted(k for k in obj if k != field)
+    if extra:
+        raise HTTPError(400, code, f"unknown field(s) {extra[:5]!r}; the request holds {field!r} alone"[:300])
+    return obj[field]
 
 
 def checked_classes(meta: dict[str, Any], *keys: str) -> list[str]:

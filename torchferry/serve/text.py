@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 import numpy as np
 
 from torchferry.inputs.text import Encoder, check_text_spec
 from torchferry.serve.errors import HTTPError
-from torchferry.serve.tasks import Render, ServeTask, checked_classes, top_k_answers, top_k_param
-
-
-def _reject_constant(name: str) -> float:
-    raise HTTPError(400, "bad_json", f"{name} is not a value a request may carry")
+from torchferry.serve.tasks import Render, ServeTask, checked_classes, json_field, top_k_answers, top_k_param
 
 
 def check_texts(texts: Any, max_texts: int, max_chars: int, where: str = "texts") -> list[str]:
@@ -42,22 +37,8 @@ def check_texts(texts: Any, max_texts: int, max_chars: int, where: str = "texts"
 
 def texts_from_json(body: bytes, max_texts: int, max_chars: int) -> list[str]:
     """The texts of a `{"texts": [...]}` body, checked."""
-    if not body.strip():
-        raise HTTPError(400, "no_text", 'empty body: send JSON {"texts": ["...", ...]}')
-    try:
-        decoded = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HTTPError(400, "not_utf8", f"the body is not UTF-8 (byte {exc.start}): {exc.reason}") from None
-    try:
-        obj = json.loads(decoded, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # the HTTPError of _reject_constant passes through
-        raise HTTPError(400, "bad_json", f"the body is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(obj, dict) or "texts" not in obj:
-        raise HTTPError(400, "bad_texts", 'send a JSON object {"texts": ["...", ...]}')
-    extra = sorted(k for k in obj if k != "texts")
-    if extra:
-        raise HTTPError(400, "bad_texts", f"unknown field(s) {extra[:5]!r}; the request holds 'texts' alone"[:300])
-    return check_texts(obj["texts"], max_texts, max_chars)
+    texts = json_field(body, "texts", code="bad_texts", empty="no_text", example='{"texts": ["...", ...]}')
+    return check_texts(texts, max_texts, max_chars)
 
 
 def _utf8(blob: bytes, where: str) -> str:
