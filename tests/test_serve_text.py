@@ -170,6 +170,19 @@ def test_v2_refuses_bad_text_inputs(text_client, inp: dict, binary: bytes, statu
     assert r.status_code == status and isinstance(r.get_json()["error"], str), r.get_json()
 
 
+@pytest.mark.parametrize(("inp", "status", "message"), [
+    ({"datatype": "BYTES", "shape": [0], "data": []}, 400,
+     "the batch is empty: the first dimension must be at least 1"),
+    ({"datatype": "BYTES", "shape": [2, 2], "data": ["a"] * 4}, 400,
+     "input 'input': BYTES texts take shape [N] or [N, 1], got [2, 2]"),
+    ({"datatype": "BYTES", "shape": [5], "data": ["a"] * 5}, 413, "5 texts in one request; the limit is 4"),
+    ({"datatype": "INT64", "shape": [5, 8], "data": [2] * 40}, 413, "5 texts in one request; the limit is 4"),
+])
+def test_v2_text_refusals_say_what_the_image_ones_say(text_client, inp: dict, status: int, message: str) -> None:
+    r = _infer(text_client, inp)
+    assert (r.status_code, r.get_json()["error"]) == (status, message)
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     ({"text": {**text_spec(VOCAB, 8), "tokenizer": "regex:(a+)+$"}}, "text.tokenizer"),
     ({"text": {**text_spec(VOCAB, 8), "vocab": VOCAB[:2] + ["t"] * 300_000}}, "text.vocab"),

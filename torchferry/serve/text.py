@@ -108,7 +108,7 @@ class TextServeTask(ServeTask):
 
     def v2_input(self, datatype: Any, inp: dict[str, Any], shape: list[int], raw: bytes | None, info: Any,
                  max_items: int) -> np.ndarray:
-        from torchferry.serve.v2_request import bytes_elements, flat_values, int64_input
+        from torchferry.serve.v2_request import bytes_input, int64_input
 
         encoder = info.spec["_encoder"]
         if datatype == "INT64":
@@ -116,18 +116,9 @@ class TextServeTask(ServeTask):
         if datatype != "BYTES":
             return super().v2_input(datatype, inp, shape, raw, info, max_items)
         name = inp["name"]
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not shape[0]:
-            raise HTTPError(400, "bad_texts", f"input {name!r}: BYTES texts take shape [N] or [N, 1], N >= 1, got "
-                            f"{shape}"[:300])
-        if shape[0] > max_items:
-            raise HTTPError(413, "too_many_texts", f"{shape[0]} texts in one request; the limit is {max_items}")
-        if raw is not None:
-            texts = texts_from_v2(None, bytes_elements(raw, shape[0], name), name, max_items, _max_chars())
-        else:
-            values = flat_values(inp["data"])
-            if len(values) != shape[0]:
-                raise HTTPError(400, "bad_texts", f"input {name!r}: {len(values)} elements for shape {shape}")
-            texts = texts_from_v2(values, None, name, max_items, _max_chars())
+        elements = bytes_input(inp, shape, raw, max_items, "texts")
+        binary = raw is not None
+        texts = texts_from_v2(None if binary else elements, elements if binary else None, name, max_items, _max_chars())
         return encoder.encode(texts)
 
     def v2_note(self, input_name: str, spec: dict[str, Any]) -> dict[str, Any]:

@@ -173,11 +173,11 @@ def _fp32(
     return x
 
 
-def _batch_size(n: int, max_images: int) -> None:
+def _batch_size(n: int, max_items: int, noun: str = "images") -> None:
     if n < 1:
         raise refused(400, "the batch is empty: the first dimension must be at least 1")
-    if n > max_images:
-        raise refused(413, f"{n} images in one request; the limit is {max_images}")
+    if n > max_items:
+        raise refused(413, f"{n} {noun} in one request; the limit is {max_items}")
 
 
 def bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
@@ -197,14 +197,30 @@ def bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return out
 
 
+def bytes_input(inp: dict[str, Any], shape: list[int], raw: bytes | None, max_items: int, noun: str) -> list[Any]:
+    """The N elements of a BYTES input of shape [N] or [N, 1], 1 <= N <= max_items (`noun` names them in messages):
+    bytes from the binary tensor data, else the JSON values as sent (the task reads them)."""
+    name = inp["name"]
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise refused(400, f"input {name!r}: BYTES {noun} take shape [N] or [N, 1], got {shape}")
+    _batch_size(shape[0], max_items, noun)
+    if raw is not None:
+        return bytes_elements(raw, shape[0], name)
+    values = flat_values(inp["data"])
+    if len(values) != shape[0]:
+        raise refused(400, f"input {name!r}: {len(values)} elements for shape {shape}")
+    return values
+
+
 def int64_input(inp: dict[str, Any], shape: list[int], raw: bytes | None, model_shape: list[int], high: int,
-                max_items: int) -> np.ndarray:
-    """An INT64 tensor [N, *model_shape] of token ids, each from 0 to high - 1 (JSON data or binary)."""
+                max_items: int, noun: str = "texts") -> np.ndarray:
+    """An INT64 tensor [N, *model_shape] of token ids, each from 0 to high - 1 (JSON data or binary); N counts
+    `noun` in the 413 message."""
     name = inp["name"]
     want = [-1, *model_shape]
     if len(shape) != len(want) or shape[1:] != want[1:]:
         raise refused(400, f"input {name!r}: INT64 shape {shape}; the model takes {want}")
-    _batch_size(shape[0], max_items)
+    _batch_size(shape[0], max_items, noun)
     if raw is None:
         values = flat_values(inp["data"])
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < high for v in values):
@@ -224,27 +240,21 @@ def images_input(
 ) -> np.ndarray:
     """BYTES [N] of encoded images as the model's float32 [N, C, H, W], each prepared as /predict does."""
     name = inp["name"]
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise refused(400, f"input {name!r}: BYTES images take shape [N] or [N, 1], got {shape}")
-    _batch_size(shape[0], max_images)
-    if raw is not None:
-        blobs = bytes_elements(raw, shape[0], name)
-    else:
-        values = flat_values(inp["data"])
-        if len(values) != shape[0]:
-            raise refused(400, f"input {name!r}: {len(values)} elements for shape {shape}")
-        blobs = []
-        for i, value in enumerate(values):
-            if not isinstance(value, str):
-                raise refused(400, f"input {name!r}: element {i} must be a base64 string in JSON")
-            try:
-                blobs.append(base64.b64decode(value, validate=True))
-            except (binascii.Error, ValueError):
-                raise refused(
-                    400,
-                    f"input {name!r}: element {i} is not base64 (JSON BYTES images are base64; "
-                    "send raw bytes with the binary tensor data extension)",
-                ) from None
+    blobs = []
+    for i, value in enumerate(bytes_input(inp, shape, raw, max_images, "images")):
+        if isinstance(value, bytes):
+            blobs.append(value)
+            continue
+        if not isinstance(value, str):
+            raise refused(400, f"input {name!r}: element {i} must be a base64 string in JSON")
+        try:
+            blobs.append(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError):
+            raise refused(
+                400,
+                f"input {name!r}: element {i} is not base64 (JSON BYTES images are base64; "
+                "send raw bytes with the binary tensor data extension)",
+            ) from None
     # Refused images raise HTTPError (400/413/415) as on /predict; under /v2 the body takes the protocol's shape.
     return np.stack([prepare_image(b, spec, f"{name}[{i}]") for i, b in enumerate(blobs)])
 
