@@ -136,15 +136,25 @@ class TreeProbe:
 
 
 def listening_pid(port: int) -> int:
-    """The root of the processes listening on TCP `port` (gunicorn's master, not its workers)."""
+    """The root of the processes listening on TCP `port`: gunicorn's master, not one of its workers (a listening
+    socket shared by several processes is reported for one of them, so the parents that hold it too are climbed)."""
     import psutil
 
-    pids = {c.pid for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
-    roots = sorted(p for p in pids if psutil.Process(p).ppid() not in pids)
-    if not roots:
+    def listens(proc: psutil.Process) -> bool:
+        try:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       for c in proc.net_connections("tcp"))
+        except psutil.Error:
+            return False
+
+    pids = sorted({c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid})
+    if not pids:
         raise SystemExit(f"no process of this user listens on port {port}; give --pid")
-    return roots[0]
+    proc = psutil.Process(pids[0])
+    while (parent := proc.parent()) is not None and listens(parent):
+        proc = parent
+    return proc.pid
 
 
 def against(url: str, images: list[bytes], clients: list[int], seconds: float, pid: int | None) -> list[dict[str, Any]]:

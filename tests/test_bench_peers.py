@@ -94,7 +94,8 @@ def test_the_tree_probe_counts_the_childrens_memory_and_cpu_and_finds_the_listen
              "while time.process_time() - t < 1.0: pass\n"
              "time.sleep(60)")
     code = ("import socket, subprocess, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
-            f"print(s.getsockname()[1], flush=True); c = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+            f"print(s.getsockname()[1], flush=True); "
+            f"c = subprocess.Popen([sys.executable, '-c', {child!r}], pass_fds=[s.fileno()]); "  # shares it, as workers do
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
