@@ -10,7 +10,7 @@ import pytest
 
 from torchferry.contract import ContractError
 from torchferry.inputs import text
-from torchferry.inputs.text import PAD_ID, UNK_ID, Encoder, build_vocab, golden_ids, text_spec, tokenize
+from torchferry.inputs.text import PAD_ID, UNK_ID, Encoder, build_vocab, text_spec, tokenize
 
 
 def test_tokenize_lowercases_and_splits_words_and_punctuation() -> None:
@@ -60,14 +60,6 @@ def test_a_file_s_text_spec_is_checked_field_by_field(change: dict, problem: str
         text.check_text_spec(spec)
     assert text.check_text_spec(text_spec(["<pad>", "<unk>", "a"], 8))
     assert list(text.text_spec_problems([1])) == ["text must be a mapping, got list"]
-
-
-def test_golden_ids_are_reproducible_padded_and_in_range() -> None:
-    a, b = golden_ids([4, 10], 50, 7), golden_ids([4, 10], 50, 7)
-    assert np.array_equal(a, b) and a.dtype == np.int64
-    lengths = (a != PAD_ID).sum(axis=1)
-    assert lengths.tolist() == [1, 4, 7, 10]
-    assert a.max() < 50 and a.min() >= 0
 
 
 def test_the_text_inputs_load_without_torch() -> None:

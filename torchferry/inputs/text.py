@@ -127,16 +127,3 @@ class Encoder:
         for i, row in enumerate(rows):
             out[i, :len(row)] = row
         return out
-
-
-def golden_ids(shape: list[int] | tuple[int, ...], vocab_size: int, seed: int) -> np.ndarray:
-    """Golden token ids [N, L]: row i holds ids drawn from 1..vocab_size-1 for its first lengths[i] positions and
-    `<pad>` after, lengths spread from 1 to L; numpy's legacy RandomState, the same on every machine."""
-    import numpy as np
-
-    n, length = (int(s) for s in shape)
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(1, vocab_size, size=(n, length)).astype(np.int64)
-    lengths = np.linspace(1, length, num=n).round().astype(np.int64) if n > 1 else np.array([length])
-    ids[np.arange(length)[None, :] >= lengths[:, None]] = PAD_ID
-    return ids
