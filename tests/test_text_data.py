@@ -130,3 +130,18 @@ def test_labels_that_cannot_be_a_checkpoints_classes_are_refused_before_training
     err = capsys.readouterr().err
     assert code == 2 and "cannot be a checkpoint's classes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_tabular_and_text_csv_readers_share_one_field_limit(tmp_path: Path) -> None:
+    from torchferry.distributed.discovery import MAX_CSV_FIELD
+    from torchferry.distributed.tabular_data import read_csv
+
+    long = "x" * 100_000  # over the 64 KiB the tabular reader once set for the whole process
+    header, rows = read_csv(_write(tmp_path, f"a,b\n1,{long}\n", "table.csv"))
+    assert header == ["a", "b"] and rows == [["1", long]]
+    assert read_text_csv(_write(tmp_path, f"text,label\n{long},p\n"))[0][0] == long
+    too_long = _write(tmp_path, f"a,b\n1,{'x' * (MAX_CSV_FIELD + 1)}\n", "big.csv")
+    with pytest.raises(TorchferryError, match="field larger than field limit"):
+        read_csv(too_long)
+    with pytest.raises(TorchferryError, match="field larger than field limit"):
+        read_text_csv(_write(tmp_path, f"text,label\n{'x' * (MAX_CSV_FIELD + 1)},p\n", "big_text.csv"))

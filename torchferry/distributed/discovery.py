@@ -23,6 +23,17 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 Sample = tuple[str, int]
 
 
+# The most characters one field of a CSV that the tabular or text task reads may hold (csv's own default is
+# 131,072): a text of a text CSV may be long. The csv module's limit is process-wide, so it is set here alone.
+MAX_CSV_FIELD = 1_000_000
+
+
+def csv_reader(f: Any, *, columns: bool = False, strict: bool = False) -> Any:
+    """A csv reader of the open file `f` (a DictReader when `columns`) whose fields may hold MAX_CSV_FIELD characters."""
+    csv.field_size_limit(MAX_CSV_FIELD)
+    return csv.DictReader(f, strict=strict) if columns else csv.reader(f, strict=strict)
+
+
 @dataclass
 class DataSplit:
     """Class names in index order and the samples of each part; torchvision sets keep their root."""

@@ -18,11 +18,11 @@ from typing import Any
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import BUILTIN_TABLES, TrainConfig
+from torchferry.distributed.discovery import csv_reader
 from torchferry.inputs.tabular import MAX_COLUMNS, MAX_NAME, InputRefused, fit_features
 
 Row = dict[str, Any]
 MIN_ROWS = 4
-MAX_CELL = 64 * 1024  # characters of one CSV cell
 
 
 @dataclass
@@ -49,10 +49,9 @@ def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     """The header and rows of a CSV file; a TorchferryError naming the line for a ragged or unreadable file."""
     if not os.path.isfile(path):
         raise TorchferryError(f"--data {path!r} is not a file (a tabular run reads a CSV file or 'diabetes')")
-    csv.field_size_limit(MAX_CELL)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv_reader(f)
             header = next(reader, None)
             if not header:
                 raise TorchferryError(f"{path}: the file is empty; the first line must name the columns")

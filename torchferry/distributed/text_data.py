@@ -19,11 +19,9 @@ from typing import Any
 
 from torchferry.contract import classes_problem
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.discovery import sort_labels, stratified_split
+from torchferry.distributed.discovery import csv_reader, sort_labels, stratified_split
 
 TextRow = tuple[str, int]
-# The longest text a CSV field may hold (characters); csv's own default is 131,072.
-MAX_FIELD_CHARS = 1_000_000
 
 
 @dataclass
@@ -72,11 +70,10 @@ def read_text_csv(path: str) -> list[tuple[str, str, int]]:
     """(text, label, line number where the row ends) of every row of a `text,label` CSV; TorchferryError on the first bad one."""
     if not os.path.isfile(path):
         raise TorchferryError(f"text file {path!r} does not exist")
-    csv.field_size_limit(MAX_FIELD_CHARS)
     reader = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, strict=True)
+            reader = csv_reader(f, columns=True, strict=True)
             rows = _rows(reader, path)
     except UnicodeDecodeError as exc:
         line = f":{reader.line_num + 1}" if reader else ""
