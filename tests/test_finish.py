@@ -65,3 +65,19 @@ def test_a_dead_worker_is_named_and_the_others_summarised() -> None:
     assert describe_failure(exc) == ("worker rank 1: its process died (killed, out of memory or crashed); "
                                      "rank(s) 0 then failed with it")
     assert describe_failure(RuntimeError("first\nlast line")) == "last line"
+
+
+def test_the_pictures_can_be_drawn_by_a_thread_the_caller_joins(small_checkpoint: dict, tmp_path: Path) -> None:
+    """The launcher draws the pictures while Ray shuts down: finish starts them in a thread it hands back."""
+    from torchferry.distributed.data import discover
+
+    base = ckpt.load_checkpoint(str(small_checkpoint["checkpoint"]))
+    cfg = TrainConfig(output_dir=str(tmp_path / "runs"), name="r", data=str(small_checkpoint["data"]))
+    _epoch_checkpoints(tmp_path / "runs" / "r", base, [0.5, 0.9])
+    pictures: list = []
+    summary = finish(cfg, NO_RAY_RECORD, discover(cfg), pictures=pictures)
+    assert summary["epoch"] == 1 and len(pictures) == 1
+    pictures[0].join(timeout=120)
+    assert not pictures[0].is_alive()
+    for name in ("curves.png", "val_predictions.png"):
+        assert (tmp_path / "runs" / "r" / name).read_bytes().startswith(b"\x89PNG"), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, NamedTuple
 
 from torchferry.distributed.config import TrainConfig
@@ -67,12 +68,14 @@ class UsableCheckpoint(NamedTuple):
     contents: dict[str, Any]
 
 
-def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
+def finish(cfg: TrainConfig, result: Any, split: Any = None, pictures: list[threading.Thread] | None = None,
+           ) -> dict[str, Any]:
     """Write the best usable checkpoint by the task's metric (val_acc, val_rmse), less its resume state, to
-    runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv.
+    runs/<name>/best.pth (atomic, sha256 sidecar); rewrite metrics.csv; draw the pictures when `split` is given.
 
     Ray's kept checkpoints are checked as they are read (sidecar, weights-only): a damaged one is passed
-    over with a warning, so best.pth is always a checkpoint that loads.
+    over with a warning, so best.pth is always a checkpoint that loads. With a `pictures` list the pictures are
+    drawn by a thread appended to it, which the caller joins (the launcher shuts Ray down meanwhile).
     """
     from torchferry.distributed import checkpoint as ckpt
     from torchferry.distributed.tasks import get_task
@@ -94,8 +97,12 @@ def finish(cfg: TrainConfig, result: Any, split: Any = None) -> dict[str, Any]:
     ckpt.write_metrics_csv(os.path.join(cfg.run_dir, "metrics.csv"), history, task.metric_columns)
     mark("best_written")
     if split is not None:
-        _pictures(task, cfg, best, history, split)
-        mark("pictures_done")
+        if pictures is None:
+            _pictures(task, cfg, best, history, split)
+        else:
+            pictures.append(threading.Thread(target=_pictures, args=(task, cfg, best, history, split),
+                                             name="torchferry-pictures"))
+            pictures[-1].start()
     value = best["metrics"][task.best_metric]
     return {"best": best_path, "epoch": best["epoch"], "metric": task.best_metric, task.best_metric: value,
             "value": value}
@@ -143,3 +150,4 @@ def _pictures(task: Any, cfg: TrainConfig, best: dict[str, Any], history: list[d
         task.pictures(cfg, best, history, split)
     except Exception as exc:  # noqa: BLE001 - pictures are a convenience; the checkpoint is what matters
         _logger.warning("could not draw curves.png / val_predictions.png: %s", exc)
+    mark("pictures_done")

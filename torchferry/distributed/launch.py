@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -110,6 +111,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     claim_run_dir(cfg)
     mark("ray_init")
     started = start_ray(cfg)
+    pictures: list[threading.Thread] = []  # drawn while Ray shuts down: they need neither Ray nor each other
     try:
         if cfg.resource_check:
             check_resources(cfg)
@@ -120,7 +122,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         except KeyboardInterrupt:
             raise Interrupted(cfg) from None
         mark("fit_returned")
-        summary = finish(cfg, result, split)
+        summary = finish(cfg, result, split, pictures=pictures)
         summary["seconds"] = time.perf_counter() - t0
         return summary
     finally:
@@ -128,6 +130,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             mark("ray_shutdown")
             ray.shutdown()
             mark("ray_shutdown_done")
+        for thread in pictures:
+            thread.join()
 
 
 def main(argv: list[str] | None = None) -> int:
