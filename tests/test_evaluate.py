@@ -113,3 +113,11 @@ def test_evaluate_reports_on_a_text_checkpoint(tmp_path: Path) -> None:
     assert sum(map(sum, report["confusion_matrix"])) == 6 and "validation texts" in report["data"]
     with pytest.raises(TorchferryError, match="pass --data"):
         evaluate.evaluate_checkpoint(str(best))
+    with pytest.raises(TorchferryError, match="--image-root is for images"):
+        evaluate.evaluate_checkpoint(str(best), str(data), image_root=str(tmp_path))
+
+
+def test_evaluate_asks_the_task_whether_it_classifies() -> None:
+    from torchferry.distributed.tasks import get_task
+
+    assert [get_task(name).classifier for name in ("image", "text", "tabular")] == [True, True, False]

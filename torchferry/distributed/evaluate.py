@@ -21,8 +21,8 @@ import torch
 from torchferry.cli import add_debug_arguments, add_factory_argument, run_main
 from torchferry.contract import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
-from torchferry.distributed.data import checkpoint_datasets
 from torchferry.distributed.report import confusion_table, plot_confusion
+from torchferry.distributed.tasks import task_for
 
 _logger = logging.getLogger(__name__)
 
@@ -44,21 +44,13 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
-    task = checkpoint.get("task", "image")
-    if task not in ("image", "text"):
-        raise TorchferryError(f"{path} is a {task} model; this report (accuracy, per-class table, confusion "
+    task = task_for(checkpoint)
+    if not task.classifier:
+        raise TorchferryError(f"{path} is a {task.name} model; this report (accuracy, per-class table, confusion "
                               "matrix) is for classifiers: its validation figures are in metrics.csv, its ONNX parity "
                               "proof in python -m export.verify")
     model = model_from_checkpoint(checkpoint, factory=factory)
-    if task == "text":
-        from torchferry.distributed.tasks import get_task
-
-        if image_root:
-            raise TorchferryError("--image-root is for images; a text checkpoint reads --data (and --val-data)")
-        val, source = get_task("text").validation_set(checkpoint, data, val_data)
-    else:
-        rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
-        val, source = rebuilt.val, rebuilt.source
+    val, source = task.validation_set(checkpoint, data, val_data, image_root)
     classes = list(checkpoint["classes"])
     truth, preds = predict(model, val, batch_size)
     labels = list(range(len(classes)))

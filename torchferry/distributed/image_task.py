@@ -34,6 +34,7 @@ class ImageTask(Task):
     checkpoint_metrics = ("val_acc", "val_loss", "train_loss", "train_acc")
     input_key = "preprocess"  # the checkpoint and metadata key of the input spec (the text task's: "text")
     required_keys = ("num_classes", "classes", "preprocess")
+    classifier = True
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
         from torchferry.distributed.data import discover
@@ -136,13 +137,18 @@ class ImageTask(Task):
     def random_input(self, checkpoint: dict[str, Any], batch: int, generator: Any) -> torch.Tensor:
         return torch.randn(batch, *self.input_shape(checkpoint), generator=generator)
 
-    def real_batches(self, checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator, str]:
+    def validation_set(self, checkpoint: dict[str, Any], data: str | None, val_data: str | None = None,
+                       image_root: str | None = None) -> tuple[Any, str]:
         from torchferry.distributed.data import checkpoint_datasets
 
-        rebuilt = checkpoint_datasets(checkpoint, data)
-        indices = list(range(min(len(rebuilt.val), limit)))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(rebuilt.val, indices), batch_size=32)
-        return iter(loader), f"{len(indices)} validation images from {rebuilt.source}"
+        rebuilt = checkpoint_datasets(checkpoint, data, val_data, image_root)
+        return rebuilt.val, rebuilt.source
+
+    def real_batches(self, checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator, str]:
+        dataset, source = self.validation_set(checkpoint, data)
+        indices = list(range(min(len(dataset), limit)))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=32)
+        return iter(loader), f"{len(indices)} validation images from {source}"
 
     def agreement(self, onnx_out: Any, torch_out: Any) -> dict[str, float]:
         import numpy as np

@@ -33,6 +33,7 @@ class Task:
     checkpoint_metrics: tuple[str, ...] = ()  # the figures a checkpoint's `metrics` must carry
     required_keys: tuple[str, ...] = ()  # the checkpoint's task fields
     output_name = "logits"  # the ONNX output
+    classifier = False      # one logit per class: `python -m distributed.evaluate` reports on it
 
     # training -------------------------------------------------------------------------------------
     def prepare(self, cfg: Any) -> tuple[Any, Any]:
@@ -111,6 +112,12 @@ class Task:
 
     def random_input(self, checkpoint: dict[str, Any], batch: int, generator: Any) -> Any:
         """A random batch the parity proof runs (float32 tensor)."""
+        raise NotImplementedError
+
+    def validation_set(self, checkpoint: dict[str, Any], data: str | None, val_data: str | None = None,
+                       image_root: str | None = None) -> tuple[Any, str]:
+        """A classifier's validation dataset of (input, class index), rebuilt from `data` (and `val_data`,
+        `image_root`: the command line's) as the checkpoint's run split it, and what it is."""
         raise NotImplementedError
 
     def real_batches(self, checkpoint: dict[str, Any], data: str | None, limit: int) -> tuple[Iterator, str]:

@@ -151,10 +151,12 @@ class TextTask(ImageTask):
         lengths = torch.randint(0, int(spec["max_length"]) + 1, (batch, 1), generator=generator)
         return ids.masked_fill(torch.arange(ids.shape[1]).unsqueeze(0) >= lengths, 0)
 
-    def validation_set(self, checkpoint: dict[str, Any], data: str | None,
-                       val_data: str | None = None) -> tuple[Any, str]:
+    def validation_set(self, checkpoint: dict[str, Any], data: str | None, val_data: str | None = None,
+                       image_root: str | None = None) -> tuple[Any, str]:
         """The validation texts of `data` (the command line's --data; --val-data when given) as the checkpoint
         encodes them, split with its seed and --val-split, and what they are."""
+        if image_root:
+            raise TorchferryError("--image-root is for images; a text checkpoint reads --data (and --val-data)")
         cfg = TrainConfig.from_dict(dict(checkpoint["config"]))
         if not data:
             raise TorchferryError(f"the checkpoint was trained on {cfg.data[:200]!r}; pass --data to read it (a "
