@@ -29,6 +29,7 @@ from torchferry.rayinit import join_or_start_ray
 from torchferry.serve.predictor import read_model_file
 
 _logger = logging.getLogger(__name__)
+READ_BATCHES = 4  # batches of --batch-size files per read task (and so per actor task)
 BAD_LINES = 20  # bad files named one by one in the log; the rest are in the output's error column
 
 
@@ -171,13 +172,15 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
     data, sha256, top_k = model
     quiet_ray_data(cfg.verbose)
     # Reading is file I/O, light beside decoding and inference: read tasks take no CPU slot, so that the actors
-    # may hold every CPU without starving the reads that feed them. One read task per batch of files, and as many
-    # at a time as there are actors: Ray Data would otherwise start a task per file, and with no CPU slot to
-    # bound them, dozens of worker processes at once.
+    # may hold every CPU without starving the reads that feed them. A read task per READ_BATCHES batches of files
+    # (at least two blocks an actor), as many at a time as there are actors: Ray Data would otherwise start a task
+    # per file, and with no CPU slot to bound them, dozens of worker processes at once; an actor's task then
+    # scores its block batch by batch, so Ray's cost per task is shared by several ONNX Runtime calls.
     actors = pool_size(cfg)
+    blocks = max(min(len(todo), 2 * actors), -(-len(todo) // (READ_BATCHES * cfg.batch_size)))
     ds = ray.data.read_binary_files([e.path for e in todo], include_paths=True, filesystem=source.fs,
                                     ignore_missing_paths=True, num_cpus=0, concurrency=actors,
-                                    override_num_blocks=-(-len(todo) // cfg.batch_size))
+                                    override_num_blocks=blocks)
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
               "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "prefix": source.prefix}
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.threads,
