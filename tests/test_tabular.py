@@ -229,6 +229,7 @@ def test_the_onnx_file_carries_the_spec_and_proves_itself(tabular_model: dict) -
     assert values["target"] == "actual" and values["val_rmse"] == 3.0 and values["golden"]["shape"] == [2, 10]
     real = [c for c in tabular_model["report"]["cases"] if c["kind"] == "real"]
     assert real and real[0]["images"] == 12 and "top1_agreement" not in real[0]
+    assert real[0]["case"] == "validation rows"
     predictor = Predictor(str(tabular_model["model"]))
     assert predictor.prove() <= 1e-3 and predictor.info.input_shape == ["N", 10]
     assert predictor.output_name == "prediction" and predictor.info.classes == []

@@ -35,6 +35,7 @@ class ImageTask(Task):
     input_key = "preprocess"  # the checkpoint and metadata key of the input spec (the text task's: "text")
     required_keys = ("num_classes", "classes", "preprocess")
     classifier = True
+    items = "images"
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
         from torchferry.distributed.data import discover

@@ -105,6 +105,7 @@ class TabularTask(Task):
     checkpoint_metrics = ("val_rmse", "val_mae", "val_r2", "val_loss", "train_loss", "train_rmse")
     required_keys = ("features",)
     output_name = "prediction"
+    items = "rows"
     sums_length = 4
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, TableSplit]:

@@ -34,6 +34,7 @@ class Task:
     required_keys: tuple[str, ...] = ()  # the checkpoint's task fields
     output_name = "logits"  # the ONNX output
     classifier = False      # one logit per class: `python -m distributed.evaluate` reports on it
+    items = "samples"       # what one input is, in reports ("validation images")
 
     # training -------------------------------------------------------------------------------------
     def prepare(self, cfg: Any) -> tuple[Any, Any]:

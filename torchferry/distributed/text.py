@@ -70,6 +70,7 @@ class TextTask(ImageTask):
     name = "text"
     required_keys = ("num_classes", "classes", "text")
     input_key = "text"
+    items = "texts"
 
     def prepare(self, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
         from torchferry.distributed.models import FACTORY_PATTERN

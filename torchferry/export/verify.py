@@ -127,11 +127,11 @@ def _real_case(session: ort.InferenceSession, model: nn.Module, checkpoint: dict
                 refs.append(model(x).numpy())
             outs.append(session.run(None, {INPUT_NAME: x.numpy()})[0])
     except Exception as exc:  # noqa: BLE001 - the model failing on real data fails that case
-        return _failed_case("validation images", "real", 32, exc), note
+        return _failed_case(f"validation {task_for(checkpoint).items}", "real", 32, exc), note
     if not outs:
         return None, note
     got, expected = np.concatenate(outs), np.concatenate(refs)
-    return {"case": "validation images", "kind": "real", "batch": 32, "images": len(got),
+    return {"case": f"validation {task_for(checkpoint).items}", "kind": "real", "batch": 32, "images": len(got),
             **compare(got, expected, atol, rtol, task_for(checkpoint))}, note
 
 
@@ -177,7 +177,7 @@ def failure_message(report: dict[str, Any]) -> str:
                        f"logits near zero, --rtol {report['rtol']:g} the error relative to large logits){detail}")
     low = [c for c in failed if c["kind"] == "real" and c.get("top1_agreement", 1.0) < report["min_top1_agreement"]]
     if low:
-        reasons.append(f"top-1 agreement {low[0]['top1_agreement']:.1%} on validation images is below "
+        reasons.append(f"top-1 agreement {low[0]['top1_agreement']:.1%} on {low[0]['case']} is below "
                        f"--min-top1-agreement {report['min_top1_agreement']:g}")
     if report.get("metadata_mismatches"):
         reasons.append("the model's metadata disagrees with the checkpoint (" + "; ".join(report["metadata_mismatches"])

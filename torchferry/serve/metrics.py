@@ -25,8 +25,9 @@ class Metrics:
                                 registry=self.registry)
         self.latency = Histogram("torchferry_request_seconds", "request latency by route", ["route"],
                                  registry=self.registry, buckets=LATENCY_BUCKETS)
-        self.images = Counter("torchferry_images_predicted_total", "images classified", registry=self.registry)
-        self.batch = Histogram("torchferry_batch_size", "images per ONNX Runtime call from /predict",
+        self.images = Counter("torchferry_images_predicted_total",
+                              "inputs predicted (images, texts or table rows; the name predates texts and rows)", registry=self.registry)
+        self.batch = Histogram("torchferry_batch_size", "inputs (images, texts or rows) per ONNX Runtime call from /predict",
                                registry=self.registry, buckets=BATCH_BUCKETS)
         self.ready = Gauge("torchferry_ready", "1 when the model is loaded and proven", registry=self.registry,
                            multiprocess_mode="livemax")
