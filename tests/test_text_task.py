@@ -45,6 +45,7 @@ def _train_and_export(tmp_path: Path) -> tuple[Path, Path, dict]:
     report = export_checkpoint(str(run / "best.pth"), str(run / "model.onnx"), data=str(data))
     real = [c for c in report["cases"] if c["kind"] == "real"]
     assert report["passed"] and real and real[0]["top1_agreement"] == 1.0 and real[0]["images"] == 36, report
+    assert real[0]["case"] == "validation texts"
     return data, run / "model.onnx", best
 
 
