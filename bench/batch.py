@@ -121,7 +121,7 @@ def render(b: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer images (default: 4,000 quick, 12,000 otherwise)")
+    p.add_argument("--quick", action="store_true", help="fewer images (default: 10,000 quick, 30,000 otherwise)")
     p.add_argument("--images", type=int, default=None, help="image files to score (overrides --quick's count)")
     p.add_argument("--models", default="smallcnn", help="models, comma-separated: smallcnn (32 px, decoding "
                    "dominates), resnet18 (224 px, inference dominates; slow on 2 cores) (default: smallcnn)")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: 2 quick, 3 otherwise)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/<date>-<host>-batch.json)")
     args = p.parse_args(argv)
-    count = args.images or (4000 if args.quick else 12000)
+    count = args.images or (10_000 if args.quick else 30_000)
     models = args.models.split(",")
     with tempfile.TemporaryDirectory(prefix="tf-bench-batch-") as name:
         tmp = Path(name)

@@ -87,11 +87,11 @@ WHY = {
     "server p50 latency vs in-process, 1 client (smallcnn)": "the same fixed ~2 ms per request on a 1.4 ms model.",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
-    "python -m serve.batch, 2 actors": "on 2 cores the two actors share them with Ray's own processes: in a 19 s "
-    "run of 4,000 images the actors used 11 CPU-seconds (1.7 ms an image, as the loop) and spent half their task "
-    "time waiting for a core, while the raylet, GCS, Ray Data's autoscaling coordinator and stats actors and the "
-    "dashboard and runtime-env agents took about 10 CPU-seconds (psutil, shared machine). The figure also moves "
-    "with the machine's load: 1.72x at load average 17, 1.20x at 4-5.",
+    "python -m serve.batch, 2 actors": "on 2 cores the two actors share them with Ray's own processes: in a run "
+    "of 4,000 images the actors used 1.7 ms of CPU an image (as the loop) but spent half their task time waiting "
+    "for a core, while the raylet, GCS, Ray Data's autoscaling coordinator and stats actors and the dashboard and "
+    "runtime-env agents took about 10 CPU-seconds (psutil, shared machine). Measured 1.33x at load average 2 "
+    "(12,000 images), 1.20x before the actors read their own files.",
     "ORT fp32 vs torch eager": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
     "ORT INT8 vs ORT fp32": "batch 1 latency on 2 threads moves by 10-20 % between runs here.",
 }

@@ -160,6 +160,21 @@ def test_files_refused_unread_missing_or_too_large(tmp_path: Path) -> None:
     assert refused["error"] == ["too_large", "not_found"] and "over the limit of 100 bytes" in refused["reason"][0]
 
 
+def test_an_actor_reads_its_files_and_records_those_it_cannot(tmp_path: Path) -> None:
+    from pyarrow import fs as pafs
+
+    from torchferry.batch.scorer import read_files
+
+    (tmp_path / "ok.png").write_bytes(b"x" * 10)
+    (tmp_path / "grown.png").write_bytes(b"x" * 11)  # grew past the limit after the driver listed it
+    (tmp_path / "dir.png").mkdir()
+    paths = [str(tmp_path / n) for n in ("ok.png", "gone.png", "grown.png", "dir.png")]
+    names, blobs, refused = read_files(pafs.LocalFileSystem(), paths, "file://", max_bytes=10)
+    assert names == [f"file://{tmp_path}/ok.png"] and blobs == [b"x" * 10]
+    assert refused["error"] == ["not_found", "too_large", "unreadable"], refused
+    assert refused["path"][0] == f"file://{tmp_path}/gone.png" and "11 bytes is over the limit" in refused["reason"][1]
+
+
 def test_scoring_gives_the_predictors_answers_and_the_servers_error_codes(exported_model: dict, client) -> None:
     data = read_model_file(str(exported_model["model"]))
     predictor = load_proven(data, "model.onnx", __import__("hashlib").sha256(data).hexdigest(), threads=1)

@@ -1,10 +1,10 @@
-"""A batch run on the driver: prove the model, list the files, claim the output folder, then let Ray Data read
-and an actor pool score what the folder does not hold yet, writing the answers part file by part file.
+"""A batch run on the driver: prove the model, list the files, claim the output folder, then let a Ray Data actor
+pool read and score what the folder does not hold yet, writing the answers part file by part file.
 
-Ray Data reads the files (`read_binary_files`, on the input's pyarrow file system) and hands batches to
-`map_batches` with the callable class `Scorer`: `--actors` actors, each loading the model once (the bytes the
-driver read and checked, so every node scores the same file) and proving it before its first batch. The
-driver only gathers the small answer rows and writes them; it never decodes an image.
+The dataset is the paths to score, in blocks; `map_batches` with the callable class `Scorer` runs `--actors`
+actors, each loading the model once (the bytes the driver read and checked, so every node scores the same
+file), proving it before its first batch, and reading its files through the input's pyarrow file system (local,
+s3://, gs://). The driver only gathers the small answer rows and writes them; it never reads an image.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torchferry.rayinit import join_or_start_ray
 from torchferry.serve.predictor import read_model_file
 
 _logger = logging.getLogger(__name__)
-READ_BATCHES = 4  # batches of --batch-size files per read task (and so per actor task)
+READ_BATCHES = 4  # batches of --batch-size files per block of paths (and so per actor task)
 BAD_LINES = 20  # bad files named one by one in the log; the rest are in the output's error column
 
 
@@ -166,23 +166,22 @@ def pool_size(cfg: BatchConfig) -> int:
 
 
 def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tuple[bytes, str, int], tally: Tally):
-    """Read `todo` with Ray Data and score it in the actor pool, every answer table into `tally`."""
+    """Score `todo` in Ray Data's actor pool (each actor reads its files), every answer table into `tally`."""
+    import pyarrow as pa
     import ray.data
 
     data, sha256, top_k = model
     quiet_ray_data(cfg.verbose)
-    # Reading is file I/O, light beside decoding and inference: read tasks take no CPU slot, so that the actors
-    # may hold every CPU without starving the reads that feed them. A read task per READ_BATCHES batches of files
-    # (at least two blocks an actor), as many at a time as there are actors: Ray Data would otherwise start a task
-    # per file, and with no CPU slot to bound them, dozens of worker processes at once; an actor's task then
-    # scores its block batch by batch, so Ray's cost per task is shared by several ONNX Runtime calls.
+    # The dataset holds the paths, in blocks of READ_BATCHES batches (at least two blocks an actor): an actor's task
+    # reads and scores its block batch by batch, so Ray's cost per task is shared by several ONNX Runtime calls.
     actors = pool_size(cfg)
     blocks = max(min(len(todo), 2 * actors), -(-len(todo) // (READ_BATCHES * cfg.batch_size)))
-    ds = ray.data.read_binary_files([e.path for e in todo], include_paths=True, filesystem=source.fs,
-                                    ignore_missing_paths=True, num_cpus=0, concurrency=actors,
-                                    override_num_blocks=blocks)
+    paths = pa.array([e.path for e in todo], pa.string())
+    step = -(-len(paths) // blocks)
+    ds = ray.data.from_arrow([pa.table({"path": paths.slice(i, step)}) for i in range(0, len(paths), step)])
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
-              "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "prefix": source.prefix}
+              "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "fs": source.fs,
+              "prefix": source.prefix, "max_bytes": cfg.max_image_bytes}
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.threads,
                         compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs=scorer)
     started = time.perf_counter()
