@@ -14,6 +14,7 @@ from helpers import (
     FAST_FLAGS,
     LiveServer,
     free_port,
+    once_per_run,
     start_dev,
     start_gunicorn,
     stop,
@@ -24,6 +25,46 @@ from helpers import (
     write_digits_folder,
     write_split_tree,
 )
+
+# Seconds the longest tests take beside another test on 2 cores (pytest --durations); another slow test counts 30,
+# a fast one 1. Only the order they start in comes from here: see pytest_collection_modifyitems.
+LONG_TESTS = {
+    "test_readme_command_on_digits": 265, "test_interrupted_runs_resume": 130, "test_a_damaged_newest": 130,
+    "test_a_search_keeps_the_best_trial": 155, "test_small_grayscale_folder_with_no_flags": 155,
+    "test_killed_worker_is_replaced": 85, "test_diabetes_trains_exports": 60, "test_killed_worker_without_retries": 60,
+    "test_a_text_set_trains_exports": 55,
+}
+
+
+def _weight(item: pytest.Item) -> int:
+    return next((s for name, s in LONG_TESTS.items() if item.name.startswith(name)),
+                30 if item.get_closest_marker("slow") else 1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (-n 2 --dist worksteal) each worker is first handed one contiguous half of this list and
+    later takes from the tail of the other's: so the long tests are shared out between the two halves (longest
+    first, each to the lighter half) and start at the head of each, the fast ones fill the rest. Deterministic,
+    so every worker collects the same order."""
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") != "2" or len(items) < 4:  # set in the workers, which collect
+        return
+    order = sorted(range(len(items)), key=lambda i: (-_weight(items[i]), i))
+    halves: list[list[int]] = [[], []]
+    loads = [0, 0]
+    for i in order:
+        if _weight(items[i]) == 1:
+            break
+        side = loads.index(min(loads))
+        halves[side].append(i)
+        loads[side] += _weight(items[i])
+    placed = set(halves[0]) | set(halves[1])
+    fast = [i for i in range(len(items)) if i not in placed]
+    room = len(items) // 2 - len(halves[0])  # the first half holds exactly len // 2 items
+    if room < 0:
+        return
+    first = halves[0] + fast[:room]
+    second = halves[1] + fast[room:]
+    items[:] = [items[i] for i in first + second]
 
 
 @pytest.fixture
@@ -78,23 +119,8 @@ def _isolated_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
-    """One real 2-worker Ray run on an ImageFolder tree; later tests read its outputs.
-
-    Made once per pytest run: under pytest-xdist the first worker that needs it trains, under a file lock in
-    the run's shared temporary folder, and the other reads what it left."""
-    if worker_id == "master":  # not under xdist
-        return _train_run(tmp_path_factory.mktemp("trained"))
-    import json
-
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
-    record = shared / "trained_run.json"
-    with FileLock(str(shared / "trained_run.lock")):
-        if not record.is_file():
-            run = _train_run(shared / "trained")
-            record.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in run.items()}))
-    saved = json.loads(record.read_text())
+    """One real 2-worker Ray run on an ImageFolder tree, made once per pytest run; later tests read its outputs."""
+    saved = once_per_run(tmp_path_factory, worker_id, "trained", _train_run)
     return {"code": saved["code"], "run_dir": Path(saved["run_dir"]), "data": Path(saved["data"])}
 
 
@@ -112,7 +138,7 @@ def _train_run(base: Path) -> dict:
             os.environ.pop("TORCHFERRY_CACHE", None)
         else:
             os.environ["TORCHFERRY_CACHE"] = old
-    return {"code": code, "run_dir": base / "runs" / "folder", "data": base / "data"}
+    return {"code": code, "run_dir": str(base / "runs" / "folder"), "data": str(base / "data")}
 
 
 @pytest.fixture

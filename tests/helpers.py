@@ -15,10 +15,12 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
@@ -482,3 +484,22 @@ def write_text_onnx(path: Path, vocab: list[str], classes: list[str], max_length
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(path))
     return path
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str,
+                 make: Callable[[Path], dict]) -> dict:
+    """`make(folder)`'s JSON-able result, made once per pytest run: under pytest-xdist the first worker that asks
+    makes it, under a file lock in the run's shared temporary folder, and the others read what it left."""
+    import json
+
+    from filelock import FileLock
+
+    if worker_id == "master":  # not under xdist
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    record = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.is_file():
+            (shared / name).mkdir()
+            record.write_text(json.dumps(make(shared / name)))
+    return json.loads(record.read_text())

@@ -216,8 +216,13 @@ def test_readme_flag_table_lists_every_flag() -> None:
 
 
 @pytest.mark.slow
-def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
-    """The README's main command with its defaults, as a user runs it (about 3 minutes on 2 cores)."""
+def test_readme_command_on_digits_reaches_98_percent_and_is_served(tmp_path: Path, live_server) -> None:
+    """The README's commands with their defaults, as a user runs them (about 3 minutes on 2 cores): the digits
+    run, its export, and gunicorn answering /predict with the digits the images show."""
+    import requests
+
+    from torchferry.distributed.data import DIGITS_VERSION
+
     env = {**os.environ, "TORCHFERRY_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "distributed.launch", "--gpus", "0", "--workers", "2",
                            "--output-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env,
@@ -227,6 +232,18 @@ def test_readme_command_on_digits_reaches_98_percent(tmp_path: Path) -> None:
     assert match, proc.stdout
     assert float(match.group(1)) >= 0.98 and Path(match.group(3)).is_file()
     assert proc.stderr.count("epoch ") >= 30 and "Traceback" not in proc.stderr
+    export = subprocess.run([sys.executable, "-m", "export.onnx", match.group(3)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path, timeout=600, check=False)
+    assert export.returncode == 0, export.stderr[-3000:]
+    server = live_server("gunicorn", Path(match.group(3)).with_name("model.onnx"))
+    images = sorted((tmp_path / "cache" / DIGITS_VERSION).glob("*/*.png"))[::36]  # 50 of the 1,797, every digit
+    right = 0
+    for path in images:
+        r = requests.post(f"{server.base}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        right += r.json()["predictions"][0]["label"] == path.parent.name
+    assert len(images) == 50 and right >= 47, f"{right} of {len(images)} digits read right"
 
 
 def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
