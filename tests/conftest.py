@@ -26,47 +26,6 @@ from helpers import (
     write_split_tree,
 )
 
-# Seconds the longest tests take beside another test on 2 cores (pytest --durations); another slow test counts 30,
-# a fast one 1. Only the order they start in comes from here: see pytest_collection_modifyitems.
-LONG_TESTS = {
-    "test_readme_command_on_digits": 265, "test_interrupted_runs_resume": 130, "test_a_damaged_newest": 130,
-    "test_a_search_keeps_the_best_trial": 155, "test_small_grayscale_folder_with_no_flags": 155,
-    "test_killed_worker_is_replaced": 85, "test_diabetes_trains_exports": 60, "test_killed_worker_without_retries": 60,
-    "test_a_text_set_trains_exports": 55,
-}
-
-
-def _weight(item: pytest.Item) -> int:
-    return next((s for name, s in LONG_TESTS.items() if item.name.startswith(name)),
-                30 if item.get_closest_marker("slow") else 1)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (-n 2 --dist worksteal) each worker is first handed one contiguous half of this list and
-    later takes from the tail of the other's: so the long tests are shared out between the two halves (longest
-    first, each to the lighter half) and start at the head of each, the fast ones fill the rest. Deterministic,
-    so every worker collects the same order."""
-    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") != "2" or len(items) < 4:  # set in the workers, which collect
-        return
-    order = sorted(range(len(items)), key=lambda i: (-_weight(items[i]), i))
-    halves: list[list[int]] = [[], []]
-    loads = [0, 0]
-    for i in order:
-        if _weight(items[i]) == 1:
-            break
-        side = loads.index(min(loads))
-        halves[side].append(i)
-        loads[side] += _weight(items[i])
-    placed = set(halves[0]) | set(halves[1])
-    fast = [i for i in range(len(items)) if i not in placed]
-    room = len(items) // 2 - len(halves[0])  # the first half holds exactly len // 2 items
-    if room < 0:
-        return
-    first = halves[0] + fast[:room]
-    second = halves[1] + fast[room:]
-    items[:] = [items[i] for i in first + second]
-
-
 @pytest.fixture
 def digits_folder(tmp_path: Path) -> Path:
     """300 of the 8×8 grayscale digits as PNGs in train/ and val/ (a user's own small grayscale data)."""
