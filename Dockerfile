@@ -57,7 +57,7 @@ COPY --from=serve-deps /opt/venv /opt/venv
 COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
 COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
-COPY serve/ /app/serve/
+COPY serve/__main__.py serve/healthcheck.py /app/serve/
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS train
@@ -104,4 +104,4 @@ COPY --from=serve-gpu-deps /opt/venv /opt/venv
 COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
 COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
-COPY serve/ /app/serve/
+COPY serve/__main__.py serve/healthcheck.py /app/serve/

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import free_port, machine_info, result_header, result_path, write_result
+from bench.common import free_port, machine_info, median_seconds, result_header, result_path, write_result
 
 THREADS = 64  # app threads of the one gunicorn worker: enough for 64 clients to reach the micro-batcher at once
 
@@ -49,17 +47,6 @@ def missing_gpu() -> str | None:
         return (f"this onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu, "
                 "pyproject's [serve-gpu] pin, as bench/gpu_check.sh does)")
     return None
-
-
-def _median_ms(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 def export(arch: str, folder: Path) -> str:
@@ -89,8 +76,8 @@ def latency_rows(model_path: str, arch: str, batches: list[int], quick: bool) ->
             with torch.inference_mode():
                 return model(torch.from_numpy(x).cuda()).cpu().numpy()  # .cpu() waits for the GPU
 
-        t_torch = _median_ms(eager, reps, 10)
-        t_ort = _median_ms(lambda x=x: predictor.run(x), reps, 10)
+        t_torch = 1000 * median_seconds(eager, reps, 10)
+        t_ort = 1000 * median_seconds(lambda x=x: predictor.run(x), reps, 10)
         diff = float(np.abs(eager() - predictor.run(x)).max())
         rows.append({"model": arch, "batch": batch, "reps": reps, "torch_ms": t_torch, "ort_cuda_ms": t_ort,
                      "torch_img_s": 1000 * batch / t_torch, "ort_cuda_img_s": 1000 * batch / t_ort,

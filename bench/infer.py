@@ -13,33 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.common import machine_info, result_header, result_path, write_result
+from bench.common import machine_info, median_seconds, result_header, result_path, write_result
 from torchferry.distributed.models import build_model
 from torchferry.export.onnx import export_model, save_checked
 from torchferry.export.quantize import quantize_static_qdq
 
 MODELS = {"smallcnn": (1, 32), "resnet18": (3, 224), "resnet50": (3, 224)}
-
-
-def _median_seconds(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _session(path: str, threads: int) -> ort.InferenceSession:
@@ -75,9 +62,9 @@ def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list
             heavy = batch * size * size > 32 * 64 * 64
             reps = (5 if heavy else 30) if quick else (9 if heavy else 60)
             with torch.inference_mode():
-                t_torch = _median_seconds(lambda x=x: model(x), reps, 5)
+                t_torch = median_seconds(lambda x=x: model(x), reps, 5)
                 diff = float(np.abs(model(x).numpy() - session.run(None, {"input": xn})[0]).max())
-            t_ort = _median_seconds(lambda xn=xn: session.run(None, {"input": xn}), reps, 5)
+            t_ort = median_seconds(lambda xn=xn: session.run(None, {"input": xn}), reps, 5)
             row = {"model": arch, "input": [channels, size, size], "batch": batch, "threads": threads,
                    "exporter": exporter, "reps": reps,
                    "torch_ms": 1000 * t_torch, "ort_ms": 1000 * t_ort,
@@ -86,7 +73,7 @@ def bench_model(arch: str, threads: int, quick: bool, int8: bool = True) -> list
             line = (f"{arch:<10} batch {batch:>2}: torch {1000 * t_torch:8.2f} ms  ort {1000 * t_ort:8.2f} ms  "
                     f"ORT/eager {t_torch / t_ort:5.2f}x")
             if int8_session is not None:
-                t_int8 = _median_seconds(lambda xn=xn: int8_session.run(None, {"input": xn}), reps, 5)
+                t_int8 = median_seconds(lambda xn=xn: int8_session.run(None, {"input": xn}), reps, 5)
                 row.update({"ort_int8_ms": 1000 * t_int8, "ort_int8_img_s": batch / t_int8,
                             "int8_over_ort": t_ort / t_int8})
                 line += f"  int8 {1000 * t_int8:8.2f} ms  INT8/fp32 {t_ort / t_int8:5.2f}x"
