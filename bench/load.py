@@ -13,7 +13,11 @@ image/* body), bounded by time and by request count. Reported: requests/s and p5
 --against the peak resident memory of the server's whole process tree and the CPU time it spent per request
 (psutil, sampled every 50 ms): CPU per request moves far less than requests/s when other work shares the machine. The
 in-process figure runs the same decode + preprocess + ONNX Runtime path with the same number of threads,
-without HTTP; the ratio server/in-process is what HTTP, Flask and gunicorn cost.
+without HTTP; the ratio server/in-process is what HTTP, Flask and gunicorn cost, the load generator's own HTTP
+client included (it shares the machine: `client_cpu_ms_per_request`). For a model that answers in about a
+millisecond that ratio is bounded by HTTP itself, whatever the server does, so the suite also runs the bare Flask
+app of bench/peers/flask_app.py under gunicorn (gthread) with torchferry's worker and thread counts: server/bare
+Flask is what torchferry's own work around the model costs.
 """
 
 from __future__ import annotations
@@ -57,17 +61,19 @@ def drive(call: Callable[[bytes], bool], images: list[bytes], clients: int, seco
             errors[i] += 0 if ok else 1
             n += clients
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     flat = [x for lat in latencies for x in lat]
     return {"clients": clients, "seconds": round(elapsed, 3), "requests": len(flat), "errors": sum(errors),
             "req_s": len(flat) / elapsed, "p50_ms": 1000 * percentile(flat, 50), "p95_ms": 1000 * percentile(flat, 95),
-            "p99_ms": 1000 * percentile(flat, 99)}
+            "p99_ms": 1000 * percentile(flat, 99),
+            # this process's CPU (all its threads) per call: the HTTP client's cost, or in-process the whole work
+            "client_cpu_ms_per_request": 1000 * cpu / max(1, len(flat))}
 
 
 def http_caller(url: str, path: str = "/predict") -> Callable[[bytes], bool]:
@@ -276,6 +282,66 @@ def stop_gunicorn(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def start_bare_flask(model: str, port: int, log: Path) -> subprocess.Popen:
+    """bench/peers/flask_app.py under this environment's gunicorn (gthread) on 127.0.0.1:port with torchferry's default
+    worker and thread counts and ONNX Runtime threads (the cores divided among the workers), ready (bounded wait)."""
+    import requests
+
+    from torchferry.serve.settings import GunicornSettings
+
+    defaults = GunicornSettings()
+    env = {**os.environ, "PEER_MODEL": model, "PEER_WORKERS": str(defaults.workers)}
+    cmd = [sys.executable, "-m", "gunicorn", "-w", str(defaults.workers), "-k", "gthread", "--threads",
+           str(defaults.threads), "-b", f"127.0.0.1:{port}", "bench.peers.flask_app:create_app()"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the bare Flask app did not get ready; see {log}")
+
+
+def _server_rows(proc: subprocess.Popen, port: int, images: list[bytes], seconds: float, base: dict[str, Any]):
+    """Drive the server at `port` at 1, 4 and 16 clients, then stop it; one row per point."""
+    rows = []
+    try:
+        call = http_caller(f"http://127.0.0.1:{port}")
+        drive(call, images, 2, 1.0)  # warm connections and code paths
+        for clients in (1, 4, 16):
+            r = {**base, **drive(call, images, clients, seconds), "load_average": os.getloadavg()[0]}
+            rows.append(r)
+            print(f"{base['model']:<9} {base['mode']:<10} win {base['batch_window_ms']:>3.0f}ms clients {clients:>2}: "
+                  f"{r['req_s']:7.1f} req/s  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                  f"client CPU {r['client_cpu_ms_per_request']:5.2f} ms/req  errors {r['errors']}", flush=True)
+    finally:
+        stop_gunicorn(proc)
+    return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each torchferry server point over the in-process point and over the bare Flask point at the same clients."""
+    ratios = []
+    for arch in dict.fromkeys(r["model"] for r in rows):
+        inproc = {r["clients"]: r for r in rows if r["model"] == arch and r["mode"] == "in-process"}
+        flask = {r["clients"]: r for r in rows if r["model"] == arch and r["mode"] == "bare-flask"}
+        for r in rows:
+            if r["model"] != arch or r["mode"] != "server":
+                continue
+            b, f = inproc[r["clients"]], flask.get(r["clients"])
+            ratios.append({"model": arch, "batch_window_ms": r["batch_window_ms"], "clients": r["clients"],
+                           "throughput_server_over_inprocess": r["req_s"] / b["req_s"],
+                           "p50_server_over_inprocess": r["p50_ms"] / b["p50_ms"],
+                           **({"throughput_server_over_flask": r["req_s"] / f["req_s"],
+                               "p50_server_over_flask": r["p50_ms"] / f["p50_ms"]} if f else {})})
+    return ratios
+
+
 def suite(quick: bool) -> dict[str, Any]:
     seconds = 3.0 if quick else 10.0
     rows = []
@@ -290,30 +356,15 @@ def suite(quick: bool) -> dict[str, Any]:
                 rows.append({"model": arch, "mode": "in-process", "batch_window_ms": 0, **r})
                 print(f"{arch:<9} in-process     clients {clients:>2}: {r['req_s']:7.1f} req/s  "
                       f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms", flush=True)
+            port = free_port()  # the floor, just before torchferry's server without a batch window
+            proc = start_bare_flask(model, port, tmp / f"{arch}-flask.log")
+            rows += _server_rows(proc, port, images, seconds, {"model": arch, "mode": "bare-flask", "batch_window_ms": 0})
             for window in (0.0, 5.0):
                 port = free_port()
                 proc = start_gunicorn(model, port, tmp / f"{arch}-{window}.log", window_ms=window)
-                try:
-                    call = http_caller(f"http://127.0.0.1:{port}")
-                    drive(call, images, 2, 1.0)  # warm connections and code paths
-                    for clients in (1, 4, 16):
-                        r = drive(call, images, clients, seconds)
-                        rows.append({"model": arch, "mode": "server", "batch_window_ms": window, **r})
-                        print(f"{arch:<9} server win {window:>3.0f}ms clients {clients:>2}: {r['req_s']:7.1f} req/s  "
-                              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}",
-                              flush=True)
-                finally:
-                    stop_gunicorn(proc)
-    ratios = []
-    for arch in ("smallcnn", "resnet18"):
-        base = {r["clients"]: r for r in rows if r["model"] == arch and r["mode"] == "in-process"}
-        for r in rows:
-            if r["model"] == arch and r["mode"] == "server":
-                b = base[r["clients"]]
-                ratios.append({"model": arch, "batch_window_ms": r["batch_window_ms"], "clients": r["clients"],
-                               "throughput_server_over_inprocess": r["req_s"] / b["req_s"],
-                               "p50_server_over_inprocess": r["p50_ms"] / b["p50_ms"]})
-    return {"rows": rows, "ratios": ratios, "seconds_per_point": seconds}
+                rows += _server_rows(proc, port, images, seconds, {"model": arch, "mode": "server",
+                                                                   "batch_window_ms": window})
+    return {"rows": rows, "ratios": _ratios(rows), "seconds_per_point": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

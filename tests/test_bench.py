@@ -161,3 +161,20 @@ def test_gpu_serve_bench_says_it_needs_a_gpu_and_writes_nothing_without_one(tmp_
     assert "skipped, torch sees no CUDA GPU; nothing measured, nothing written" in proc.stdout
     assert not out.exists()
     assert "bench.gpu_serve" in (REPO / "bench" / "gpu_check.sh").read_text()
+
+
+def test_smallcnn_serving_is_held_to_the_bare_flask_app_and_resnet18_to_in_process() -> None:
+    rows = [{"model": "smallcnn", "mode": "in-process", "batch_window_ms": 0, "clients": 4, "req_s": 800.0, "p50_ms": 1.5},
+            {"model": "smallcnn", "mode": "bare-flask", "batch_window_ms": 0, "clients": 4, "req_s": 400.0, "p50_ms": 9.0},
+            {"model": "smallcnn", "mode": "server", "batch_window_ms": 0.0, "clients": 4, "req_s": 390.0, "p50_ms": 9.2,
+             "p99_ms": 20.0}]
+    from bench.load import _ratios
+
+    result = {**_result(), "load": {"method": "m", "seconds_per_point": 3.0, "rows": rows, "ratios": _ratios(rows)}}
+    checks = {c["target"]: c for c in run_all.check_targets(result)}
+    flask = checks["server vs a bare Flask app (gunicorn gthread, same workers and threads), 4 clients (smallcnn)"]
+    assert flask["met"] is True and abs(flask["measured"] - 0.975) < 1e-9  # 0.49x in-process is not its bar
+    assert not any(name.startswith("server") and "in-process" in name and "smallcnn" in name for name in checks)
+    assert checks["server vs in-process throughput, 4 clients (resnet18)"]["met"] is None  # not measured
+    text = run_all.render({**result, "targets": run_all.check_targets(result)}, "x.json")
+    assert "| smallcnn | 0 ms | 4 | 800.0 | 400.0 | 390.0 | 0.49 | 0.97 | 1.50 | 9.00 | 9.20 | 20.00 |" in text
