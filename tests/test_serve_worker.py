@@ -357,7 +357,8 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
     import io
     import logging
     import types
-    from logging.handlers import QueueHandler
+
+    from torchferry.serve.worker import LineQueue
 
     spec = importlib.util.spec_from_file_location("tf_gunicorn_conf", REPO / "torchferry" / "serve" / "gunicorn.conf.py")
     conf = importlib.util.module_from_spec(spec)
@@ -370,7 +371,7 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
     try:
         conf.post_fork(None, worker)
         worker.model_loaded.set()
-        assert [type(h) for h in root.handlers] == [QueueHandler]  # a request thread only enqueues
+        assert [type(h) for h in root.handlers] == [LineQueue]  # a request thread only enqueues
         for i in range(200):
             logging.getLogger("torchferry.serve.access").info('{"n": %d}', i)
         conf.worker_exit(None, worker)
@@ -378,3 +379,32 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
     finally:
         root.handlers, level = saved
         root.setLevel(level)
+
+
+def test_the_log_writer_wakes_on_its_interval_not_on_every_line() -> None:
+    """A request thread's line wakes no thread (each wake-up is one more thread asking for the GIL after every
+    request); the writer takes what is queued when its interval ends, in order, and all of it when stopped."""
+    import io
+    import logging
+
+    from torchferry.serve.worker import queue_log_lines
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("torchferry.test.log-writer")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    root.handlers = [handler]
+    writer = queue_log_lines(root, interval=3600.0)
+    try:
+        for i in range(50):
+            root.info('{"n": %d}', i)
+        time.sleep(0.3)  # a per-line listener has written them all by now
+        assert stream.getvalue() == ""
+        writer.write_queued()
+        assert stream.getvalue().splitlines() == [f'{{"n": {i}}}' for i in range(50)]
+        root.info("last")
+    finally:
+        writer.stop()
+    assert stream.getvalue().splitlines()[-1] == "last"

@@ -111,17 +111,15 @@ def post_fork(server, worker):
     """JSON access lines from the app reach gunicorn's error log stream (stderr), written by a thread of their own;
     a heartbeat while the model loads."""
     import logging
-    import queue
     import threading
-    from logging.handlers import QueueHandler, QueueListener
+
+    from torchferry.serve.worker import queue_log_lines
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # A request thread only puts its lines on a queue (the standard library's pattern for threads that must not
-    # wait on I/O); one listener thread takes the stream handler's lock and writes them. worker_exit drains it.
-    root, lines = logging.getLogger(), queue.SimpleQueue()
-    worker.log_listener = QueueListener(lines, *root.handlers, respect_handler_level=True)
-    root.handlers = [QueueHandler(lines)]
-    worker.log_listener.start()
+    # wait on I/O); one writer thread takes the stream handler's lock and writes them, every 50 ms rather than on
+    # every line (serve/worker.py's PeriodicWriter). worker_exit writes what is left.
+    worker.log_listener = queue_log_lines(logging.getLogger())
     # The model loads before the worker's own loop starts beating (wsgi_app): beat for it meanwhile, so that a
     # model that takes longer than `timeout` to load and prove is not killed as a hung worker.
     worker.model_loaded = threading.Event()

@@ -8,6 +8,7 @@ start and drops dead workers' gauges); otherwise the figures are this process's 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -31,11 +32,18 @@ class Metrics:
                                registry=self.registry, buckets=BATCH_BUCKETS)
         self.ready = Gauge("torchferry_ready", "1 when the model is loaded and proven", registry=self.registry,
                            multiprocess_mode="livemax")
+        # (route, status) -> its counter and latency children: `labels()` takes the metric's lock and builds a key
+        # on every call. Routes are the app's rules (and "unmatched"), statuses three digits, so this stays small.
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One answered request."""
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        children = self._children.get((route, status))
+        if children is None:
+            children = (self.requests.labels(route, str(status)), self.latency.labels(route))
+            self._children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, images: int) -> None:
         """One batch of `images` classified."""

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import queue
 import signal
 import sys
+import threading
+from logging.handlers import QueueHandler, QueueListener
 
 import gevent
 from gevent import socket as gsocket
@@ -40,6 +44,8 @@ DEFAULT_UPLOAD_LIMIT = 16 * 1024 * 1024
 # it waits that long behind a busy app thread each time. Measured (bench/slow_clients.py's 4-client smallcnn
 # throughput, interleaved with gthread on 2 cores): 0.88x gthread at 5 ms, 0.94x at 0.5 ms.
 SWITCH_INTERVAL_S = 0.0005
+# How often a worker's log writer wakes to write the lines queued since (serve/gunicorn.conf.py's post_fork).
+LOG_WRITE_INTERVAL_S = 0.05
 
 
 class BodyTimeout(Exception):
@@ -158,6 +164,63 @@ class BufferingWorker(GeventWorker):
             sock.sendall(head + body)
         except OSError:
             pass
+
+
+class LineQueue(QueueHandler):
+    """The request threads' log handler: a record goes on the queue as it is; the writer formats it."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # QueueHandler.prepare formats and copies the record so that it can cross a process; a thread needs neither,
+        # and the access line's record holds only the JSON string it was given.
+        return record
+
+
+class PeriodicWriter(QueueListener):
+    """Writes what the request threads queued, every `interval` seconds, all of it, and all that is left at `stop`.
+
+    The standard library's QueueListener wakes on every line: under load, a second thread then wants the GIL after
+    each request (a handoff at the switch interval each time, while the hub and the app threads wait). Lines written
+    this way are late by at most `interval`, and never reordered.
+    """
+
+    def __init__(self, lines: queue.SimpleQueue, *handlers: logging.Handler, interval: float = LOG_WRITE_INTERVAL_S):
+        super().__init__(lines, *handlers, respect_handler_level=True)
+        self.interval = interval
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._write_every_interval, name="torchferry-log-writer", daemon=True)
+        self._thread.start()
+
+    def _write_every_interval(self) -> None:
+        while not self._stopping.wait(self.interval):
+            self.write_queued()
+        self.write_queued()
+
+    def write_queued(self) -> None:
+        """Write every line queued now."""
+        while True:
+            try:
+                record = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(record)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stopping.set()
+            self._thread.join()
+            self._thread = None
+
+
+def queue_log_lines(root: logging.Logger, interval: float = LOG_WRITE_INTERVAL_S) -> PeriodicWriter:
+    """Route `root`'s records through a queue to a started PeriodicWriter holding its handlers (stop it at exit)."""
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    writer = PeriodicWriter(lines, *root.handlers, interval=interval)
+    root.handlers = [LineQueue(lines)]
+    writer.start()
+    return writer
 
 
 class HeadWithBody:
