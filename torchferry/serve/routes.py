@@ -12,7 +12,7 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from torchferry.serve.auth import EXEMPT_PATHS
+from torchferry.serve.auth import EXEMPT_PATHS, BearerAuth
 from torchferry.serve.errors import HTTPError
 from torchferry.serve.repository import Served
 from torchferry.serve.state import count_images, reason_for_caller, state, versions_for_caller
@@ -23,16 +23,18 @@ bp = Blueprint("torchferry", __name__)
 
 
 @bp.before_app_request
-def _start_timer() -> None:
+def _before_request() -> None:
+    """What runs before every route, in order: the timer, the bearer token, a chunked body's limit. One hook, not
+    three: Flask checks each hook for a coroutine and looks up the app's state for each, on every request."""
     g.start = time.perf_counter()
     g.images = 0
+    server = state()
+    if server.auth.enabled:
+        _authenticate(server.auth)
+    read_chunked_body(server.settings.max_upload_bytes)
 
 
-@bp.before_app_request
-def _authenticate() -> None:
-    auth = state().auth
-    if not auth.enabled:
-        return
+def _authenticate(auth: BearerAuth) -> None:
     header = request.headers.get("Authorization")
     if request.path in EXEMPT_PATHS:  # probes answer anyone; a valid token still shows whole reasons
         g.authenticated = header is not None and auth.check(header) is None
@@ -41,11 +43,6 @@ def _authenticate() -> None:
     if problem is not None:
         raise HTTPError(401, "unauthorized", problem[1], {"WWW-Authenticate": auth.challenge(problem[0])})
     g.authenticated = True
-
-
-@bp.before_app_request
-def _bounded_chunked_body() -> None:
-    read_chunked_body(state().settings.max_upload_bytes)
 
 
 @bp.after_app_request
