@@ -83,10 +83,11 @@ WHY = {
     "no gap.",
     "vs torchrun, 2 processes (resnet18": "within the run-to-run spread (about ±15 %) of this machine; see the "
     "repeated runs below.",
-    "server vs a bare Flask app (gunicorn gthread, same workers and threads), 4 clients (smallcnn)": "see "
-    "bench/results/2026-11-28-vm-serve-overhead.json: the app's own work per request (instructions, measured "
-    "load-independently) and the worker's thread handoffs, on a machine whose load average ran far above its 2 cores.",
-    "server p50 latency vs a bare Flask app": "the same per-request overhead, on a 3 ms request.",
+    "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-overhead.json: torchferry's request thread does 3.6 % "
+    "more work than the bare app's (instructions, load-independent: the limits, metrics and access line around the "
+    "model), and its gevent worker, which keeps slow clients off the app threads, costs about 0.35 ms of CPU a request "
+    "more than gthread would (1 worker, sequential client); with 2 workers under load the CPU per request was equal "
+    "(3.98 against 4.00 ms). Requests/s on a 2-core machine shared with other work move by far more than 3 %.",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
     "python -m serve.batch, 2 actors": "on 2 cores the two actors share them with Ray's own processes: in a run "
