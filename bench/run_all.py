@@ -83,7 +83,7 @@ WHY = {
     "no gap.",
     "vs torchrun, 2 processes (resnet18": "within the run-to-run spread (about ±15 %) of this machine; see the "
     "repeated runs below.",
-    "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-overhead.json: torchferry's request thread does 3.6 % "
+    "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-overhead.json: torchferry's request thread does 3.4 % "
     "more work than the bare app's (instructions, load-independent: the limits, metrics and access line around the "
     "model), and its gevent worker, which keeps slow clients off the app threads, costs about 0.35 ms of CPU a request "
     "more than gthread would (1 worker, sequential client); with 2 workers under load the CPU per request was equal "
