@@ -147,6 +147,9 @@ def quiet_ray_data(verbose: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.enable_auto_log_stats = verbose
+    # No thread per task polling the actor's memory for Ray Data's memory statistics: the scorer's memory per
+    # batch is bounded by --batch-size and the server's pixel limit, and on 2 cores every thread takes CPU.
+    ctx.memory_usage_poll_interval_s = None
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
@@ -167,7 +170,6 @@ def pool_size(cfg: BatchConfig) -> int:
 
 def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tuple[bytes, str, int], tally: Tally):
     """Score `todo` in Ray Data's actor pool (each actor reads its files), every answer table into `tally`."""
-    import pyarrow as pa
     import ray.data
 
     data, sha256, top_k = model
@@ -176,9 +178,9 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
     # reads and scores its block batch by batch, so Ray's cost per task is shared by several ONNX Runtime calls.
     actors = pool_size(cfg)
     blocks = max(min(len(todo), 2 * actors), -(-len(todo) // (READ_BATCHES * cfg.batch_size)))
-    paths = pa.array([e.path for e in todo], pa.string())
-    step = -(-len(paths) // blocks)
-    ds = ray.data.from_arrow([pa.table({"path": paths.slice(i, step)}) for i in range(0, len(paths), step)])
+    # from_items builds the blocks of paths here; from_arrow would run a Ray task per block just to read their
+    # metadata (a worker process started and Ray Data imported, on the same 2 cores as the actors).
+    ds = ray.data.from_items([{"path": e.path} for e in todo], override_num_blocks=blocks)
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
               "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "fs": source.fs,
               "prefix": source.prefix, "max_bytes": cfg.max_image_bytes}
@@ -191,8 +193,22 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
         tally.add(table)
 
 
+# A local Ray started for a batch run shares the machine with the actors, so its processes do no work nobody reads:
+# no core worker records metrics (a Ray started here has no dashboard, and this install no metrics agent: its GCS
+# logs "Metrics agent not available"), and no usage statistics are gathered. Each unless the environment sets it.
+LEAN_LOCAL_RAY = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def lean_local_ray(address: str | None) -> None:
+    """LEAN_LOCAL_RAY into the environment when this run starts its own Ray (no --address, no $RAY_ADDRESS)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        for key, value in LEAN_LOCAL_RAY.items():
+            os.environ.setdefault(key, value)
+
+
 def _score(cfg: BatchConfig, source: Source, todo: list[Entry], model: tuple[bytes, str, int], tally: Tally) -> float:
     """Start or join Ray, score `todo`, record files that vanished since the listing; seconds of scoring."""
+    lean_local_ray(cfg.address)
     started_here = join_or_start_ray(cfg.address, cfg.verbose)
     try:
         started = time.perf_counter()
