@@ -86,8 +86,8 @@ WHY = {
     "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-overhead.json: torchferry's request thread does 3.4 % "
     "more work than the bare app's (instructions, load-independent: the limits, metrics and access line around the "
     "model), and its gevent worker, which keeps slow clients off the app threads, costs about 0.35 ms of CPU a request "
-    "more than gthread would (1 worker, sequential client); with 2 workers under load the CPU per request was equal "
-    "(3.98 against 4.00 ms). Requests/s on a 2-core machine shared with other work move by far more than 3 %.",
+    "more than gthread would (1 worker, sequential client); in all about 0.65 ms of CPU a request over the bare app's "
+    "3.2-3.6 ms. Requests/s on a 2-core machine shared with other work move by far more than 3 %.",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
     "python -m serve.batch, 2 actors": "on 2 cores the two actors share them with Ray's own processes: in a run "
