@@ -296,10 +296,26 @@ class LiveServer:
         return Path(self.proc.log_path).read_text()  # type: ignore[attr-defined]
 
 
+# Each pytest-xdist worker takes its servers' ports from its own block below Linux's ephemeral range (32768+),
+# so two workers never pick the same free port, nor one that the kernel hands out to a client meanwhile.
+_PORT_BLOCK = 1000
+_next_port = [20000 + _PORT_BLOCK * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+              + random.randrange(_PORT_BLOCK)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, from this test process's own block."""
+    base = _next_port[0] - _next_port[0] % _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):  # bounded: one pass over the block
+        port = _next_port[0]
+        _next_port[0] = base + (port + 1 - base) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
 
 
 def wait_ready(base: str, proc: subprocess.Popen) -> None:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,8 +252,11 @@ def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setenv("RAY_worker_niceness", "15")
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    for key in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
+        monkeypatch.delenv(key, raising=False)
     local_ray_settings()
     assert os.environ["RAY_worker_niceness"] == "15" and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
     local_ray_settings()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
@@ -275,9 +279,19 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     cfg = TrainConfig(output_dir=str(tmp_path))
     assert start_ray(cfg) is True
     try:
-        # a worker process exists too; it runs at niceness 0 and its Train controller would look every 0.5 s
-        seen = ray.get(ray.remote(lambda: (os.nice(0), os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))).remote())
-        assert seen == (0, "0.5")
+        # A worker process exists too: it runs at niceness 0, its Train controller would look every 0.5 s and
+        # start neither a preemption watcher nor metrics.
+        keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+        seen = ray.get(ray.remote(lambda: (os.nice(0), *(os.environ.get(k) for k in keys))).remote())
+        assert seen == (0, "0.5", "0", "0")
+        # Ray's usage reporter (in its dashboard process) sends nothing beyond this machine: ray.init turns it off
+        # for release wheels; this guards that promise should Ray change it.
+        log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "dashboard.log"
+        for _ in range(100):  # bounded: 10 s for the dashboard process to log how it reports
+            if log.is_file() and "Usage reporting is" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.1)
+        assert "Usage reporting is disabled" in log.read_text(errors="replace")
         ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
         listening = [c for c in psutil.net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN and c.pid in ours]

@@ -45,10 +45,18 @@ def local_ray_settings() -> None:
     - The controller's health check every 0.5 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so the end of training
       reaches the driver sooner.
 
+    - No preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`): it polls the cluster for nodes being
+      drained (spot instances), and no one drains this one-machine Ray; it is one Python process less.
+    - No Ray Train metrics (`RAY_TRAIN_METRICS_ENABLED`): they go to Ray's metrics agent for a Prometheus that
+      a Ray started here, without its dashboard, has no one to scrape it for; the run's own metrics are in
+      metrics.csv and TensorBoard.
+
     Ray's processes inherit the driver's environment when `ray.init` starts them.
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
 def join_or_start_ray(address: str | None, verbose: bool, num_gpus: int = 0) -> bool:

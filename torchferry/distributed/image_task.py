@@ -52,16 +52,6 @@ class ImageTask(Task):
         mark("model_checked")
         return cfg, split
 
-    def worker_split(self, loop_config: dict[str, Any]) -> Any:
-        """The driver's split found again: the images the driver checked, less the bad ones."""
-        from torchferry.distributed.data import discover
-
-        split = discover(TrainConfig.from_dict({**loop_config["cfg"], "check_images": "none"}))
-        bad = {p for p, _ in loop_config.get("bad_images", [])}
-        split.train = [s for s in split.train if s[0] not in bad]
-        split.val = [s for s in split.val if s[0] not in bad]
-        return split
-
     def datasets(self, split: Any, cfg: TrainConfig, use_cuda: bool) -> tuple[Any, Any]:
         from torchferry.distributed.data import build_datasets
         from torchferry.distributed.presets import build_eval_transform, build_train_transform, preprocess_spec

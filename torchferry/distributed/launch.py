@@ -80,15 +80,16 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list
     )
 
 
-def fit(cfg: TrainConfig, bad_images: list[tuple[str, str]]) -> Any:
-    """Run TorchTrainer and return its Result; raises TrainingFailed when training did not finish."""
+def fit(cfg: TrainConfig, split: Any) -> Any:
+    """Run TorchTrainer on the driver's checked `split` and return its Result; raises TrainingFailed when
+    training did not finish."""
     import ray.train
     from ray.util.queue import Queue
 
     from torchferry.distributed.events import Console
 
     events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, {"cfg": cfg.to_dict(), "bad_images": bad_images, "events": events})
+    trainer = build_trainer(cfg, {"cfg": cfg.to_dict(), "split": split, "events": events})
     console = Console(events, cfg)
     console.start()
     mark("fit_called")
@@ -118,7 +119,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         mark("ray_ready")
         t0 = time.perf_counter()
         try:
-            result = fit(cfg, split.bad_images)
+            result = fit(cfg, split)
         except KeyboardInterrupt:
             raise Interrupted(cfg) from None
         mark("fit_returned")

@@ -134,7 +134,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     device = _set_up_device(cfg)
     record_placement(cfg, rank, world, events)
     task = get_task(cfg.task)
-    split = task.worker_split(loop_config)
+    split = loop_config["split"]  # the driver's, as it checked it: no worker looks at the data again
     train_loader, val_loader = build_loaders(split, cfg, rank, world, device.type == "cuda")
     mark("loaders_built", rank=rank)
     stage, scaler, past = _first_stage(task, cfg, split, events, device)

@@ -129,9 +129,6 @@ class TabularTask(Task):
                                   f"a regression model must return [batch, 1]")
         return r, split
 
-    def worker_split(self, loop_config: dict[str, Any]) -> TableSplit:
-        return read_table(TrainConfig.from_dict(loop_config["cfg"]))
-
     def datasets(self, split: TableSplit, cfg: TrainConfig, use_cuda: bool) -> tuple[Any, Any]:
         return rows_dataset(split.train, split), rows_dataset(split.val, split)
 

@@ -38,11 +38,8 @@ class Task:
 
     # training -------------------------------------------------------------------------------------
     def prepare(self, cfg: Any) -> tuple[Any, Any]:
-        """Driver, before Ray: find and check the data, resolve the defaults, prove the model takes the input."""
-        raise NotImplementedError
-
-    def worker_split(self, loop_config: dict[str, Any]) -> Any:
-        """The driver's split found again on a worker (deterministic for the config)."""
+        """Driver, before Ray: find and check the data, resolve the defaults, prove the model takes the input.
+        The split it returns is what every worker trains on (it travels in the loop config)."""
         raise NotImplementedError
 
     def datasets(self, split: Any, cfg: Any, use_cuda: bool) -> tuple[Any, Any]:

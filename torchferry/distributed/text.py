@@ -89,9 +89,6 @@ class TextTask(ImageTask):
         _check_outputs(self.build_model(r, split), split)
         return r, split
 
-    def worker_split(self, loop_config: dict[str, Any]) -> Any:
-        return read_split(TrainConfig.from_dict(loop_config["cfg"]))
-
     def datasets(self, split: Any, cfg: TrainConfig, use_cuda: bool) -> tuple[Any, Any]:
         return encoded_dataset(split.train, split.spec), encoded_dataset(split.val, split.spec)
 

@@ -157,7 +157,7 @@ def run_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
                        name=ray.tune.get_context().get_trial_id(), output_dir=plan["trials_dir"],
                        storage=plan["trials_storage"])
     claim_run_dir(cfg)
-    loop_config = {"cfg": cfg.to_dict(), "bad_images": plan["bad_images"], "events": None}
+    loop_config = {"cfg": cfg.to_dict(), "split": plan["split"], "events": None}
     build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -232,7 +232,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     trials_dir = os.path.join(search_dir, "trials")
     plan = {"bases": {m: c.to_dict() for m, c in resolved.items()}, "default_model": cfg.model,
             "lr_given": cfg.lr is not None, "finetune_lr_given": cfg.finetune_lr is not None,
-            "trials_dir": trials_dir, "bad_images": getattr(split, "bad_images", []),
+            "trials_dir": trials_dir, "split": split,
             "trials_storage": os.path.join(base.storage, base.name, "trials") if base.storage else None}
     claim_search_dir(search_dir, {"space": space.to_dict(), "search": dataclasses.asdict(search),
                                   "config": base.to_dict()})
