@@ -104,6 +104,7 @@ class Console(threading.Thread):
         self.events, self.cfg = events, cfg
         self.stopping = threading.Event()
         self.bar: Any = None
+        self.pictures_warmed = False
 
     def run(self) -> None:
         from ray.util.queue import Empty
@@ -134,6 +135,10 @@ class Console(threading.Thread):
         elif kind == "epoch":
             self._close_bar()
             _logger.info(format_epoch(event["row"], self.cfg.epochs))
+            if not self.pictures_warmed:
+                # The driver idles while the workers train: it loads the pictures' library now, not after the run.
+                self.pictures_warmed = True
+                threading.Thread(target=_warm_up_pictures, name="torchferry-warm-up", daemon=True).start()
         elif kind == "info":
             _logger.info(event["message"])
 
@@ -146,3 +151,10 @@ class Console(threading.Thread):
         """Drain what is queued, then end."""
         self.stopping.set()
         self.join(timeout=10)
+
+
+def _warm_up_pictures() -> None:
+    """Import matplotlib (about 0.5 CPU-s) for the pictures a finished run draws."""
+    from torchferry.distributed.report import figure_module
+
+    figure_module()

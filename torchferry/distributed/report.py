@@ -18,7 +18,8 @@ from torch import nn
 from torchferry.distributed.checkpoint import atomic_write_bytes
 
 
-def _figure() -> Any:
+def figure_module() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def _save(fig: Any, path: str) -> bytes:
     """Draw `fig` once into a PNG file (atomically); returns the PNG."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    _figure().close(fig)
+    figure_module().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return buffer.getvalue()
 
@@ -43,7 +44,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str, figure: tuple[str,
 
     Returns what was drawn: the epochs (1-based) and the x ticks of each panel.
     """
-    plt = _figure()
+    plt = figure_module()
     from matplotlib.ticker import MaxNLocator
 
     rows = sorted(history, key=lambda r: r["epoch"])
@@ -116,7 +117,7 @@ def prediction_grid(model: nn.Module, dataset: Any, classes: Sequence[str], prep
 
     Returns what was drawn, in order: index, true and predicted class index, correct, and the panel's title.
     """
-    plt = _figure()
+    plt = figure_module()
     shown = choose_examples(model, dataset, count)
     n = max(len(shown), 1)
     cols = int(np.ceil(np.sqrt(n)))
@@ -156,7 +157,7 @@ def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str], max
 
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str) -> None:
     """confusion_matrix.png: counts, true classes down, predicted across."""
-    plt = _figure()
+    plt = figure_module()
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")

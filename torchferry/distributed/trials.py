@@ -139,9 +139,9 @@ def plot_trials(trials: list[Trial], best_id: str | None, path: str, metric: str
     """trials.png: the metric per epoch for every trial; the best bold, those ASHA stopped dashed, atomically."""
     from matplotlib.ticker import MaxNLocator
 
-    from torchferry.distributed.report import _figure, _save
+    from torchferry.distributed.report import _save, figure_module
 
-    plt = _figure()
+    plt = figure_module()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:
         if not t.curve:
