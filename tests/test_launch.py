@@ -25,9 +25,9 @@ from torchferry.distributed.flags import config_from_args
 from torchferry.distributed.presets import build_eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
-# The built-in digits reach val_acc 0.983 after 10 epochs of a 12-epoch schedule on 2 CPU workers, and so
-# does the same set as a folder; 20 leaves a margin.
-DIGITS_EPOCHS = 20
+# The digits as a folder reach val_acc 0.983 (354 of 360) at epoch 10 of a 12-epoch schedule on 2 CPU workers,
+# and 0.986 at epoch 12 of 16; the 98 % bar is 353 of 360, and the run repeats to the digit with its seed.
+DIGITS_EPOCHS = 16
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
