@@ -37,6 +37,31 @@ def test_flat_folder_is_split_stratified_and_repeatably(flat_folder: Path) -> No
     assert not {p for p, _ in a.train} & {p for p, _ in a.val}
 
 
+def test_the_split_holds_out_what_scikit_learn_holds_out() -> None:
+    """Runs made before (and any other tool) hold out the images of scikit-learn's stratified train_test_split:
+    the same for every seed, class balance and fraction, ties between classes included."""
+    import random
+
+    from sklearn.model_selection import train_test_split
+
+    from torchferry.distributed.discovery import stratified_split
+
+    draw = random.Random(0)
+    for case in range(300):
+        sizes = [draw.choice([2, 3, 5, 8, 13, 40, draw.randint(2, 90)]) for _ in range(draw.randint(2, 12))]
+        samples = [(f"/d/{label}/{i:03d}.png", label) for label, n in enumerate(sizes) for i in range(n)]
+        draw.shuffle(samples)
+        fraction, seed = draw.choice([0.1, 0.2, 0.25, 0.3, 0.5, draw.uniform(0.05, 0.6)]), draw.randint(0, 10**6)
+        try:
+            train, val = train_test_split(samples, test_size=fraction, random_state=seed,
+                                          stratify=[label for _, label in samples])
+        except ValueError:  # too few images for a stratified split: ours refuses too
+            with pytest.raises(TorchferryError, match="cannot split off a stratified validation set"):
+                stratified_split(samples, fraction, seed)
+            continue
+        assert stratified_split(samples, fraction, seed) == (sorted(train), sorted(val)), (case, sizes, fraction)
+
+
 def test_annotation_txt_and_csv_agree(annotation_files: dict[str, Path]) -> None:
     txt = discover(cfg_for(str(annotation_files["train.txt"]), val_data=str(annotation_files["val.txt"])))
     csv = discover(cfg_for(str(annotation_files["train.csv"]), val_data=str(annotation_files["val.csv"])))

@@ -167,22 +167,60 @@ def split_folder(root: str, cfg: TrainConfig) -> DataSplit:
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out `val_fraction` of each class, the same way for the same seed (scikit-learn's split).
+    """Hold out `val_fraction` of each class, the same way for the same seed.
 
-    A class with a single image (allowed by --allow-small-classes) has nothing to hold out: it trains.
+    The images held out are exactly those of scikit-learn's `train_test_split(samples, test_size=val_fraction,
+    random_state=seed, stratify=labels)` (its StratifiedShuffleSplit, step for step on numpy's RandomState;
+    tests/test_data.py compares the two), without importing scikit-learn's model_selection and SciPy: 1.8
+    CPU-seconds at the start of every command that reads a folder. A class with a single image (allowed by
+    --allow-small-classes) has nothing to hold out: it trains.
     """
-    from sklearn.model_selection import train_test_split
+    import math
+
+    import numpy as np
 
     counts = Counter(label for _, label in samples)
     single = [s for s in samples if counts[s[1]] < 2]
     samples = [s for s in samples if counts[s[1]] >= 2]
-    labels = [label for _, label in samples]
-    try:
-        train, val = train_test_split(samples, test_size=val_fraction, random_state=seed, stratify=labels)
-    except ValueError as exc:
+    n_test = math.ceil(val_fraction * len(samples))
+    n_train = len(samples) - n_test
+    _, y_indices, class_counts = np.unique([label for _, label in samples], return_inverse=True, return_counts=True)
+    problem = (f"the resulting train set would be empty ({len(samples)} images)" if n_train == 0 else
+               f"{n_train} training images for {len(class_counts)} classes" if n_train < len(class_counts) else
+               f"{n_test} validation images for {len(class_counts)} classes" if n_test < len(class_counts) else None)
+    if problem:
         raise TorchferryError(f"cannot split off a stratified validation set with --val-split {val_fraction}: "
-                              f"{exc}; add images, change --val-split or give --val-data") from None
+                              f"{problem}; add images, change --val-split or give --val-data")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train, val = [], []
+    for i, members in enumerate(class_indices):
+        shuffled = members.take(rng.permutation(class_counts[i]), mode="clip")
+        train += [samples[j] for j in shuffled[: n_i[i]]]
+        val += [samples[j] for j in shuffled[n_i[i]: n_i[i] + t_i[i]]]
     return sorted(train + single), sorted(val)
+
+
+def _approximate_mode(class_counts: Any, n_draws: int, rng: Any) -> Any:
+    """How many of `n_draws` each class gets: its floored share, then one more for the largest remainders,
+    ties drawn at random (scikit-learn's `utils.extmath._approximate_mode`)."""
+    import numpy as np
+
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (tied,) = np.where(remainder == value)
+            add_now = min(len(tied), need_to_add)
+            floored[rng.choice(tied, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def annotation_split(cfg: TrainConfig) -> DataSplit:
