@@ -595,6 +595,25 @@ def test_small_grayscale_folder_with_no_flags_learns_like_the_builtin_digits(tmp
     assert match and float(match.group(1)) >= 0.98, proc.stdout + proc.stderr[-2000:]
 
 
+def test_the_driver_of_a_smallcnn_run_loads_only_what_its_checks_need(tmp_path: Path) -> None:
+    """Before training starts the driver checks the data and the model and builds the trainer: neither
+    torchvision, scikit-learn's model_selection (SciPy) nor matplotlib loads for that (seconds of start-up)."""
+    code = ("import sys\n"
+            "from torchferry.distributed.flags import config_from_args\n"
+            "from torchferry.distributed.launch import build_trainer\n"
+            "from torchferry.distributed.preflight import prepare\n"
+            f"cfg, split = prepare(config_from_args(['--output-dir', {str(tmp_path)!r}]))\n"
+            "build_trainer(cfg, {'cfg': cfg.to_dict(), 'split': split, 'events': None})\n"
+            "print(sorted(m for m in ('torchvision', 'scipy', 'matplotlib', 'tensorboard') if m in sys.modules))\n")
+    from torchferry.distributed.data import materialize_digits
+
+    materialize_digits(str(tmp_path / "cache"))  # written once (with scikit-learn's loader), as any run but the first
+    env = {**os.environ, "TORCHFERRY_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
 def test_help_imports_neither_torch_nor_ray() -> None:
     """--help answers at once: the heavy libraries load only when a run starts."""
     code = ("import runpy, sys\n"

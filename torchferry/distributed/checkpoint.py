@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torchvision
 from torch import nn
 
 import torchferry
@@ -54,6 +53,8 @@ class CheckpointError(ContractError):
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that write a checkpoint."""
+    import torchvision
+
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "torchferry": torchferry.__version__}
 

@@ -154,7 +154,8 @@ class Console(threading.Thread):
 
 
 def _warm_up_pictures() -> None:
-    """Import matplotlib (about 0.5 CPU-s) for the pictures a finished run draws."""
+    """Import what the pictures of a finished run need: matplotlib and torchvision's transforms (about 2 CPU-s)."""
+    from torchferry.distributed import presets  # noqa: F401 - the validation images' transforms
     from torchferry.distributed.report import figure_module
 
     figure_module()

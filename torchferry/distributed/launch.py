@@ -54,8 +54,8 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from torchferry.distributed.loop import train_func
     from torchferry.distributed.tasks import get_task
+    from torchferry.distributed.worker import train_func
 
     task = get_task(cfg.task)
     use_gpu = cfg.gpus > 0

@@ -19,9 +19,7 @@ import sys
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import get_model_weights, list_models
 
 from torchferry.distributed import TorchferryError
 
@@ -56,8 +54,11 @@ class SmallCNN(nn.Module):
 
 
 def torchvision_models() -> list[str]:
-    """Names of torchvision's image classification models."""
-    return list_models(module=torchvision.models)
+    """Names of torchvision's image classification models (torchvision loads on the first call: a smallcnn
+    or factory run's driver never needs it before training)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def is_custom(arch: str) -> bool:
@@ -148,6 +149,8 @@ def _builder_kwargs(arch: str) -> set[str] | None:
     if is_custom(arch):
         signature = inspect.signature(_import_factory(arch))
     else:
+        import torchvision
+
         with torch.device("meta"):  # a probe of the model class, allocating nothing
             probe = torchvision.models.get_model(arch, weights=None, num_classes=2)
         signature = inspect.signature(type(probe).__init__)
@@ -172,6 +175,8 @@ def resolve_weights(arch: str, pretrained: str | None) -> Any:
         return None
     if arch == "smallcnn" or is_custom(arch):
         raise TorchferryError(f"--pretrained {pretrained!r}: {arch} has no torchvision weights; give a local .pth")
+    from torchvision.models import get_model_weights
+
     enum = get_model_weights(arch)
     try:
         return enum[pretrained] if pretrained != "DEFAULT" else enum.DEFAULT
@@ -214,6 +219,8 @@ def _build_bare(arch: str, num_classes: int, channels: int, kwargs: dict[str, An
     check_arch(arch)
     if channels != 3:
         raise TorchferryError(f"{arch} takes 3-channel input; --channels 1 works with smallcnn or your own model")
+    import torchvision
+
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
 
 
