@@ -281,9 +281,10 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     try:
         # A worker process exists too: it runs at niceness 0, its Train controller would look every 0.5 s and
         # start neither a preemption watcher nor metrics.
-        keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+        keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED",
+                "RAY_enable_metrics_collection")
         seen = ray.get(ray.remote(lambda: (os.nice(0), *(os.environ.get(k) for k in keys))).remote())
-        assert seen == (0, "0.5", "0", "0")
+        assert seen == (0, "0.5", "0", "0", "0")
         # Ray's usage reporter (in its dashboard process) sends nothing beyond this machine: ray.init turns it off
         # for release wheels; this guards that promise should Ray change it.
         log = Path(ray._private.worker._global_node.get_logs_dir_path()) / "dashboard.log"

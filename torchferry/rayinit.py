@@ -50,6 +50,9 @@ def local_ray_settings() -> None:
     - No Ray Train metrics (`RAY_TRAIN_METRICS_ENABLED`): they go to Ray's metrics agent for a Prometheus that
       a Ray started here, without its dashboard, has no one to scrape it for; the run's own metrics are in
       metrics.csv and TensorBoard.
+    - No metrics recorded by Ray's own processes (`RAY_enable_metrics_collection`): every core worker and the
+      raylet would record them for a metrics agent this install does not run ("Metrics agent not available"
+      in the GCS log); on a 2-core machine that is CPU taken from training.
 
     Ray's processes inherit the driver's environment when `ray.init` starts them.
     """
@@ -57,6 +60,7 @@ def local_ray_settings() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
 def join_or_start_ray(address: str | None, verbose: bool, num_gpus: int = 0) -> bool:
