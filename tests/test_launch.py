@@ -276,6 +276,8 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     import psutil
     import ray
 
+    from torchferry.rayinit import shutdown_ray
+
     cfg = TrainConfig(output_dir=str(tmp_path))
     assert start_ray(cfg) is True
     try:
@@ -300,7 +302,10 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
         assert all(_is_loopback(c.laddr.ip) for c in listening), listening
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
     finally:
-        ray.shutdown()
+        started = psutil.Process().children(recursive=True)
+        shutdown_ray()  # the launcher's: the autoscaler monitor killed first, then Ray's own shutdown
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.slow

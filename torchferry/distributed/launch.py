@@ -22,7 +22,7 @@ from torchferry.distributed.finish import TrainingFailed, describe_failure, fini
 from torchferry.distributed.flags import config_from_args
 from torchferry.distributed.preflight import claim_run_dir, prepare
 from torchferry.distributed.timeline import mark
-from torchferry.rayinit import ClusterUnavailable
+from torchferry.rayinit import ClusterUnavailable, shutdown_ray
 
 _logger = logging.getLogger(__name__)
 
@@ -106,8 +106,6 @@ def fit(cfg: TrainConfig, split: Any) -> Any:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: prepare, start or join Ray, check resources, train, keep the best checkpoint."""
-    import ray
-
     cfg, split = prepare(cfg)
     claim_run_dir(cfg)
     mark("ray_init")
@@ -129,7 +127,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if started:
             mark("ray_shutdown")
-            ray.shutdown()
+            shutdown_ray()
             mark("ray_shutdown_done")
         for thread in pictures:
             thread.join()

@@ -25,7 +25,7 @@ from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed
 from torchferry.distributed.space import KEYS, SearchSpace
-from torchferry.rayinit import ClusterUnavailable
+from torchferry.rayinit import ClusterUnavailable, shutdown_ray
 
 _logger = logging.getLogger(__name__)
 
@@ -214,7 +214,6 @@ def build_tuner(cfg: TrainConfig, search: SearchConfig, space: SearchSpace, plan
 
 def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     """The whole search: check, prepare every model, start or join Ray, run the trials, keep the best."""
-    import ray
 
     from torchferry.distributed.cluster import check_resources, start_ray
     from torchferry.distributed.tasks import get_task
@@ -247,7 +246,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
         return summarize(results, search_dir, trials_dir, base.epochs, task.best_metric, task.best_mode)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def main(argv: list[str] | None = None) -> int:
