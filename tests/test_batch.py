@@ -220,22 +220,23 @@ def test_the_pool_fits_the_clusters_cpus_or_is_refused(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("address", [None, "ray://cluster:10001"])
-def test_a_local_ray_records_no_metrics_and_the_operator_wins(address, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in run.LEAN_LOCAL_RAY:
-        monkeypatch.delenv(key, raising=False)
+def test_a_local_ray_gathers_no_usage_statistics_and_the_operator_wins(address,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
-    seen = {}
+    seen = []
 
     def start(*_a, **_k):
-        seen.update({key: os.environ.get(key) for key in run.LEAN_LOCAL_RAY})
+        seen.append({key: os.environ.get(key) for key in run.LEAN_LOCAL_RAY})
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(run, "join_or_start_ray", start)
-    with pytest.raises(RuntimeError, match="stop here"):
-        run._score(BatchConfig("m", "i", "o", address=address), None, [], (b"", "", 1), None)
+    for operator in (None, "1"):
+        for key in run.LEAN_LOCAL_RAY:
+            monkeypatch.delenv(key, raising=False) if operator is None else monkeypatch.setenv(key, operator)
+        with pytest.raises(RuntimeError, match="stop here"):
+            run._score(BatchConfig("m", "i", "o", address=address), None, [], (b"", "", 1), None)
     local = address is None
-    assert seen == {"RAY_enable_metrics_collection": "0" if local else None, "RAY_USAGE_STATS_ENABLED": "1"}
+    assert seen == [{"RAY_USAGE_STATS_ENABLED": "0" if local else None}, {"RAY_USAGE_STATS_ENABLED": "1"}]
 
 
 def _write_digits(root: Path, count: int) -> dict[str, bytes]:

@@ -193,10 +193,10 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
         tally.add(table)
 
 
-# A local Ray started for a batch run shares the machine with the actors, so its processes do no work nobody reads:
-# no core worker records metrics (a Ray started here has no dashboard, and this install no metrics agent: its GCS
-# logs "Metrics agent not available"), and no usage statistics are gathered. Each unless the environment sets it.
-LEAN_LOCAL_RAY = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# A local Ray started for a batch run shares the machine with the actors, so it gathers no usage statistics either
+# (rayinit.local_ray_settings already turns metrics collection off for every local Ray). Unless the environment
+# sets it.
+LEAN_LOCAL_RAY = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def lean_local_ray(address: str | None) -> None:
