@@ -25,7 +25,7 @@ from torchferry.batch.sources import Entry, Source, resolve
 from torchferry.cli import lead_line
 from torchferry.contract import TorchferryError
 from torchferry.files import atomic_write_bytes
-from torchferry.rayinit import join_or_start_ray
+from torchferry.rayinit import join_or_start_ray, shutdown_ray
 from torchferry.serve.predictor import read_model_file
 
 _logger = logging.getLogger(__name__)
@@ -225,9 +225,7 @@ def _score(cfg: BatchConfig, source: Source, todo: list[Entry], model: tuple[byt
         return time.perf_counter() - started
     finally:
         if started_here:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _write_summary(out: OutputFolder, summary: Summary) -> None:
