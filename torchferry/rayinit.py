@@ -6,8 +6,10 @@ Ray loads only when a function here runs (`--help` imports this module).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import subprocess
 
 from torchferry.cli import lead_line
 
@@ -44,7 +46,6 @@ def local_ray_settings() -> None:
       process on the machine (Ray's own GCS and raylet included).
     - The controller's health check every 0.5 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so the end of training
       reaches the driver sooner.
-
     - No preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`): it polls the cluster for nodes being
       drained (spot instances), and no one drains this one-machine Ray; it is one Python process less.
     - No Ray Train metrics (`RAY_TRAIN_METRICS_ENABLED`): they go to Ray's metrics agent for a Prometheus that
@@ -111,5 +112,6 @@ def shutdown_ray() -> None:
     for process in monitors:
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # Ray's own shutdown reaps it at worst
+                process.wait(timeout=10)
     ray.shutdown()
