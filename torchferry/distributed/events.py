@@ -123,6 +123,12 @@ class Console(threading.Thread):
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
+        if not self.pictures_warmed:
+            # The first event means training has started and the driver idles until it ends: it loads what the
+            # pictures need now (on a 2-core machine a one-epoch run ended 2 s later when this waited for an
+            # epoch line), not after the last epoch.
+            self.pictures_warmed = True
+            threading.Thread(target=_warm_up_pictures, name="torchferry-warm-up", daemon=True).start()
         if kind == "progress" and self.cfg.progress == "on":
             if self.bar is None or self.bar.desc != f"epoch {event['epoch'] + 1}/{self.cfg.epochs}":
                 self._close_bar()
@@ -135,10 +141,6 @@ class Console(threading.Thread):
         elif kind == "epoch":
             self._close_bar()
             _logger.info(format_epoch(event["row"], self.cfg.epochs))
-            if not self.pictures_warmed:
-                # The driver idles while the workers train: it loads the pictures' library now, not after the run.
-                self.pictures_warmed = True
-                threading.Thread(target=_warm_up_pictures, name="torchferry-warm-up", daemon=True).start()
         elif kind == "info":
             _logger.info(event["message"])
 
