@@ -262,6 +262,20 @@ def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
 
 
+def test_a_run_on_a_ray_it_started_leaves_out_the_callbacks_it_has_no_use_for(tmp_path: Path) -> None:
+    """On a Ray the command started (and stops), the trainer leaves out Ray Train's placement-group cleaner and
+    datasets callback (an actor process each); on a cluster it joined, it keeps Ray Train's own list whole."""
+    from torchferry.distributed.config import TrainConfig
+    from torchferry.distributed.launch import NOT_ON_A_LOCAL_RAY, build_trainer
+
+    cfg = TrainConfig(output_dir=str(tmp_path), name="n")
+    joined, local = ([type(c).__name__ for c in build_trainer(cfg, {}, local_ray=flag)._create_default_callbacks()]
+                     for flag in (False, True))
+    assert set(NOT_ON_A_LOCAL_RAY) <= set(joined)  # still Ray Train's names: an upgrade that renames them fails here
+    assert local == [name for name in joined if name not in NOT_ON_A_LOCAL_RAY]
+    assert {"BackendSetupCallback", "UserCallbackHandler"} <= set(local)
+
+
 def _is_loopback(ip: str) -> bool:
     import ipaddress
 

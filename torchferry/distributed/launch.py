@@ -8,6 +8,7 @@ costs seconds, not a hang; `finish.py` keeps the best checkpoint when training e
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -48,9 +49,33 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list[Any] | None = None) -> Any:
+# Ray Train's own callbacks that a run on a Ray this command started has no use for. Each starts an actor, a
+# Python process importing ray.train (about 2 CPU-seconds on 2 cores, and the start-up waits for it):
+# - the placement-group cleaner, a detached actor that frees the run's placement group if the driver dies: a
+#   Ray started here dies with the driver, placement groups and all;
+# - the datasets callback, which starts a dataset manager to shard Ray Datasets over the workers: the loop is
+#   given none (its data is the split the driver checked).
+NOT_ON_A_LOCAL_RAY = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+
+
+@functools.cache
+def local_trainer_class() -> type:
+    """TorchTrainer less the callbacks in NOT_ON_A_LOCAL_RAY: for a Ray this command started and stops."""
+    from ray.train.torch import TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [callback for callback in super()._create_default_callbacks()
+                    if type(callback).__name__ not in NOT_ON_A_LOCAL_RAY]
+
+    return LocalTorchTrainer
+
+
+def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list[Any] | None = None,
+                  local_ray: bool = False) -> Any:
     """The TorchTrainer of a run: `train_func` on `cfg`'s workers, checkpoints kept by the task's best metric
-    under `cfg.storage_path/cfg.name`; `callbacks` are Ray Train callbacks (a search passes Tune's)."""
+    under `cfg.storage_path/cfg.name`; `callbacks` are Ray Train callbacks (a search passes Tune's).
+    `local_ray`: Ray was started by this command and stops with it (`local_trainer_class`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -60,7 +85,8 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list
     task = get_task(cfg.task)
     use_gpu = cfg.gpus > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    return TorchTrainer(
+    trainer_class = local_trainer_class() if local_ray else TorchTrainer
+    return trainer_class(
         train_func,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -80,16 +106,16 @@ def build_trainer(cfg: TrainConfig, loop_config: dict[str, Any], callbacks: list
     )
 
 
-def fit(cfg: TrainConfig, split: Any) -> Any:
+def fit(cfg: TrainConfig, split: Any, local_ray: bool = False) -> Any:
     """Run TorchTrainer on the driver's checked `split` and return its Result; raises TrainingFailed when
-    training did not finish."""
+    training did not finish. `local_ray` as for `build_trainer`."""
     import ray.train
     from ray.util.queue import Queue
 
     from torchferry.distributed.events import Console
 
     events = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, {"cfg": cfg.to_dict(), "split": split, "events": events})
+    trainer = build_trainer(cfg, {"cfg": cfg.to_dict(), "split": split, "events": events}, local_ray=local_ray)
     console = Console(events, cfg)
     console.start()
     mark("fit_called")
@@ -117,7 +143,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         mark("ray_ready")
         t0 = time.perf_counter()
         try:
-            result = fit(cfg, split)
+            result = fit(cfg, split, local_ray=started)
         except KeyboardInterrupt:
             raise Interrupted(cfg) from None
         mark("fit_returned")

@@ -158,7 +158,7 @@ def run_trial(config: dict[str, Any], *, plan: dict[str, Any]) -> None:
                        storage=plan["trials_storage"])
     claim_run_dir(cfg)
     loop_config = {"cfg": cfg.to_dict(), "split": plan["split"], "events": None}
-    build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()], local_ray=plan["local_ray"]).fit()
 
 
 def trial_dirname(trial: Any) -> str:
@@ -238,6 +238,7 @@ def run(cfg: TrainConfig, search: SearchConfig) -> dict[str, Any]:
     _logger.info("searching %s: %d trial(s) of %d epoch(s), ASHA grace %d, reduction factor %g",
                  space.describe(), search.num_samples, cfg.epochs, search.grace_period, search.reduction_factor)
     started = start_ray(base)
+    plan["local_ray"] = started
     try:
         if base.resource_check:
             check_resources(base)
