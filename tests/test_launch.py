@@ -102,18 +102,6 @@ def test_existing_run_is_never_overwritten(small_checkpoint: dict, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_annotation_file_runs_learn(annotation_files: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture) -> None:
-    """Both layouts in one run: a 'path label' .txt for training, a 'path,label' .csv for validation."""
-    code, out, err = run_main(capsys, [*FAST_FLAGS, "--data", str(annotation_files["train.txt"]),
-                                       "--val-data", str(annotation_files["val.csv"]),
-                                       "--output-dir", str(tmp_path / "runs"), "--name", "ann"])
-    assert code == 0, err
-    assert "best val_acc" in out and str(tmp_path / "runs" / "ann" / "best.pth") in out
-    assert max(r["val_acc"] for r in read_metrics(tmp_path / "runs" / "ann")) >= 0.8
-
-
-@pytest.mark.slow
 def test_torchvision_cifar10_root_run_learns(cifar10_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", f"cifar10:{cifar10_root}",
                                      "--output-dir", str(tmp_path / "runs"), "--name", "cifar"])
@@ -383,7 +371,11 @@ def test_readme_csv_example_and_every_relative_path_reach_the_workers(annotation
                                                                      tmp_path: Path) -> None:
     """README: `--data train.csv --val-data val.csv --image-root ..` from the folder the files are in (the output
     in its runs/), with --storage, --cache-dir, --init-from and a --pretrained file relative too; --init-from's
-    weights (fitted in this process) are the ones that train: one epoch at a tiny lr keeps their accuracy."""
+    weights (fitted in this process) are the ones that train: one epoch at a tiny lr keeps their accuracy.
+
+    The one run of an annotation file: a .txt list gives the same split (test_data's
+    test_annotation_txt_and_csv_agree), the workers train on the driver's split, and learning from listed
+    images is trained_run's (an ImageFolder's images are listed the same way)."""
     from helpers import write_checkpoint
 
     from torchferry.distributed.models import build_model
@@ -400,6 +392,7 @@ def test_readme_csv_example_and_every_relative_path_reach_the_workers(annotation
                               "cache", "--init-from", "old/best.pth", "--pretrained", "weights.pth", "--name", "csv"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = lists / "runs" / "csv"
+    assert "best val_acc" in proc.stdout and str(run_dir / "best.pth") in proc.stdout
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["data"] == str(lists / "train.csv") and saved["val_data"] == str(lists / "val.csv")
     assert saved["image_root"] == str(root) and saved["cache_dir"] == str(lists / "cache")
