@@ -34,11 +34,13 @@ from torchferry.distributed.timeline import mark, process_started
 START = time.perf_counter()
 
 
-def train_one_epoch(model, criterion, optimizer, loader, device, first: bool = False) -> tuple[int, float]:
+def train_one_epoch(model, criterion, optimizer, loader, device, memory_format: torch.memory_format,
+                    first: bool = False) -> tuple[int, float]:
     model.train()
     images_seen, start = 0, time.perf_counter()
     for image, target in loader:
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        target = target.to(device, non_blocking=True)
         output = model(image)
         loss = criterion(output, target)
         optimizer.zero_grad()
@@ -53,11 +55,11 @@ def train_one_epoch(model, criterion, optimizer, loader, device, first: bool = F
 
 
 @torch.inference_mode()
-def evaluate(model, loader, device) -> float:
+def evaluate(model, loader, device, memory_format: torch.memory_format) -> float:
     model.eval()
     correct = total = 0
     for image, target in loader:
-        output = model(image.to(device))
+        output = model(image.to(device).contiguous(memory_format=memory_format))
         correct += (output.argmax(1) == target.to(device)).sum().item()
         total += target.shape[0]
     t = torch.tensor([correct, total], dtype=torch.float64, device=device)
@@ -83,10 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def load_data(args: argparse.Namespace, world: int, distributed: bool, device: torch.device) -> tuple[Any, ...]:
     """torchferry's datasets and transforms for --data, in the reference's loaders: (train sampler, train loader,
-    validation loader, number of classes, channels)."""
+    validation loader, number of classes, channels, memory format: torchferry's default for the run, so both
+    loops do the same work)."""
     cfg = resolve_defaults(TrainConfig(data=args.data, model=args.model, image_size=args.image_size,
                                        channels=args.channels, batch_size=args.batch_size * world,
-                                       check_images="none", name="plain"))
+                                       check_images="none", name="plain", gpus=int(device.type == "cuda")))
     split = discover(cfg)
     train_ds, val_ds = build_datasets(split, int(cfg.channels), build_train_transform(cfg),
                                       build_eval_transform(preprocess_spec(cfg)))
@@ -96,7 +99,8 @@ def load_data(args: argparse.Namespace, world: int, distributed: bool, device: t
               "persistent_workers": args.num_workers > 0}
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler, **common)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, sampler=val_sampler, **common)
-    return train_sampler, train_loader, val_loader, len(split.classes), int(cfg.channels)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return train_sampler, train_loader, val_loader, len(split.classes), int(cfg.channels), memory_format
 
 
 def main() -> int:
@@ -110,11 +114,12 @@ def main() -> int:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_sampler, train_loader, val_loader, classes, channels = load_data(args, world, distributed, device)
+    train_sampler, train_loader, val_loader, classes, channels, memory_format = load_data(args, world, distributed,
+                                                                                         device)
     mark("loaders_built")
 
     torch.manual_seed(0)
-    model = build_model(args.model, classes, channels=channels).to(device)
+    model = build_model(args.model, classes, channels=channels).to(device, memory_format=memory_format)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = nn.CrossEntropyLoss()
@@ -128,8 +133,9 @@ def main() -> int:
         epoch_start = time.perf_counter()
         if distributed:
             train_sampler.set_epoch(epoch)
-        images, seconds = train_one_epoch(model, criterion, optimizer, train_loader, device, first=epoch == 0)
-        acc = evaluate(model, val_loader, device)
+        images, seconds = train_one_epoch(model, criterion, optimizer, train_loader, device, memory_format,
+                                          first=epoch == 0)
+        acc = evaluate(model, val_loader, device, memory_format)
         scheduler.step()
         totals = torch.tensor([images, seconds], dtype=torch.float64)
         if distributed:

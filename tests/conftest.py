@@ -104,17 +104,22 @@ def _train_run(base: Path) -> dict:
 
 @pytest.fixture
 def ray_2_cpus(monkeypatch: pytest.MonkeyPatch):
-    """A local Ray with 2 CPUs on 127.0.0.1, shut down afterwards; workers can import the test modules."""
+    """A local Ray with 2 CPUs on 127.0.0.1 and the launcher's settings for a Ray it starts, shut down afterwards
+    as the launcher does; workers can import the test modules."""
     import ray
+
+    from torchferry.rayinit import keep_ray_on_loopback, local_ray_settings, shutdown_ray
 
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
-    from torchferry.rayinit import keep_ray_on_loopback
-
+    before = dict(os.environ)
     keep_ray_on_loopback()
+    local_ray_settings()
+    for key in set(os.environ) - set(before):  # set through monkeypatch, so that they end with the test
+        monkeypatch.setenv(key, os.environ.pop(key))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

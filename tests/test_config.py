@@ -26,7 +26,10 @@ def test_unknown_keys_fail_where_they_are_made() -> None:
 
 def test_gpu_path_defaults() -> None:
     assert resolve_defaults(TrainConfig(amp=True, gpus=2)).channels_last is True
-    assert resolve_defaults(TrainConfig(amp=True, gpus=0)).channels_last is False
+    assert resolve_defaults(TrainConfig(amp=True, gpus=0)).channels_last is True  # oneDNN's CPU convolutions
+    assert resolve_defaults(TrainConfig(gpus=0)).channels_last is True
+    assert resolve_defaults(TrainConfig(gpus=2)).channels_last is False  # fp32 on GPU: no tensor cores to feed
+    assert resolve_defaults(TrainConfig(task="text")).channels_last is False  # token batches have no channels
     assert resolve_defaults(TrainConfig(amp=True, gpus=2, channels_last=False)).channels_last is False
     assert TrainConfig(gpus=2, workers=7).num_workers_total == 2  # one worker per GPU
 

@@ -36,9 +36,11 @@ def _uneven_shards() -> dict:
 @pytest.mark.slow
 def test_metrics_are_summed_over_all_workers_not_rank0(ray_2_cpus, tmp_path) -> None:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
-    result = TorchTrainer(_uneven_shards, torch_config=TorchConfig(backend="gloo"),
+    from torchferry.distributed.launch import local_trainer_class
+
+    result = local_trainer_class()(_uneven_shards, torch_config=TorchConfig(backend="gloo"),
                           scaling_config=ray.train.ScalingConfig(num_workers=2),
                           run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="shards")).fit()
     m = result.return_value  # rank 0's

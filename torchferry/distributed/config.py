@@ -377,7 +377,9 @@ def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None
     if r.unfreeze_at_epoch is not None and r.finetune_lr is None:
         r.finetune_lr = r.lr / 10
     if r.channels_last is None:
-        r.channels_last = bool(r.amp and r.gpus > 0)
+        # Image batches in channels_last: oneDNN's convolutions on CPU run 25-40 % faster in it (smallcnn,
+        # mobilenet_v3_small; resnet18 a few %, a ViT the same); on a GPU it pays with --amp's tensor cores.
+        r.channels_last = r.task == "image" and (r.gpus == 0 or r.amp)
     if r.name is None:
         data_name = key if key not in ("folder", "annotations") else os.path.basename(
             os.path.normpath(os.path.expanduser(r.data))).split(".")[0] or key

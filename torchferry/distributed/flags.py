@@ -169,7 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "on GPUs without bf16), channels_last on GPU (default: off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model on each worker (default: off)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last "
-                   "memory format for model and batches (default: on with --amp on GPU, else off)")
+                   "memory format for model and image batches (default: on for CPU workers and with --amp on GPU, else off)")
     g.add_argument("--gpu-decode", action="store_true", help="decode the training JPEGs on the GPU in batches (nvJPEG) "
                    "and crop and flip them there; needs --gpus (default: off, DataLoader workers decode them)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed for the split, init and shuffling (default: {d.seed})")
