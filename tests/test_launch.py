@@ -102,12 +102,18 @@ def test_existing_run_is_never_overwritten(small_checkpoint: dict, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_torchvision_cifar10_root_run_learns(cifar10_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", f"cifar10:{cifar10_root}",
+def test_torchvision_cifar10_root_run_learns_with_an_own_model_factory_on_the_workers(
+        cifar10_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run checks both: torchvision's CIFAR-10 folder format is read (its classes, its batches), and a
+    `pkg.mod:factory` model is built on the workers (the workers import it from the operator's PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", f"cifar10:{cifar10_root}", "--model", "custom_model:build",
                                      "--output-dir", str(tmp_path / "runs"), "--name", "cifar"])
     assert code == 0, err
     best = ckpt.load_checkpoint(str(tmp_path / "runs" / "cifar" / "best.pth"))
     assert best["num_classes"] == 10 and best["classes"][0] == "airplane"
+    assert best["arch"] == "custom_model:build"
     assert best["metrics"]["val_acc"] >= 0.8  # 3 populated classes of 10
 
 
@@ -146,26 +152,6 @@ def test_bad_input_fails_with_one_line(case: str, tmp_path: Path, capsys: pytest
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
-
-
-@pytest.mark.slow
-def test_own_model_factory_runs_on_the_workers_and_skip_bad_images_goes_on(
-        tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """One run checks both: a `pkg.mod:factory` model is built on the workers, and --skip-bad-images leaves an
-    unreadable image out and trains on."""
-    from helpers import write_class_tree
-
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    write_class_tree(tmp_path / "broken", 12)
-    (tmp_path / "broken" / "red" / "zz.png").write_bytes(b"garbage")
-    code, _, err = run_main(capsys, [*FAST_FLAGS, "--epochs", "1", "--data", str(tmp_path / "broken"),
-                                     "--skip-bad-images", "--model", "custom_model:build",
-                                     "--output-dir", str(tmp_path / "runs"), "--name", "custom"])
-    assert code == 0, err
-    assert "leaving out 1 unreadable image(s)" in caplog.text
-    assert ckpt.load_checkpoint(str(tmp_path / "runs" / "custom" / "best.pth"))["arch"] == "custom_model:build"
 
 
 def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -312,11 +298,16 @@ def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_freeze_then_unfreeze_trains_head_first_then_everything(flat_folder: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture) -> None:
+                                                                capsys: pytest.CaptureFixture,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """--freeze-backbone, then everything from --unfreeze-at-epoch; the folder holds an unreadable image, which
+    --skip-bad-images leaves out, and the run goes on."""
+    (flat_folder / "red" / "zz.png").write_bytes(b"garbage")
     code, _, err = run_main(capsys, [*FAST_FLAGS, "--data", str(flat_folder), "--freeze-backbone",
                                      "--unfreeze-at-epoch", "2", "--finetune-lr", "0.01", "--keep-checkpoints", "4",
-                                     "--output-dir", str(tmp_path / "runs"), "--name", "ft"])
+                                     "--skip-bad-images", "--output-dir", str(tmp_path / "runs"), "--name", "ft"])
     assert code == 0, err
+    assert "leaving out 1 unreadable image(s)" in caplog.text
     run_dir = tmp_path / "runs" / "ft"
     by_epoch = {}
     for path in run_dir.glob("checkpoint_*/checkpoint.pth"):

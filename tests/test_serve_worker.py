@@ -176,6 +176,9 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, live_serv
     records: list[object] = []
     done = threading.Event()
 
+    def proven() -> int:  # workers that loaded and proved their model
+        return server.log.count('"event": "model_ready"')
+
     def client() -> None:
         for _ in range(400):  # bounded
             if done.is_set():
@@ -187,6 +190,8 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, live_serv
         while len(workers_of(proc)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         before = workers_of(proc)
+        while proven() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         streak = 0
         while streak < 30 and time.monotonic() < deadline:  # every worker answers (the start is the next test's)
             streak = streak + 1 if post(base, body) == 200 else 0
@@ -200,8 +205,12 @@ def test_a_killed_worker_is_replaced_without_a_503(resnet_model: Path, live_serv
         while len(workers_of(proc) - before) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         replaced_at = len(records)
-        # The stream goes on while the replacement imports, loads and proves its model, and a while after.
-        until = time.monotonic() + 10
+        # The stream goes on while the replacement imports, loads and proves its model (its model_ready line, the
+        # fourth), and two seconds after.
+        while proven() < 4 and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            time.sleep(0.05)
+        assert proven() == 4, server.log[-3000:]
+        until = time.monotonic() + 2
         while time.monotonic() < until and any(t.is_alive() for t in threads):
             time.sleep(0.05)
         done.set()
