@@ -30,7 +30,7 @@ def test_evaluate_reports_what_training_recorded(trained_run: dict, tmp_path: Pa
     report = json.loads((tmp_path / "evaluation.json").read_text())
     best = ckpt.load_checkpoint(str(best_path))
     assert report["accuracy"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
-    assert report["images"] == 24 and sum(map(sum, report["confusion_matrix"])) == 24
+    assert report["items"] == "images" and report["images"] == 24 and sum(map(sum, report["confusion_matrix"])) == 24
     assert [r["class"] for r in report["per_class"]] == ["blue", "green", "red"]
     assert all(r["support"] == 8 for r in report["per_class"])
     assert "confusion matrix (rows: true, columns: predicted)" in out and "most confused" in out
@@ -109,7 +109,8 @@ def test_evaluate_reports_on_a_text_checkpoint(tmp_path: Path) -> None:
     data = write_text_csv(tmp_path / "texts.csv", per_class=10)
     best = write_text_checkpoint(tmp_path / "best.pth", data, epochs=2)
     report = evaluate.evaluate_checkpoint(str(best), str(data))
-    assert report["classes"] == ["food", "sports", "weather"] and report["images"] == 6
+    assert report["classes"] == ["food", "sports", "weather"] and report["texts"] == 6 and "images" not in report
+    assert evaluate.format_report(report).startswith(f"accuracy {report['accuracy']:.4f} on 6 texts (")
     assert sum(map(sum, report["confusion_matrix"])) == 6 and "validation texts" in report["data"]
     with pytest.raises(TorchferryError, match="pass --data"):
         evaluate.evaluate_checkpoint(str(best))

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -436,6 +437,30 @@ def test_resume_runs_a_factory_only_when_named_again(flat_folder: Path, tmp_path
     (runs / "r" / "config.json").write_text('{"model": 5}')
     code, _, err = run_main(capsys, ["--resume", "--name", "r", "--output-dir", str(runs)])
     assert code == 2 and "training config key 'model' must be str" in err and "Traceback" not in err
+
+
+def test_resume_writes_only_to_a_storage_the_command_line_names(flat_folder: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The run's config.json is a file: its --storage (where checkpoints are written: a bucket, any folder) is used
+    only when the command line names it again, and the commands that say how to continue a run name it."""
+    from torchferry.distributed.finish import latest_checkpoint_note
+    from torchferry.distributed.preflight import resumed_config
+
+    runs, elsewhere = tmp_path / "runs", tmp_path / "someone else's"
+    (runs / "r").mkdir(parents=True)
+    saved = TrainConfig(data=str(flat_folder), name="r", output_dir=str(runs), storage=str(elsewhere))
+    (runs / "r" / "config.json").write_text(json.dumps(saved.to_dict()))
+    code, _, err = run_main(capsys, ["--resume", "--name", "r", "--output-dir", str(runs)])
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and f"--storage {elsewhere}; name it again" in lines[0], err
+    assert not elsewhere.exists()
+    named = resumed_config(config_from_args(["--resume", "--name", "r", "--output-dir", str(runs),
+                                             "--storage", str(elsewhere)]))
+    assert named.storage == str(elsewhere) and named.resume and named.data == str(flat_folder)
+    (elsewhere / "r" / "checkpoint_000000").mkdir(parents=True)
+    again = f"--resume --name r --output-dir {runs} --storage {shlex.quote(str(elsewhere))}"  # pastes into a shell
+    assert str(launch.Interrupted(named)).endswith(again) and again in latest_checkpoint_note(named)
 
 
 def test_init_from_a_factory_checkpoint_needs_that_model(flat_folder: Path, tmp_path: Path,

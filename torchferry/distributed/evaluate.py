@@ -61,7 +61,8 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     pairs = sorted(((int(off[i, j]), classes[i], classes[j]) for i in labels for j in labels if off[i, j]),
                    reverse=True)
     return {
-        "checkpoint": os.path.abspath(path), "data": source, "images": int(len(truth)),
+        # How many were looked at, named as the task names its inputs ("images": N, "texts": N) and "items" says.
+        "checkpoint": os.path.abspath(path), "data": source, "items": task.items, task.items: int(len(truth)),
         "accuracy": float(np.mean(truth == preds)),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
@@ -74,7 +75,8 @@ def format_report(report: dict[str, Any]) -> str:
     """The printed summary: accuracy, per-class table, confusion matrix, most confused pairs."""
     classes = report["classes"]
     width = max(5, *(len(c) for c in classes))
-    lines = [f"accuracy {report['accuracy']:.4f} on {report['images']} images ({report['data']})", "",
+    items = report["items"]
+    lines = [f"accuracy {report['accuracy']:.4f} on {report[items]} {items} ({report['data']})", "",
              f"{'class':<{width}}  precision  recall     f1  support"]
     for row in report["per_class"]:
         lines.append(f"{row['class']:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:5.3f}"

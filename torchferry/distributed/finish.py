@@ -41,13 +41,14 @@ def describe_failure(exc: BaseException) -> str:
 
 def latest_checkpoint_note(cfg: TrainConfig) -> str:
     """Where the newest checkpoint of the run is, and how to continue from it."""
+    from torchferry.distributed.preflight import resume_command
     from torchferry.distributed.resume import checkpoint_dirs
 
     run_storage = os.path.join(cfg.storage_path, str(cfg.name))
     written = checkpoint_dirs(run_storage)
     if not written:
         return f"no checkpoint was written (storage: {run_storage})"
-    return (f"the last checkpoint is {written[-1]}; continue with --resume --name {cfg.name} "
+    return (f"the last checkpoint is {written[-1]}; continue with {resume_command(cfg)} "
             f"(--max-failures N retries automatically)")
 
 

@@ -21,7 +21,7 @@ from torchferry.distributed.cluster import check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note
 from torchferry.distributed.flags import config_from_args
-from torchferry.distributed.preflight import claim_run_dir, prepare
+from torchferry.distributed.preflight import claim_run_dir, prepare, resume_command
 from torchferry.distributed.timeline import mark
 from torchferry.rayinit import ClusterUnavailable, shutdown_ray
 
@@ -32,8 +32,7 @@ class Interrupted(Exception):
     """Ctrl-C (SIGINT) on the driver; carries the resolved config so the message can say how to resume."""
 
     def __init__(self, cfg: TrainConfig):
-        super().__init__(f"interrupted; the checkpoints written so far are kept. Continue with: "
-                         f"python -m distributed.launch --resume --name {cfg.name} --output-dir {cfg.output_dir}")
+        super().__init__(f"interrupted; the checkpoints written so far are kept. Continue with: {resume_command(cfg)}")
 
 
 def setup_logging(verbose: bool) -> None:

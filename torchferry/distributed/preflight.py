@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -137,7 +138,14 @@ def forward_problem(model: Any, cfg: TrainConfig, num_classes: int) -> str | Non
     return None
 
 
-RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir")
+RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir",
+                    "storage")
+
+
+def resume_command(cfg: TrainConfig) -> str:
+    """The command that continues the run `cfg` describes, its --storage named again (`resumed_config`)."""
+    args = ["python", "-m", "distributed.launch", "--resume", "--name", str(cfg.name), "--output-dir", cfg.output_dir]
+    return shlex.join(args + (["--storage", cfg.storage] if cfg.storage else []))
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -156,6 +164,11 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     if is_custom(saved.model) or is_custom(cfg.model):
         require_trusted_arch(saved.model, cfg.model if is_custom(cfg.model) else None, flag="--model",
                              source=f"run {cfg.name!r}")
+    # Nor does it choose where checkpoints are written (a bucket of someone else's, a system folder): a run kept on
+    # --storage continues only when the command line names that storage again.
+    if saved.storage and not cfg.storage:
+        raise TorchferryError(f"--resume: run {cfg.name!r} keeps its checkpoints on --storage {saved.storage}; name it "
+                              "again (--storage), as a run's config.json does not choose where checkpoints are written")
     for key in RESUME_OVERRIDES:
         setattr(saved, key, getattr(cfg, key))
     saved.resume = True
