@@ -193,7 +193,7 @@ def test_readme_flag_table_lists_every_flag() -> None:
 
 @pytest.mark.slow
 def test_readme_command_on_digits_reaches_98_percent_and_is_served(tmp_path: Path, live_server) -> None:
-    """The README's commands with their defaults, as a user runs them (about 3 minutes on 2 cores): the digits
+    """The README's commands with their defaults, as a user runs them (about 2 minutes on 2 cores): the digits
     run, its export, and gunicorn answering /predict with the digits the images show."""
     import requests
 
