@@ -43,6 +43,10 @@ def test_metrics_are_summed_over_all_workers_not_rank0(ray_2_cpus, tmp_path) -> 
     result = local_trainer_class()(_uneven_shards, torch_config=TorchConfig(backend="gloo"),
                           scaling_config=ray.train.ScalingConfig(num_workers=2),
                           run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="shards")).fit()
+    # The trainer for a Ray started here (launch.local_trainer_class) asks no autoscaling coordinator for resources,
+    # so Ray Data's detached coordinator actor (a process of its own) was never created.
+    with pytest.raises(ValueError, match="Failed to look up actor"):
+        ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
     m = result.return_value  # rank 0's
     assert m["rank"] == 0
     # rank 0 alone would say 1.0 over 10 images

@@ -48,24 +48,49 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-# Ray Train's own callbacks that a run on a Ray this command started has no use for. Each starts an actor, a
-# Python process importing ray.train (about 2 CPU-seconds on 2 cores, and the start-up waits for it):
+# What Ray Train starts for every run and a run on a Ray this command started has no use for. Each is an actor,
+# a Python process importing ray.train (about 2 CPU-seconds on 2 cores, and the start-up waits for the first):
+# - Ray Data's autoscaling coordinator, which the scaling policy asks for the workers' resources so that an
+#   autoscaling cluster adds nodes: a Ray started here is one machine that never grows;
 # - the placement-group cleaner, a detached actor that frees the run's placement group if the driver dies: a
 #   Ray started here dies with the driver, placement groups and all;
-# - the datasets callback, which starts a dataset manager to shard Ray Datasets over the workers: the loop is
-#   given none (its data is the split the driver checked).
+# - the datasets callback's dataset manager, which shards Ray Datasets over the workers: the loop is given none
+#   (its data is the split the driver checked).
 NOT_ON_A_LOCAL_RAY = ("PlacementGroupCleanerCallback", "DatasetsCallback")
 
 
 @functools.cache
 def local_trainer_class() -> type:
-    """TorchTrainer less the callbacks in NOT_ON_A_LOCAL_RAY: for a Ray this command started and stops."""
+    """TorchTrainer for a Ray this command started and stops: Ray Train's fixed scaling policy without its
+    resource requests, and its callbacks less those in NOT_ON_A_LOCAL_RAY."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    class LocalScalingPolicy(FixedScalingPolicy):
+        """The same decisions; no autoscaling coordinator to ask for resources (`after_controller_start` creates
+        it, the other three ask it)."""
+
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+        def _cancel_resource_request(self) -> None:
+            pass
 
     class LocalTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             return [callback for callback in super()._create_default_callbacks()
                     if type(callback).__name__ not in NOT_ON_A_LOCAL_RAY]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+            if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = LocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return LocalTorchTrainer
 
