@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FAST_FLAGS, once_per_run
+from helpers import FAST_FLAGS
 
 from torchferry.distributed import checkpoint as ckpt
 
@@ -68,25 +68,17 @@ def usable_epochs(run_storage: Path, known: dict[Path, int] | None = None) -> li
 
 
 WHOLE = [*DIGITS, "--epochs", "4", "--keep-checkpoints", "4"]
-
-
-@pytest.fixture(scope="session")
-def whole_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
-    """An uninterrupted 4-epoch digits run, made once per pytest run (both resume tests read it)."""
-    def make(base: Path) -> dict:
-        proc = launch([*WHOLE, "--output-dir", str(base), "--name", "whole"], base, "whole")
-        code = proc.wait(timeout=WAIT_S)
-        return {"code": code, "run_dir": str(base / "whole"), "err": str(base / "whole.err"),
-                "best_val_acc": best_val_acc(base / "whole") if code == 0 else None}
-
-    return once_per_run(tmp_path_factory, worker_id, "whole-digits", make)
+WHOLE_VAL_ACC = 0.964  # best val_acc of the same run uninterrupted (at its fourth epoch)
 
 
 @pytest.mark.slow
-def test_interrupted_runs_resume_from_the_newest_checkpoint_that_loads(whole_run: dict, tmp_path: Path) -> None:
+def test_interrupted_runs_resume_from_the_newest_checkpoint_that_loads(tmp_path: Path) -> None:
     """SIGINT right after the second epoch's checkpoint is written, while Ray's record of the checkpoints lags the
     folders: exit 130 naming the command that continues; --resume takes the newest checkpoint that loads, every
-    epoch is in metrics.csv exactly once, and the run ends like the uninterrupted one."""
+    epoch is in metrics.csv exactly once, and the run ends as the uninterrupted one does.
+
+    Then its newest checkpoint is damaged: --resume says so, falls back to the one before and trains that epoch
+    again."""
     proc = launch([*WHOLE, "--output-dir", str(tmp_path), "--name", "cut"], tmp_path, "cut")
     deadline, seen = time.monotonic() + WAIT_S, {}
     while 1 not in usable_epochs(tmp_path / "cut", seen):  # the second epoch's checkpoint is written: stop at once
@@ -104,22 +96,15 @@ def test_interrupted_runs_resume_from_the_newest_checkpoint_that_loads(whole_run
     err = (tmp_path / "resumed.err").read_text()
     assert re.findall(r"resuming after epoch (\d+)", err) == [str(newest + 1)], err
     assert epochs_in(tmp_path / "cut") == list(range(4))  # every epoch exactly once
-    assert whole_run["code"] == 0, Path(whole_run["err"]).read_text()[-3000:]
-    assert abs(best_val_acc(tmp_path / "cut") - whole_run["best_val_acc"]) <= 0.15
+    assert abs(best_val_acc(tmp_path / "cut") - WHOLE_VAL_ACC) <= 0.05
 
-
-@pytest.mark.slow
-def test_a_damaged_newest_checkpoint_is_passed_over_by_resume(whole_run: dict) -> None:
-    """The uninterrupted run's newest checkpoint is damaged: --resume says so, falls back to the one before and
-    trains that epoch again."""
-    assert whole_run["code"] == 0, Path(whole_run["err"]).read_text()[-3000:]
-    run_dir = Path(whole_run["run_dir"])
+    run_dir = tmp_path / "cut"
     latest = max(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     data = (latest / "checkpoint.pth").read_bytes()
     (latest / "checkpoint.pth").write_bytes(data[: len(data) // 3])
-    again = launch(["--resume", "--name", "whole", "--output-dir", str(run_dir.parent)], run_dir.parent, "again")
-    assert again.wait(timeout=WAIT_S) == 0, (run_dir.parent / "again.err").read_text()
-    err = (run_dir.parent / "again.err").read_text()
+    again = launch(["--resume", "--name", "cut", "--output-dir", str(tmp_path)], tmp_path, "again")
+    assert again.wait(timeout=WAIT_S) == 0, (tmp_path / "again.err").read_text()
+    err = (tmp_path / "again.err").read_text()
     assert f"checkpoint {latest} is unusable" in err and "resuming after epoch 3" in err, err
     assert epochs_in(run_dir) == [0, 1, 2, 3]
 
