@@ -75,8 +75,8 @@ CEILINGS = [
 # What a miss of each kind comes from on a 2-core machine, as far as the measurements here show.
 WHY = {
     "vs torchrun, 2 processes (smallcnn": "not fully explained. The two cores are saturated by the 2 trainers and "
-    "their 2 DataLoader processes, so Ray's own processes (GCS, raylet, the Train controller, the event queue, the "
-    "placement-group cleaner: a few per cent of a core by psutil) come out of training; single runs of every "
+    "their 2 DataLoader processes, so Ray's own processes (GCS, raylet, the Train controller, its synchronisation "
+    "actor, the event queue: a few per cent of a core by psutil) come out of training; single runs of every "
     "runner also spread by about ±15 % here (see the repeated runs below). The loop itself is not slower: "
     "in one process torchferry's train_one_epoch and the plain loop run within 3 % of each other, and the 12-epoch "
     "torchferry run of the INT8 check (same settings) reached 507-638 img/s from its third epoch. resnet18 shows "
