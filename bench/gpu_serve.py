@@ -5,7 +5,8 @@ load with and without micro-batching.
                               [--out PATH]
 
 Runs only where both can use a CUDA GPU: torch.cuda.is_available() and an onnxruntime with CUDAExecutionProvider
-(onnxruntime-gpu; bench/gpu_check.sh installs the serve-gpu pin beside the training environment). Anywhere else
+(onnxruntime-gpu: the serve-gpu pin; `bench/gpu_check.sh serve` puts it first on the path from the serve kit of
+`python -m bench.gpu_kit build` where the machine cannot install it). Anywhere else
 it says which is missing and exits 0 without writing anything: no figure is made up.
 
 1. Latency and throughput at each batch size, random-weight `--model` at 224 px exported by torchferry's exporter:
@@ -45,7 +46,7 @@ def missing_gpu() -> str | None:
         return "torch sees no CUDA GPU"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return (f"this onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu, "
-                "pyproject's [serve-gpu] pin, as bench/gpu_check.sh does)")
+                "pyproject's [serve-gpu] pin, or the serve kit of python -m bench.gpu_kit build)")
     return None
 
 

@@ -198,7 +198,7 @@ def _render_header(result: dict[str, Any], source: str) -> list[str]:
             ("**Repeat:** `python -m bench.run_all --quick` (about 10 minutes on 2 cores) or without `--quick` "
              "(more epochs, repetitions and seconds per point). Each part alone: `python -m bench.train_throughput`, "
              "`python -m bench.infer`, `python -m bench.load --suite`, `python -m bench.batch`, and on a GPU "
-             "`bench/gpu_check.sh`."), ""]
+             "`bench/gpu_check.sh train` and `bench/gpu_check.sh serve`."), ""]
 
 
 def _render_targets(targets: list[dict[str, Any]]) -> list[str]:
@@ -299,7 +299,8 @@ def _render_load(ld: dict[str, Any]) -> list[str]:
 def _render_gpu(gpus: list[dict[str, Any]], launches: list[dict[str, Any]]) -> list[str]:
     out = ["## GPU", ""]
     if not gpus:
-        out += ["No GPU results yet: run `bench/gpu_check.sh` on a machine with a CUDA GPU.", ""]
+        out += ["No GPU results yet: run `bench/gpu_check.sh train` and `bench/gpu_check.sh serve` on a machine with a "
+                "CUDA GPU.", ""]
     for gpu in gpus:
         g = gpu["machine"]
         out += [(f"Measured on {g['gpu']} ({g['cpus']} CPU cores), torch {g['torch']}, CUDA {g['cuda']}, "
