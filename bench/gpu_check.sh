@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark, for a machine with one CUDA GPU and PyTorch, in two stages of under 6 minutes each:
+# Every GPU check and benchmark, for a machine with one CUDA GPU and PyTorch, in two stages of at most about 6 minutes each
+# (every step has its own timeout):
 #   train: 1. python -m bench.gpu_train: resnet50 at 224 px, fp32 vs bf16 channels_last vs torch.compile, on
 #             GPU-resident data and on JPEGs (decoded by DataLoader workers, or by the GPU with --gpu-decode);
 #          2. the end-to-end command: python -m distributed.launch --gpus 1 --amp on those JPEGs (Ray, NCCL);
@@ -52,20 +53,20 @@ train)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/nvidia-smi.txt"
     "$py" -c 'import torch, torchvision, ray; print("torch", torch.__version__, "torchvision", torchvision.__version__, "ray", ray.__version__)'
     "$py" -m bench.gpu_train --make-data "$data" --count 3072
-    timeout 170 "$py" -m bench.gpu_train --real-data "$data" --steps 20 --reps 2 --out "$out/gpu-train.json" 2>&1 \
+    timeout 160 "$py" -m bench.gpu_train --real-data "$data" --steps 20 --reps 2 --out "$out/gpu-train.json" 2>&1 \
         | tee "$out/gpu-train.log"
-    timeout 90 "$py" -m distributed.launch --gpus 1 --amp --model resnet50 --data "$data" --image-size 224 \
+    timeout 80 "$py" -m distributed.launch --gpus 1 --amp --model resnet50 --data "$data" --image-size 224 \
         --epochs 2 --batch-size 128 --num-workers 12 --check-images header --gpu-decode \
         --output-dir /tmp/torchferry-runs --name r50-amp 2>&1 | tee "$out/launch.log"
     cp /tmp/torchferry-runs/r50-amp/metrics.csv "$out/launch-metrics.csv" 2>/dev/null
-    timeout 100 "$py" -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/test_gpu.py tests/test_loop.py 2>&1 \
+    timeout 120 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_loop.py 2>&1 \
         | tee "$out/gpu-tests.log"
     ;;
 serve)
     use_kit serve
     "$py" -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
     timeout 200 "$py" -m bench.gpu_serve --quick --out "$out/gpu-serve.json" 2>&1 | tee "$out/gpu-serve.log"
-    timeout 100 "$py" -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/test_serve_device.py 2>&1 \
+    timeout 100 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_serve_device.py 2>&1 \
         | tee "$out/gpu-serve-tests.log"
     ;;
 *) echo "bench/gpu_check.sh: the stage is train, serve or stash, not '$stage'" >&2; exit 2 ;;
