@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark, for a machine with one CUDA GPU and PyTorch, in two stages of at most about 6 minutes each
-# (every step has its own timeout):
+# Every GPU check and benchmark, for a machine with one CUDA GPU and PyTorch, in two stages of at most about
+# 6 minutes each (every step has its own timeout):
 #   train: 1. python -m bench.gpu_train: resnet50 at 224 px, fp32 vs bf16 channels_last vs torch.compile, on
 #             GPU-resident data and on JPEGs (decoded by DataLoader workers, or by the GPU with --gpu-decode);
 #          2. the end-to-end command: python -m distributed.launch --gpus 1 --amp on those JPEGs (Ray, NCCL);
