@@ -260,8 +260,9 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
     }
 
 
-def write_model_with_external_data(tmp: Path) -> Path:
-    """A 4×4 MatMul model whose weights live in an external file, tmp/weights.bin beside tmp/ext.onnx."""
+def write_matmul_model(path: Path, external: bool = False, ir_version: int = 8) -> Path:
+    """A 4×4 MatMul model at `path` (opset 13; IR version 8 by default, which every supported ONNX Runtime reads,
+    where onnx's own default follows the newest onnx); `external`: its weights in weights.bin beside it."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -269,10 +270,15 @@ def write_model_with_external_data(tmp: Path) -> Path:
     graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["logits"])], "g",
                               [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 4])], [w])
-    model = helper.make_model(graph)
-    onnx.save_model(model, str(tmp / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+    model = helper.make_model(graph, ir_version=ir_version, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
-    return tmp / "ext.onnx"
+    return path
+
+
+def write_model_with_external_data(tmp: Path) -> Path:
+    """A 4×4 MatMul model whose weights live in an external file, tmp/weights.bin beside tmp/ext.onnx."""
+    return write_matmul_model(tmp / "ext.onnx", external=True)
 
 
 # ------------------------------------------------------------------------------------------------

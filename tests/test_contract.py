@@ -52,7 +52,7 @@ def test_packages_import_one_way(package: str, refused: tuple[str, ...]) -> None
 
 def test_the_contract_imports_no_torchferry_package_nor_torch() -> None:
     imported = _imports(PACKAGE / "contract.py")
-    assert {m.split(".")[0] for m in imported} <= {"__future__", "hashlib", "importlib", "json", "math", "os",
+    assert {m.split(".")[0] for m in imported} <= {"__future__", "hashlib", "importlib", "json", "math", "os", "re",
                                                     "collections", "typing", "numpy"}, imported
 
 
@@ -61,8 +61,8 @@ def test_the_shared_torch_free_modules_import_only_the_contract_and_cli() -> Non
     for name in ("cli.py", "files.py", "rayinit.py"):
         ours = {m for m in _imports(PACKAGE / name) if m.startswith("torchferry") or m.split(".")[0] in (
             "torch", "torchvision", "onnx")}
-        assert ours <= {"torchferry.contract", "torchferry.contract.TorchferryError", "torchferry.cli",
-                        "torchferry.cli.lead_line"}, (name, ours)
+        assert ours <= {"torchferry.contract", "torchferry.contract.TorchferryError", "torchferry.contract.error_line",
+                        "torchferry.cli", "torchferry.cli.lead_line"}, (name, ours)
 
 
 def test_batch_loads_without_torch() -> None:
@@ -164,3 +164,16 @@ def test_sixteen_bit_gray_is_scaled_alike_in_training_and_serving(tmp_path: Path
     trained = np.asarray(load_image(str(tmp_path / "gray16.png"), 1))
     served = np.asarray(to_model_mode(decode(buffer.getvalue(), 10_000), 1))
     assert np.array_equal(trained, served) and trained[0].tolist() == [0, 0, 1, 1, 2, 127, 254, 255]
+
+
+def test_an_error_is_quoted_by_its_first_line_without_onnx_runtimes_cpp_location() -> None:
+    from torchferry.contract import error_line
+
+    ort = ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:202 onnxruntime::Model::"
+           "Model(onnx::ModelProto&&, const onnxruntime::PathString&, const onnxruntime::ModelOptions&) Unsupported "
+           "model IR version: 14, max supported IR version: 13\n")
+    assert error_line(RuntimeError(ort)) == "Unsupported model IR version: 14, max supported IR version: 13"
+    assert error_line(RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model failed (a) b")) == (
+        "Load model failed (a) b")
+    assert error_line(OSError("\n  first (kept as it is)\nsecond")) == "first (kept as it is)"
+    assert error_line(ValueError("")) == "ValueError" and len(error_line(ValueError("x" * 999))) == 300

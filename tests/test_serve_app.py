@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import bad_requests, jpeg, multipart, png, red, write_model_with_external_data
+from helpers import bad_requests, jpeg, multipart, png, red, write_matmul_model, write_model_with_external_data
 from PIL import Image
 
 from torchferry.serve.app import create_app, settings_from_env
@@ -144,6 +144,16 @@ def test_model_with_external_data_is_refused(tmp_path: Path) -> None:
     path = write_model_with_external_data(tmp_path)
     r = create_app({"MODEL": str(path), "LOAD_SYNC": True}).test_client().get("/readyz")
     assert r.status_code == 503 and "external data" in r.json["reason"]
+
+
+def test_a_model_onnx_runtime_cannot_read_is_refused_with_its_reason_not_its_cpp_location(tmp_path: Path) -> None:
+    # A file from a newer onnx than the server's ONNX Runtime reads: ORT's message opens with its status and the
+    # C++ function that raised it, 250 characters that used to push the reason past the one-line cut.
+    path = write_matmul_model(tmp_path / "new.onnx", ir_version=99)
+    r = create_app({"MODEL": str(path), "LOAD_SYNC": True}).test_client().get("/readyz")
+    reason = r.json["reason"]
+    assert r.status_code == 503 and "IR version: 99" in reason, reason
+    assert "onnxruntime::" not in reason and "ONNXRuntimeError" not in reason and "\n" not in reason
 
 
 def test_readyz_is_503_until_a_model_is_loaded() -> None:

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from torchferry.contract import TorchferryError
+from torchferry.contract import TorchferryError, error_line
 
 BAD_INPUT, FAILED = 2, 1
 
@@ -43,9 +43,9 @@ def run_command(body: Callable[[], int], *, debug: bool,
 
 
 def lead_line(exc: object) -> str:
-    """The first non-empty line of an error (at most 300 characters), to quote inside a one-line message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+    """The first non-empty line of an error (at most 300 characters), to quote inside a one-line message
+    (`contract.error_line`: ONNX Runtime's status and C++ location left out)."""
+    return error_line(exc)
 
 
 def error(message: str, code: int) -> int:

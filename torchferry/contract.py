@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,20 @@ class TorchferryError(Exception):
 
 class ContractError(TorchferryError):
     """A checkpoint or model file that does not follow the contract: damaged, altered, of another format."""
+
+
+# ONNX Runtime's errors open with its status and the C++ file, line and function that raised them, e.g.
+# "[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:202 onnxruntime::Model::Model(
+# onnx::ModelProto&&, ...) Unsupported model IR version: 14, max supported IR version: 13": 250 characters before
+# the reason, which a one-line message cut at 300 would lose.
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:\S+:\d+ )?(?:[\w:~<>]+\((?:[^()]|\([^()]*\))*\) )?")
+
+
+def error_line(exc: object) -> str:
+    """The first non-empty line of an error, at most 300 characters and without ONNX Runtime's status and C++
+    location (the error type's name when it says nothing): what a one-line message quotes."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return _ORT_PREFIX.sub("", lines[0])[:300] if lines else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from torchferry.cli import lead_line
 from torchferry.contract import TorchferryError
 
 # The server's formats (torchferry.serve.images.ALLOWED_FORMATS) by their usual file extensions.
@@ -47,7 +48,7 @@ def filesystem(location: str) -> tuple[object, str, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError ...: a bad or unsupported URI
-        raise TorchferryError(f"cannot open {location!r}: {str(exc).strip().splitlines()[0][:300]} (local paths, "
+        raise TorchferryError(f"cannot open {location!r}: {lead_line(exc)} (local paths, "
                               "file://, s3:// and gs:// are read)") from None
     scheme = location.split("://", 1)[0].lower()
     return fs, path, "" if scheme == "file" else f"{scheme}://"

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from torchferry.cli import FAILED, add_debug_arguments, add_factory_argument, error, run_main
+from torchferry.cli import FAILED, add_debug_arguments, add_factory_argument, error, lead_line, run_main
 from torchferry.contract import INPUT_NAME, decode_metadata, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
@@ -70,7 +70,7 @@ def real_batches(checkpoint: dict[str, Any], data: str | None, limit: int) -> tu
 
 def _failed_case(case: str, kind: str, batch: int, exc: Exception) -> dict[str, Any]:
     return {"case": case, "kind": kind, "batch": batch, "max_abs": float("inf"), "max_rel": float("inf"),
-            "tolerance_ratio": float("inf"), "top1_agreement": 0.0, "error": str(exc).strip().splitlines()[0][:300]}
+            "tolerance_ratio": float("inf"), "top1_agreement": 0.0, "error": lead_line(exc)}
 
 
 def verify_parity(onnx_path: str, model: nn.Module, checkpoint: dict[str, Any], *, data: str | None = None,
@@ -261,7 +261,7 @@ def _verify(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - ORT refusing the file is bad input, said in one line
         if args.debug:
             raise
-        raise TorchferryError(f"cannot run {args.model!r}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise TorchferryError(f"cannot run {args.model!r}: {lead_line(exc)}") from None
     path = report_path(args.model, report["passed"], args.report)
     write_report(report, path)
     print(format_report(report))

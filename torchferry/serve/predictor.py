@@ -31,6 +31,7 @@ from torchferry.contract import (
     ContractError,
     classes_problem,
     decode_metadata,
+    error_line,
     golden_inputs,  # noqa: F401 - the golden batch, for callers that build model files
     preprocess_problems,
     read_golden,
@@ -169,7 +170,7 @@ class Predictor:
                 if "xternal data" in text:
                     raise ModelRefused(f"{path} references external data files; refused (only self-contained "
                                        "models are served)") from None
-                raise ModelRefused(f"ONNX Runtime cannot load {path}: {text.strip().splitlines()[0][:300]}") from None
+                raise ModelRefused(f"ONNX Runtime cannot load {path}: {error_line(exc)}") from None
 
     def golden(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         """(inputs, expected logits, atol, rtol) from the file's golden record, every field checked first."""
@@ -190,7 +191,7 @@ class Predictor:
         try:
             got = self.run(x)
         except Exception as exc:  # noqa: BLE001 - ORT's refusal of its own graph, in one line
-            raise ModelRefused(f"the model fails on its golden inputs: {str(exc).strip().splitlines()[0][:300]}") from None
+            raise ModelRefused(f"the model fails on its golden inputs: {error_line(exc)}") from None
         columns = self.task.output_columns(self.info.spec)
         if got.ndim != 2 or got.shape[1] != columns:
             raise ModelRefused(f"the model's output has shape {list(got.shape)} for its golden inputs; the metadata "
