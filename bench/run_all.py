@@ -299,8 +299,8 @@ def _render_load(ld: dict[str, Any]) -> list[str]:
 def _render_gpu(gpus: list[dict[str, Any]], launches: list[dict[str, Any]]) -> list[str]:
     out = ["## GPU", ""]
     if not gpus:
-        out += ["No GPU results yet: run `bench/gpu_check.sh train` and `bench/gpu_check.sh serve` on a machine with a "
-                "CUDA GPU.", ""]
+        out += [("No GPU results yet: run `bench/gpu_check.sh train` and `bench/gpu_check.sh serve` on a machine with "
+                 "a CUDA GPU."), ""]
     for gpu in gpus:
         g = gpu["machine"]
         out += [(f"Measured on {g['gpu']} ({g['cpus']} CPU cores), torch {g['torch']}, CUDA {g['cuda']}, "
@@ -349,6 +349,14 @@ def _render_startup(st: dict[str, Any], source: str | None = None) -> list[str]:
     out += ["", "Where the seconds go (median per phase; bare Ray: a TorchTrainer whose workers do nothing):", ""]
     for r in runners:
         out += [f"- {r}: " + "; ".join(f"{name} {_fmt(sec)}" for name, sec in s[r].get("phases", {}).items())]
+    cpu = [r for r in runners if "cpu_s_to_first_step" in s[r]]
+    if cpu:
+        out += ["", ("The CPU every process of a run used before its first step (median), and so the least time to "
+                     "the first step on this machine's cores, however the work were scheduled:"), ""]
+        out += [f"- {r}: {_fmt(s[r]['cpu_s_to_first_step'])} CPU-s, so at least "
+                f"{_fmt(s[r]['cpu_bound_to_first_step_s'])} s on {s[r]['cores']} cores; "
+                + ", ".join(f"{kind} {_fmt(v)}" for kind, v in s[r]["cpu_s_to_first_step_by_process"].items()
+                            if v >= 0.05) for r in cpu]
     return [*out, ""]
 
 

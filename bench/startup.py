@@ -14,8 +14,10 @@ worker, as bench.train_throughput):
 
 Each process appends timestamps to the file named by $TORCHFERRY_TIMELINE (torchferry.distributed.timeline;
 the Ray workers inherit it); the command's start and exit are taken here. Reported: each phase's median
-seconds over the rounds, command → first step, end of the last epoch → exit, and the niceness of every
-process of a torchferry run (read from /proc while it trains). Writes bench/results/<date>-<host>-startup.json.
+seconds over the rounds, command → first step, end of the last epoch → exit, the niceness of every process of a
+run, and the CPU-seconds its processes used before the first step, by kind of process (read from /proc every
+0.5 s while it runs): on a machine of few cores the start is CPU-bound, and that CPU divided by the cores is the
+least time any schedule of the same work could take. Writes bench/results/<date>-<host>-startup.json.
 """
 
 from __future__ import annotations
@@ -112,32 +114,47 @@ def _summary(at: dict[str, float]) -> dict[str, float | None]:
             "wall_s": at["exit"]}
 
 
-class NicenessProbe(threading.Thread):
-    """Reads the niceness of every process whose environment carries this run's timeline path."""
+class ProcessProbe(threading.Thread):
+    """Every 0.5 s, reads from /proc the niceness, the command and the CPU time so far of every process whose
+    environment carries this run's timeline path (every process of a run inherits it: Ray's GCS, raylet and
+    workers, torchrun's agent and workers, the DataLoader processes)."""
 
     def __init__(self, marker: str):
         super().__init__(daemon=True)
         self.marker, self.seen, self.stopping = marker.encode(), {}, threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
 
     def run(self) -> None:
         while not self.stopping.wait(0.5):
+            now = time.time()
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     if self.marker not in Path(f"/proc/{pid}/environ").read_bytes():
                         continue
-                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                nice = int(stat.rsplit(")", 1)[1].split()[16])  # field 19
-                self.seen[pid] = {"nice": nice, "command": _short(cmd)}
+                seen = self.seen.setdefault(pid, {"samples": []})
+                seen.update(nice=int(stat[16]), command=_short(cmd))  # fields 19 and 14-15 of proc(5)
+                seen["samples"].append((now, (int(stat[11]) + int(stat[12])) / self.tick))
+
+    def cpu_until(self, t: float) -> dict[str, float]:
+        """CPU-seconds each kind of process had used by wall-clock time `t` (its last sample then; a process that
+        ended in between counts up to its last sample, at most 0.5 s short)."""
+        out: dict[str, float] = {}
+        for p in self.seen.values():
+            before = [cpu for when, cpu in p["samples"] if when <= t]
+            if before:
+                out[p["command"]] = out.get(p["command"], 0.0) + before[-1]
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _short(cmd: str) -> str:
     for key in ("ray::", "raylet", "gcs_server", "log_monitor", "monitor.py", "dashboard", "runtime_env",
                 "distributed.launch", "torch.distributed.run", "bench.plain_train", "bench.startup"):
-        if key in cmd:
-            return cmd[cmd.index(key):][:60] if key == "ray::" else key
+        if key in cmd:  # a Ray worker by its actor class: ray::TrainController.run -> ray::TrainController
+            return cmd[cmd.index(key):].split()[0].split(".")[0][:60] if key == "ray::" else key
     return cmd[:60]
 
 
@@ -166,7 +183,8 @@ def command(runner: str, data: str, epochs: int, tmp: str) -> list[str]:
 
 
 def run_once(runner: str, data: str, epochs: int, tmp: str, env: dict[str, str]) -> dict[str, Any]:
-    """One run of `runner` with its timeline: points, phases, the summary and (torchferry) the niceness seen.
+    """One run of `runner` with its timeline: points, phases, the summary, the niceness seen and the CPU used
+    before the first step.
 
     "torchferry baseline" is torchferry from the checkout in $BENCH_BASELINE (another commit, for before/after).
     """
@@ -174,7 +192,7 @@ def run_once(runner: str, data: str, epochs: int, tmp: str, env: dict[str, str])
     cmd = command(runner, data, epochs, tmp)
     if runner == "torchferry baseline":
         env = {**env, "PYTHONPATH": env["BENCH_BASELINE"]}
-    probe = NicenessProbe(timeline) if runner.startswith("torchferry") else None
+    probe = ProcessProbe(timeline) if runner != "--help" else None
     if probe:
         probe.start()
     start = time.time()
@@ -194,6 +212,9 @@ def run_once(runner: str, data: str, epochs: int, tmp: str, env: dict[str, str])
     row = {"runner": runner, "command": show(cmd), "points": at, "phases": phases, **_summary(at)}
     if probe:
         row["niceness"] = _niceness_table(probe.seen)
+        if row["command_to_first_step_s"] is not None:
+            by_kind = probe.cpu_until(start + row["command_to_first_step_s"])
+            row["cpu_s_to_first_step"] = {"total": sum(by_kind.values()), "by_process": by_kind}
     return row
 
 
@@ -214,6 +235,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             names = [name for name, _, _ in PHASES[kind] if any(name in r["phases"] for r in rows)]
             out[runner]["phases"] = {n: statistics.median(r["phases"][n] for r in rows if n in r["phases"])
                                      for n in names}
+            out[runner].update(_cpu_summary(rows))
     tf = out.get("torchferry", {})
     checks = {"command_to_first_step_s": tf.get("command_to_first_step_s"),
               "last_epoch_end_to_exit_s": tf.get("last_epoch_end_to_exit_s"),
@@ -221,6 +243,21 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["targets"] = [{"target": f"torchferry {k} (smallcnn/digits, 2 CPU workers)", "bar": f"<= {TARGETS[k]:g} s",
                        "measured": v, "met": None if v is None else v <= TARGETS[k]} for k, v in checks.items()]
     return out
+
+
+def _cpu_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median CPU-seconds all of a runner's processes used before its first step, by kind of process, and
+    what that means on this machine: no schedule of that work on its cores starts training sooner than
+    CPU-seconds / cores."""
+    cpu = [r["cpu_s_to_first_step"] for r in rows if r.get("cpu_s_to_first_step")]
+    if not cpu:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = statistics.median(c["total"] for c in cpu)
+    kinds = dict.fromkeys(k for c in cpu for k in c["by_process"])
+    by_kind = {k: statistics.median(c["by_process"].get(k, 0.0) for c in cpu) for k in kinds}
+    return {"cpu_s_to_first_step": total, "cores": cores, "cpu_bound_to_first_step_s": total / cores,
+            "cpu_s_to_first_step_by_process": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
 
 
 def bare_ray() -> int:
@@ -263,6 +300,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{runner}: " + "  ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float)))
         for name, seconds in s.get("phases", {}).items():
             print(f"    {seconds:6.2f} s  {name}")
+        if "cpu_s_to_first_step" in s:
+            print(f"    CPU before the first step: {s['cpu_s_to_first_step']:.1f} CPU-s on {s['cores']} cores, so "
+                  f"{s['cpu_bound_to_first_step_s']:.1f} s at the least; by process: " + ", ".join(
+                      f"{k} {v:.1f}" for k, v in s["cpu_s_to_first_step_by_process"].items() if v >= 0.1))
     for t in summary["targets"]:
         met = "no data" if t["met"] is None else "MET" if t["met"] else "MISS"
         print(f"{met:<4} {t['target']}: {t['measured'] if t['measured'] is None else round(t['measured'], 2)} "

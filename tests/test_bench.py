@@ -178,3 +178,22 @@ def test_smallcnn_serving_is_held_to_the_bare_flask_app_and_resnet18_to_in_proce
     assert checks["server vs in-process throughput, 4 clients (resnet18)"]["met"] is None  # not measured
     text = run_all.render({**result, "targets": run_all.check_targets(result)}, "x.json")
     assert "| smallcnn | 0 ms | 4 | 800.0 | 400.0 | 390.0 | 0.49 | 0.97 | 1.50 | 9.00 | 9.20 | 20.00 |" in text
+
+
+def test_startup_counts_the_cpu_each_kind_of_process_used_before_the_first_step() -> None:
+    from bench import startup
+
+    probe = startup.ProcessProbe("unused")
+    probe.seen = {  # (wall-clock time, CPU-seconds so far) every 0.5 s, as read from /proc
+        "10": {"command": "distributed.launch", "nice": 0, "samples": [(100.0, 1.0), (100.5, 2.0), (101.0, 2.5)]},
+        "11": {"command": "ray::RayTrainWorker", "nice": 0, "samples": [(100.5, 0.5), (101.0, 1.5)]},
+        "12": {"command": "ray::RayTrainWorker", "nice": 0, "samples": [(100.5, 0.25), (101.0, 1.0)]},
+        "13": {"command": "gcs_server", "nice": 0, "samples": [(101.5, 0.25)]},  # first seen after the step
+    }
+    assert probe.cpu_until(100.9) == {"distributed.launch": 2.0, "ray::RayTrainWorker": 0.75}
+    assert startup._short("ray::TrainController.run                ") == "ray::TrainController"
+    rows = [{"cpu_s_to_first_step": {"total": t, "by_process": {"driver": t / 2, "worker": t / 2}}} for t in (20, 24, 30)]
+    summary = startup._cpu_summary(rows)
+    assert summary["cpu_s_to_first_step"] == 24 and summary["cpu_s_to_first_step_by_process"] == {"driver": 12,
+                                                                                                 "worker": 12}
+    assert summary["cpu_bound_to_first_step_s"] == 24 / summary["cores"]
