@@ -208,6 +208,9 @@ def test_readme_command_on_digits_reaches_98_percent_and_is_served(tmp_path: Pat
     assert match, proc.stdout
     assert float(match.group(1)) >= 0.98 and Path(match.group(3)).is_file()
     assert proc.stderr.count("epoch ") >= 30 and "Traceback" not in proc.stderr
+    # The seconds before the first line from the workers are said to go to starting Ray and the workers.
+    assert proc.stderr.index("starting a local Ray (127.0.0.1 only) and 2 CPU worker(s)...") < proc.stderr.index(
+        "2 worker(s) on 1 node(s)")
     export = subprocess.run([sys.executable, "-m", "export.onnx", match.group(3)], capture_output=True, text=True,
                             env=env, cwd=tmp_path, timeout=600, check=False)
     assert export.returncode == 0, export.stderr[-3000:]

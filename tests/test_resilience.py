@@ -163,6 +163,7 @@ def test_two_node_cluster_runs_one_worker_per_node(ray_two_nodes: dict, trained_
     workers = json.loads((tmp_path / "runs" / "two" / "cluster.json").read_text())["workers"]
     assert len({w["node_id"] for w in workers}) == 2 and {w["ip"] for w in workers} == {"127.0.0.2", "127.0.0.3"}
     assert "2 worker(s) on 2 node(s)" in proc.stderr
+    assert f"joining the Ray cluster at {ray_two_nodes['address']} and starting 2 CPU worker(s) there" in proc.stderr
     assert list((shared / "two").glob("checkpoint_*/checkpoint.pth"))  # Ray's checkpoints on the shared storage
     assert epochs_in(tmp_path / "runs" / "two") == [0, 1]
     ckpt.load_checkpoint(str(tmp_path / "runs" / "two" / "best.pth"))
