@@ -15,8 +15,9 @@ training checks can start before the serving kit's last part has arrived:
 
 Each kit is the packages installed for the machine's Python (`--python`, default 3.12) into one folder, packed as
 tar.xz and cut into numbered parts of at most `--part-mib` MiB; kit.json lists the parts with their SHA-256 and is
-what `unpack` checks before it writes anything. Packages the image already has (IMAGE_HAS) are left out, so the
-kit never shadows a package the image's PyTorch was built against. Standard library only: `unpack` runs before
+what `unpack` checks before it writes anything. The pins asked for always go in; what they depend on is left out
+where the image already has it (IMAGE_HAS), so the kit never shadows a package the image's PyTorch was built
+against. Standard library only: `unpack` runs before
 anything is installed.
 """
 
@@ -99,14 +100,19 @@ def build_kit(name: str, requirements: list[str], out: Path, part_mib: int, pyth
         wheels, site = work / "wheels", work / "site"
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "-d", str(wheels),
                         *pip_platform_args(python), *requirements], check=True)
-        chosen = sorted(path for path in wheels.glob("*.whl") if wheel_name(path) not in skip)
+        # The pins asked for go in even where the image has the package (its werkzeug may be older than Flask's
+        # need); what they pull in does only where the image lacks it (numpy, Pillow: the image's torch's own).
+        asked = {canonical(re.split(r"[\[=<>]", requirement)[0]) for requirement in requirements}
+        chosen = sorted(path for path in wheels.glob("*.whl")
+                        if wheel_name(path) in asked or wheel_name(path) not in skip)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
                         "--target", str(site), *pip_platform_args(python), *map(str, chosen)], check=True)
         for unused in RAY_UNUSED:
             shutil.rmtree(site / "ray" / unused, ignore_errors=True)
         return write_kit(site, out / name, part_mib * 2**20, kit=name, python=python, requirements=requirements,
                          packages=sorted(path.name for path in chosen),
-                         left_out_as_the_image_has_them=sorted({wheel_name(p) for p in wheels.glob("*.whl")} & skip))
+                         left_out_as_the_image_has_them=sorted(
+                             {wheel_name(p) for p in wheels.glob("*.whl")} & skip - asked))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
