@@ -8,13 +8,35 @@ Exit codes: 0 success, 1 the work failed (training failed, ONNX Runtime disagree
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from torchferry.contract import TorchferryError, error_line
 
 BAD_INPUT, FAILED = 2, 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes (a misspelt flag, a bad value) end the command with one line and exit 2,
+    naming the closest flag and `--help`, instead of the whole usage block (fifty lines for the launcher) above
+    the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(BAD_INPUT, f"error: {message}{self._did_you_mean(message)}; {self.prog} --help lists the flags\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        """' (did you mean --epochs?)' for an unrecognized flag close to one this parser has, else ''."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for word in message.split(": ", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("--") else []
+            if close:
+                return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None,

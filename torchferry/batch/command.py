@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torchferry.batch.output import FORMATS
 from torchferry.batch.sources import IMAGE_EXTENSIONS
-from torchferry.cli import add_debug_arguments, run_command
+from torchferry.cli import Parser, add_debug_arguments, run_command
 from torchferry.contract import TorchferryError
 from torchferry.rayinit import ClusterUnavailable
 from torchferry.serve.settings import ServeSettings
@@ -77,7 +77,7 @@ class BatchConfig:
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line of `python -m serve.batch`."""
     d = BatchConfig("", "", "")
-    p = argparse.ArgumentParser(prog="python -m serve.batch", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m serve.batch", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the exported model.onnx (proven before anything is read)")
     p.add_argument("--input", required=True, help="a folder or bucket prefix (s3://, gs://, file://) whose image "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchferry.cli import add_debug_arguments, add_factory_argument, run_main
+from torchferry.cli import Parser, add_debug_arguments, add_factory_argument, run_main
 from torchferry.contract import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from torchferry.distributed.report import confusion_table, plot_confusion
@@ -91,7 +91,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """`python -m distributed.evaluate` command line."""
-    p = argparse.ArgumentParser(prog="python -m distributed.evaluate", description="Evaluate a torchferry "
+    p = Parser(prog="python -m distributed.evaluate", description="Evaluate a torchferry "
                                 "checkpoint on its validation data: accuracy, per-class precision/recall, "
                                 "confusion matrix, most confused pairs.")
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")

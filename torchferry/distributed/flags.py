@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from torchferry.cli import add_debug_arguments
+from torchferry.cli import Parser, add_debug_arguments
 from torchferry.contract import TASKS
 from torchferry.distributed.config import (
     CHECK_IMAGES,
@@ -44,7 +44,7 @@ def _ints(text: str) -> list[int]:
 def get_args_parser() -> argparse.ArgumentParser:
     """The `python -m distributed.launch` command line; every flag says its default."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m distributed.launch",
         description="Train an image classifier (or a tabular regression, --task tabular) with Ray Train (DDP "
         "over GPU or CPU workers) and keep the best checkpoint by its validation figure (val_acc, val_rmse) in "

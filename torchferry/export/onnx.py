@@ -28,7 +28,7 @@ from torch import nn
 
 import torchferry
 from torchferry import contract
-from torchferry.cli import FAILED, add_debug_arguments, error, run_main
+from torchferry.cli import FAILED, Parser, add_debug_arguments, error, run_main
 from torchferry.contract import INPUT_NAME, OUTPUT_NAME, sha256_file, sidecar_path, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import default_file_mode, load_checkpoint, model_from_checkpoint, write_sidecar
@@ -251,7 +251,7 @@ def export_checkpoint(checkpoint_path: str, output: str | None = None, *, opset:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """`python -m export.onnx` command line."""
-    p = argparse.ArgumentParser(prog="python -m export.onnx", description="Export a torchferry checkpoint to "
+    p = Parser(prog="python -m export.onnx", description="Export a torchferry checkpoint to "
                                 "ONNX and prove with ONNX Runtime that it computes what PyTorch computes.")
     p.add_argument("checkpoint", help="a torchferry checkpoint, e.g. runs/<name>/best.pth")
     p.add_argument("--output", "-o", default=None, help="the .onnx file (default: model.onnx beside the checkpoint)")

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from torchferry.cli import FAILED, add_debug_arguments, add_factory_argument, error, lead_line, run_main
+from torchferry.cli import FAILED, Parser, add_debug_arguments, add_factory_argument, error, lead_line, run_main
 from torchferry.contract import INPUT_NAME, decode_metadata, tolerance_ratio
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """`python -m export.verify` command line."""
-    p = argparse.ArgumentParser(prog="python -m export.verify", description="Check that an ONNX model computes "
+    p = Parser(prog="python -m export.verify", description="Check that an ONNX model computes "
                                 "what its torchferry checkpoint computes (ONNX Runtime vs PyTorch, CPU).")
     p.add_argument("model", help="the .onnx file")
     p.add_argument("checkpoint", help="the torchferry checkpoint (.pth) it was exported from")

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from torchferry.cli import Parser
 from torchferry.serve.app import create_app
 from torchferry.serve.device import DeviceRefused, check_available, is_gpu
 from torchferry.serve.settings import ServeSettings
@@ -19,7 +20,7 @@ from torchferry.serve.settings import ServeSettings
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The development server's command line; every setting flag also has a TORCHFERRY_* variable."""
-    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a torchferry ONNX model over HTTP "
+    p = Parser(prog="python -m serve", description="Serve a torchferry ONNX model over HTTP "
                                 "(development server; production: gunicorn -c torchferry/serve/gunicorn.conf.py).")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
