@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -181,6 +182,22 @@ def test_flags_and_environment_fill_the_same_typed_settings() -> None:
     help_text = " ".join(get_args_parser().format_help().split())
     flagged = [spec for spec, _ in ServeSettings.table().values() if spec.flag]
     assert len(flagged) == 14 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
+
+
+def test_a_taken_port_is_one_line_and_exit_2_before_the_model_loads(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from torchferry.serve.__main__ import main
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"never read: the port is refused first")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = main(["--model", str(model), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use; another program holds the "
+                   "port: stop it, or pass another --port\n")
+    assert "model_refused" not in err and "authentication" not in err
 
 
 def test_serve_never_imports_torch() -> None:

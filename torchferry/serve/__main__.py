@@ -7,10 +7,14 @@ SIGHUP makes the server look for a new model version and swap it in once proven,
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
+
+from werkzeug.serving import LISTEN_QUEUE, make_server, select_address_family
 
 from torchferry.cli import Parser
 from torchferry.serve.app import create_app
@@ -44,6 +48,12 @@ def _fail(problem: str, status: int) -> int:
     return status
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, as werkzeug's server would open it; OSError when it cannot (taken, a host
+    that is not this machine's)."""
+    return socket.create_server((host, port), family=select_address_family(host, port), backlog=LISTEN_QUEUE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the development server; exit 2 when the model file is missing or a setting cannot work (a GPU device
     whose provider this onnxruntime lacks included), 1 when the GPU's session fell back to the CPU."""
@@ -58,17 +68,30 @@ def main(argv: list[str] | None = None) -> int:
         problem = str(exc)
     if problem is not None:
         return _fail(problem, 2)
+    try:  # before the model loads: a port that is taken is said at once, in one line
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        fix = ("another program holds the port: stop it, or pass another --port" if exc.errno == errno.EADDRINUSE
+               else "pass a --host this machine has (127.0.0.1, 0.0.0.0) and a --port you may use")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return _fail(f"cannot listen on {args.host}:{args.port}: {reason}; {fix}", 2)
     try:
         # On a GPU the model is loaded and proven before the server listens, so a device that cannot run it
         # stops the server here instead of leaving it unready.
         app = create_app({**settings.as_config(), "LOAD_FIRST": is_gpu(settings.device)})
     except DeviceRefused as exc:
+        sock.close()
         return _fail(str(exc), 1)
     except ValueError as exc:  # an unreadable token file
+        sock.close()
         return _fail(str(exc), 2)
     repo = app.extensions["torchferry"]
     signal.signal(signal.SIGHUP, lambda signum, frame: repo.request_reload())
-    app.run(host=args.host, port=args.port, debug=False, use_reloader=False, threaded=True)
+    # werkzeug's server on the socket opened above (it would print two lines and exit 1 on a taken port itself).
+    server = make_server(args.host, args.port, app, threaded=True, fd=sock.fileno())
+    sock.close()  # the server holds its own duplicate
+    server.log_startup()
+    server.serve_forever()
     return 0
 
 
