@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import png
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed import checkpoint as ckpt
@@ -72,6 +73,25 @@ def test_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
         ckpt.load_checkpoint(str(tmp_path / "x.pth"))
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_a_file_torch_save_did_not_write_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """An exported model.onnx, an image or an empty file passed where a checkpoint goes is said to be one, not
+    called a refused pickle (torch.load's 'Unsupported operand 8'); both torch.save formats still load."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX protobuf begins
+    (tmp_path / "digit.png").write_bytes(png(8, 8))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    reasons = {"model.onnx": "it is an ONNX model, not a checkpoint: pass the best.pth it was exported from",
+               "digit.png": "it is not a PyTorch checkpoint (not a file torch.save wrote): pass a run's best.pth",
+               "empty.pth": "it is empty"}
+    for name, reason in reasons.items():
+        with pytest.raises(ckpt.CheckpointError) as refused:
+            ckpt.load_checkpoint(str(tmp_path / name))
+        assert str(refused.value) == f"cannot load {str(tmp_path / name)!r}: {reason}"
+    torch.save(sample_checkpoint(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    ckpt.save_checkpoint(sample_checkpoint(), str(tmp_path / "zip.pth"))
+    assert ckpt.load_checkpoint(str(tmp_path / "legacy.pth"))["classes"] == sample_checkpoint()["classes"]
+    assert ckpt.load_checkpoint(str(tmp_path / "zip.pth"))["classes"] == sample_checkpoint()["classes"]
 
 
 class _Payload:

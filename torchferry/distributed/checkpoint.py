@@ -132,12 +132,33 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         if actual != expected:
             raise CheckpointError(f"checkpoint {path!r} does not match its sha256 sidecar (expected {expected[:12]}…, "
                                   f"got {actual[:12]}…): the file is truncated or altered")
+    not_torch = _not_torch_save(path)
+    if not_torch:
+        raise CheckpointError(f"cannot load {path!r}: {not_torch}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot load {path!r} as a weights-only checkpoint: {load_error_reason(exc)}") from None
     check_checkpoint(obj, path)
     return obj
+
+
+# How a file torch.save wrote begins: its zip archive, or (torch.save's legacy format) a pickle of protocol 2 or more.
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_torch_save(path: str) -> str | None:
+    """Why `path` cannot be a file torch.save wrote (an ONNX model, an image, text ...), judged by its first bytes;
+    None when it may be one. torch.load would call such a file a refused pickle ('Unsupported operand 8')."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(TORCH_SAVE_MAGIC):
+        return None
+    if not head:
+        return "it is empty"
+    what = ("an ONNX model, not a checkpoint: pass the best.pth it was exported from" if path.lower().endswith(".onnx")
+            else "not a PyTorch checkpoint (not a file torch.save wrote): pass a run's best.pth")
+    return f"it is {what}"
 
 
 def load_error_reason(exc: BaseException) -> str:
