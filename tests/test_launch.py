@@ -191,6 +191,22 @@ def test_readme_flag_table_lists_every_flag() -> None:
                 assert f"`{flag}`" in readme, f"README flag table lacks {flag}"
 
 
+def test_readme_quick_start_image_is_a_built_in_digit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The quick start's `cp` finds its digit.png where the digits run wrote the set, a 3 (scikit-learn's 4th)."""
+    from sklearn.datasets import load_digits
+
+    from torchferry.distributed.config import default_cache_dir
+    from torchferry.distributed.data import DIGITS_VERSION, materialize_digits
+
+    monkeypatch.delenv("TORCHFERRY_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path / ".cache" / "torchferry")
+    readme = (REPO / "README.md").read_text()
+    assert f"cp ~/.cache/torchferry/{DIGITS_VERSION}/3/0003.png digit.png" in readme
+    assert (Path(materialize_digits(default_cache_dir())) / "3" / "0003.png").is_file()
+    assert load_digits().target[3] == 3
+
+
 @pytest.mark.slow
 def test_readme_command_on_digits_reaches_98_percent_and_is_served(tmp_path: Path, live_server) -> None:
     """The README's commands with their defaults, as a user runs them (about 2 minutes on 2 cores): the digits
