@@ -410,3 +410,17 @@ def _resumes_from_its_newest_checkpoint(run: Path, best_rmse: float) -> None:
     past = resume_state(get_task("tabular"), found.checkpoint, optimizer, build_scheduler(optimizer, cfg, cfg.epochs),
                         torch.amp.GradScaler("cpu", enabled=False))
     assert past.start_epoch == 15 and len(past.history) == 15 and past.best == pytest.approx(best_rmse, abs=1e-3)
+
+
+def test_the_epoch_line_counts_a_tables_rows_not_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchferry.distributed import events
+
+    lines: list[str] = []
+    monkeypatch.setattr(events._logger, "info", lines.append)
+    row = {"epoch": 0, "train_loss": 0.7, "val_rmse": 60.5, "lr": 0.003, "images_per_s": 1374.2, "seconds": 0.3}
+    for task in ("tabular", "image", "text"):
+        console = events.Console(None, TrainConfig(task=task, epochs=2))
+        console.pictures_warmed = True  # no matplotlib warm-up thread
+        console.handle({"kind": "epoch", "row": row})
+    assert [line.split("lr 0.003  ")[1] for line in lines] == ["1374 rows/s  0.3s", "1374 img/s  0.3s",
+                                                               "1374 texts/s  0.3s"]

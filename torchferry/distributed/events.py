@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.epoch import is_main_process
+from torchferry.distributed.tasks import get_task
 from torchferry.distributed.timeline import mark
 
 _logger = logging.getLogger(__name__)
@@ -69,11 +70,13 @@ def setup_worker_logging(verbose: bool) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def format_epoch(row: dict[str, Any], epochs: int) -> str:
-    """The per-epoch console line: the task's figures in the row's order, then lr, speed and time."""
+def format_epoch(row: dict[str, Any], epochs: int, items: str = "images") -> str:
+    """The per-epoch console line: the task's figures in the row's order, then lr, speed (in the task's `items`:
+    img/s, rows/s, texts/s; metrics.csv's column is images_per_s whatever the task) and time."""
     figures = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr", "images_per_s", "seconds"))
+    unit = "img" if items == "images" else items
     return (f"epoch {row['epoch'] + 1:>3}/{epochs}  {figures}  lr {row['lr']:.3g}"
-            f"  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
+            f"  {row['images_per_s']:.0f} {unit}/s  {row['seconds']:.1f}s")
 
 
 def record_placement(cfg: TrainConfig, rank: int, world: int, events: EventSink) -> None:
@@ -140,7 +143,7 @@ class Console(threading.Thread):
             self.bar.refresh()
         elif kind == "epoch":
             self._close_bar()
-            _logger.info(format_epoch(event["row"], self.cfg.epochs))
+            _logger.info(format_epoch(event["row"], self.cfg.epochs, get_task(self.cfg.task).items))
         elif kind == "info":
             _logger.info(event["message"])
 

@@ -256,7 +256,7 @@ def _report(work: _EpochWork, row: dict[str, Any], history: list[dict[str, Any]]
     if not is_main_process():
         ray.train.report(dict(row))
         return
-    _logger.info(format_epoch(row, cfg.epochs))
+    _logger.info(format_epoch(row, cfg.epochs, task.items))
     for key in task.metric_columns:
         if key not in ("epoch", "seconds"):
             writer.add_scalar(key, row[key], row["epoch"] + 1)
