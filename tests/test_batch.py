@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -52,8 +53,12 @@ def _bad_inputs(model: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]
     file_out.write_text("x")
     foreign.mkdir()
     (foreign / "keep.me").write_text("someone's file")
+    with zipfile.ZipFile(tmp_path / "best.pth", "w") as checkpoint:  # torch.save writes a zip archive
+        checkpoint.writestr("best/data.pkl", b"\x80\x02}q\x00.")
     ok = ["--model", str(model), "--input", str(images)]
     return {
+        "checkpoint for the model": (["--model", str(tmp_path / "best.pth"), "--input", str(images), "--output",
+                                      str(tmp_path / "o0")], "best.pth is a PyTorch checkpoint, not an ONNX model"),
         "missing model": (["--model", str(tmp_path / "nope.onnx"), "--input", str(images), "--output",
                            str(tmp_path / "o1")], "does not exist"),
         "model failing its proof": (["--model", str(_failing_proof(model, tmp_path)), "--input", str(images),
@@ -72,7 +77,7 @@ def _bad_inputs(model: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]
     }
 
 
-@pytest.mark.parametrize("case", ["missing model", "model failing its proof", "missing input", "empty folder",
+@pytest.mark.parametrize("case", ["checkpoint for the model", "missing model", "model failing its proof", "missing input", "empty folder",
                                   "output is a file", "output holds other files", "output under a file",
                                   "zero actors", "zero top-k", "unsupported URI"])
 def test_bad_input_is_one_line_and_exit_2_before_ray_starts(case: str, exported_model: dict, tmp_path: Path,

@@ -48,6 +48,9 @@ def error_line(exc: object) -> str:
 
 CHECKPOINT_FORMAT = "torchferry.checkpoint/1"
 FORMAT_MAJOR = CHECKPOINT_FORMAT.rsplit("/", 1)[1].split(".")[0]
+# How a file torch.save wrote begins: its zip archive, or (torch.save's legacy format) a pickle of protocol 2 or more.
+# An ONNX model (protobuf) begins otherwise, so a checkpoint given for a model, or a model for a checkpoint, is named.
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 # Bounds of the preprocessing (--image-size, --resize-size): a file asks the reader for C × H × W floats per image.
 MAX_IMAGE_SIDE = 2048
 MAX_RESIZE = 4096

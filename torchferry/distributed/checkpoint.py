@@ -21,6 +21,7 @@ from torch import nn
 import torchferry
 from torchferry.contract import (
     CHECKPOINT_FORMAT,
+    TORCH_SAVE_MAGIC,
     ContractError,
     TorchferryError,
     format_problem,
@@ -141,10 +142,6 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"cannot load {path!r} as a weights-only checkpoint: {load_error_reason(exc)}") from None
     check_checkpoint(obj, path)
     return obj
-
-
-# How a file torch.save wrote begins: its zip archive, or (torch.save's legacy format) a pickle of protocol 2 or more.
-TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _not_torch_save(path: str) -> str | None:

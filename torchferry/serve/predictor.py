@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from torchferry.contract import (
+    TORCH_SAVE_MAGIC,
     ContractError,
     classes_problem,
     decode_metadata,
@@ -170,6 +171,9 @@ class Predictor:
                 if "xternal data" in text:
                     raise ModelRefused(f"{path} references external data files; refused (only self-contained "
                                        "models are served)") from None
+                if data.startswith(TORCH_SAVE_MAGIC):
+                    raise ModelRefused(f"{path} is a PyTorch checkpoint, not an ONNX model: export it (python -m "
+                                       f"export.onnx {path}) and pass the model.onnx it writes") from None
                 raise ModelRefused(f"ONNX Runtime cannot load {path}: {error_line(exc)}") from None
 
     def golden(self) -> tuple[np.ndarray, np.ndarray, float, float]:
