@@ -50,11 +50,11 @@ ENTRYPOINT ["python", "-m", "gunicorn", "-c", "/app/torchferry/serve/gunicorn.co
 # ---------------------------------------------------------------------------------------------------
 FROM serve-runtime AS serve
 COPY --from=serve-deps /opt/venv /opt/venv
-# The serving package, the torch-free package root, the model-file contract and the tasks' input contract
-# (torchferry/inputs/) alone (torchferry.distributed and
+# The serving package, the torch-free package root, the model-file contract, the commands' one-line errors
+# (cli.py) and the tasks' input contract (torchferry/inputs/) alone (torchferry.distributed and
 # torchferry.export need torch), and the command names `python -m serve` and `python -m serve.healthcheck` (serve/,
-# no __init__.py).
-COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
+# no __init__.py). tests/test_layout.py checks that these hold every module the commands and gunicorn import.
+COPY torchferry/__init__.py torchferry/contract.py torchferry/cli.py /app/torchferry/
 COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/__main__.py serve/healthcheck.py /app/serve/

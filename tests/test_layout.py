@@ -9,6 +9,7 @@ user meets it: a fresh virtualenv, the real wheels of both projects, commands ru
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,43 @@ def test_installs_beside_dask_distributed_and_export(tmp_path: Path) -> None:
         assert help_.returncode == 0 and help_.stdout.startswith("usage: python -m distributed.launch"), help_.stderr
     again = _run(python, "-c", "import distributed; print(distributed.Client.__module__)", cwd=src)
     assert again.returncode == 0 and again.stdout.strip() == "distributed.client", again.stderr
+
+
+def _serve_image_files(app: Path) -> None:
+    """Copy into `app` what the Dockerfile's serve stage copies from the checkout (its COPY lines without --from)."""
+    text = (REPO / "Dockerfile").read_text()
+    start = text.index(" AS serve\n")
+    stage = text[start:text.find("\nFROM ", start)]
+    for line in stage.splitlines():
+        if not line.startswith("COPY ") or "--from" in line:
+            continue
+        *sources, dest = line.split()[1:]
+        target = app / Path(dest).relative_to("/app")
+        for source in sources:
+            if source.endswith("/"):
+                shutil.copytree(REPO / source, target, dirs_exist_ok=True)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / source, target / Path(source).name)
+
+
+def test_the_serve_image_holds_every_module_its_commands_import(tmp_path: Path) -> None:
+    """The serve image holds a few of torchferry's files; with those alone, gunicorn's config and app, the worker
+    class, `python -m serve` and `python -m serve.healthcheck` import (a module outside them would fail there)."""
+    app = tmp_path / "app"
+    _serve_image_files(app)
+    assert (app / "torchferry" / "serve" / "app.py").is_file() and not (app / "torchferry" / "distributed").exists()
+    env = {**os.environ, "PYTHONPATH": str(app)}
+    code = ("import runpy, sys\n"
+            "import torchferry.serve.app, torchferry.serve.worker, torchferry.serve.__main__, torchferry.serve.healthcheck\n"
+            "runpy.run_path('torchferry/serve/gunicorn.conf.py')\n"
+            "outside = [m for m, mod in list(sys.modules.items()) if m.startswith('torchferry') and\n"
+            "           not (getattr(mod, '__file__', None) or sys.argv[1]).startswith(sys.argv[1])]\n"
+            "print(outside)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(app)], cwd=app, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    for command in ("serve", "serve.healthcheck"):
+        help_ = subprocess.run([sys.executable, "-m", command, "--help"], cwd=app, env=env, capture_output=True,
+                               text=True, timeout=120, check=False)
+        assert help_.returncode == 0 and help_.stdout.startswith(f"usage: python -m {command}"), help_.stderr
