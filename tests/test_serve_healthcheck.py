@@ -118,3 +118,17 @@ def test_unix_socket_bind(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_help_says_what_it_does_and_asks_nothing(capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchferry.serve import healthcheck
+
+    monkeypatch.setattr(healthcheck, "check", lambda *a, **k: pytest.fail("--help probed the server"))
+    with pytest.raises(SystemExit) as stop:
+        healthcheck.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: python -m serve.healthcheck") and "/readyz" in out
+    with pytest.raises(SystemExit) as stop:
+        healthcheck.main(["--port", "9000"])
+    assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 
+from torchferry.cli import Parser
 from torchferry.serve.settings import GunicornSettings
 
 DEFAULT_BIND: str = GunicornSettings.bind  # TORCHFERRY_BIND's default (serve/settings.py)
@@ -76,8 +77,16 @@ def check(bind: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
     return False, f"/readyz on {bind}: {response.status}" + (f" ({reason})" if reason else "")
 
 
-def main() -> int:
+def get_args_parser() -> Parser:
+    """No flags: where to ask comes from $TORCHFERRY_BIND, as the server's; --help says so (and asks nothing)."""
+    return Parser(prog="python -m serve.healthcheck", description="Exit 0 when the server answers GET /readyz with "
+                  f"200, else 1, with one line saying what it saw; it asks where $TORCHFERRY_BIND (default "
+                  f"{DEFAULT_BIND}) says gunicorn listens. The serve image's HEALTHCHECK.")
+
+
+def main(argv: list[str] | None = None) -> int:
     """Probe $TORCHFERRY_BIND's /readyz; 0 when ready, 1 otherwise."""
+    get_args_parser().parse_args(argv)
     ready, line = check(os.environ.get("TORCHFERRY_BIND") or DEFAULT_BIND)
     print(line)
     return 0 if ready else 1
