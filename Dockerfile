@@ -101,7 +101,7 @@ ENV TORCHFERRY_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=serve-gpu-deps /opt/venv /opt/venv
-COPY torchferry/__init__.py torchferry/contract.py /app/torchferry/
+COPY torchferry/__init__.py torchferry/contract.py torchferry/cli.py /app/torchferry/
 COPY torchferry/inputs/ /app/torchferry/inputs/
 COPY torchferry/serve/ /app/torchferry/serve/
 COPY serve/__main__.py serve/healthcheck.py /app/serve/

@@ -101,10 +101,10 @@ def test_installs_beside_dask_distributed_and_export(tmp_path: Path) -> None:
     assert again.returncode == 0 and again.stdout.strip() == "distributed.client", again.stderr
 
 
-def _serve_image_files(app: Path) -> None:
-    """Copy into `app` what the Dockerfile's serve stage copies from the checkout (its COPY lines without --from)."""
+def _image_files(stage_name: str, app: Path) -> None:
+    """Copy into `app` what the Dockerfile's stage copies from the checkout (its COPY lines without --from)."""
     text = (REPO / "Dockerfile").read_text()
-    start = text.index(" AS serve\n")
+    start = text.index(f" AS {stage_name}\n")
     stage = text[start:text.find("\nFROM ", start)]
     for line in stage.splitlines():
         if not line.startswith("COPY ") or "--from" in line:
@@ -119,11 +119,12 @@ def _serve_image_files(app: Path) -> None:
                 shutil.copy2(REPO / source, target / Path(source).name)
 
 
-def test_the_serve_image_holds_every_module_its_commands_import(tmp_path: Path) -> None:
-    """The serve image holds a few of torchferry's files; with those alone, gunicorn's config and app, the worker
+@pytest.mark.parametrize("stage", ["serve", "serve-gpu"])
+def test_the_serve_image_holds_every_module_its_commands_import(stage: str, tmp_path: Path) -> None:
+    """The serve images hold a few of torchferry's files; with those alone, gunicorn's config and app, the worker
     class, `python -m serve` and `python -m serve.healthcheck` import (a module outside them would fail there)."""
     app = tmp_path / "app"
-    _serve_image_files(app)
+    _image_files(stage, app)
     assert (app / "torchferry" / "serve" / "app.py").is_file() and not (app / "torchferry" / "distributed").exists()
     env = {**os.environ, "PYTHONPATH": str(app)}
     code = ("import runpy, sys\n"
