@@ -326,3 +326,13 @@ def test_batch_scores_a_folder_as_the_server_does_and_resumes(exported_model: di
     assert (again["scored"], again["bad_total"], again["skipped"], again["ray_started"]) == (0, 0, 2005, False)
     assert sorted(p.name for p in out.glob("part-*")) == parts and re.search(r"0 scored, 0 bad, 2005 skipped",
                                                                             second.stdout)
+
+
+def test_the_summary_gives_the_pace_after_the_first_answers_only_when_there_were_others() -> None:
+    few = run.Summary(files=13, skipped=0, scored=12, bad={"not_an_image": 1}, seconds=10.7, first_rows_s=9.8,
+                      first_rows=13, output="scores")
+    many = run.Summary(files=2000, skipped=0, scored=2000, seconds=12.0, first_rows_s=8.0, first_rows=400,
+                       output="scores")
+    assert few.line() == ("batch: 13 files: 12 scored, 1 bad (not_an_image 1), 0 skipped (already in the output); "
+                          "1.2 img/s over 10.7 s (all in the first answers, at 9.8 s); output scores")
+    assert "166.7 img/s over 12.0 s (400.0 img/s after the first answers at 8.0 s)" in many.line()
