@@ -336,3 +336,6 @@ def test_the_summary_gives_the_pace_after_the_first_answers_only_when_there_were
     assert few.line() == ("batch: 13 files: 12 scored, 1 bad (not_an_image 1), 0 skipped (already in the output); "
                           "1.2 img/s over 10.7 s (all in the first answers, at 9.8 s); output scores")
     assert "166.7 img/s over 12.0 s (400.0 img/s after the first answers at 8.0 s)" in many.line()
+    rerun = run.Summary(files=13, skipped=13, output="scores")
+    assert rerun.line() == ("batch: 13 files: 0 scored, 0 bad, 13 skipped (already in the output); nothing to "
+                            "score; output scores")

@@ -66,12 +66,13 @@ class Summary:
     def line(self) -> str:
         """The one-line summary the command prints (the pace after the first answers when there were others)."""
         bad = ", ".join(f"{code} {n}" for code, n in sorted(self.bad.items()))
+        done = self.scored + self.bad_total
         steady = (f"{self.steady_images_per_s:.1f} img/s after the first answers at {self.first_rows_s:.1f} s"
-                  if self.scored + self.bad_total > self.first_rows else
-                  f"all in the first answers, at {self.first_rows_s:.1f} s")
+                  if done > self.first_rows else f"all in the first answers, at {self.first_rows_s:.1f} s")
+        pace = f"{self.images_per_s:.1f} img/s over {self.seconds:.1f} s ({steady})" if done else "nothing to score"
         return (f"batch: {self.files} files: {self.scored} scored, {self.bad_total} bad"
                 + (f" ({bad})" if bad else "") + f", {self.skipped} skipped (already in the output); "
-                f"{self.images_per_s:.1f} img/s over {self.seconds:.1f} s ({steady}); output {self.output}")
+                f"{pace}; output {self.output}")
 
 
 def split_entries(source: Source, done: set[str], max_bytes: int) -> tuple[list[Entry], list[Entry], dict]:
