@@ -200,6 +200,16 @@ def test_a_taken_port_is_one_line_and_exit_2_before_the_model_loads(tmp_path: Pa
     assert "model_refused" not in err and "authentication" not in err
 
 
+def test_no_model_given_is_said_so(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchferry.serve.__main__ import main
+
+    for name in ("TORCHFERRY_MODEL", "TORCHFERRY_MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert main([]) == 2
+    assert capsys.readouterr().err == ("error: no model given: pass --model model.onnx (or --model-dir DIR), or set "
+                                       "TORCHFERRY_MODEL\n")
+
+
 def test_serve_never_imports_torch() -> None:
     code = ("import sys; import torchferry.serve.app, torchferry.serve.__main__; torchferry.serve.app.create_app("
             "{'MODEL': '/nonexistent.onnx', 'LOAD_SYNC': True}); bad = [m for m in ('torch', 'torchvision', "

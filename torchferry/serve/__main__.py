@@ -38,7 +38,9 @@ def _model_problem(settings: ServeSettings) -> str | None:
         return "pass --model (one file) or --model-dir (versioned folder), not both"
     if settings.model_dir:
         return None if os.path.isdir(settings.model_dir) else f"model folder {settings.model_dir!r} does not exist"
-    if not settings.model or not os.path.isfile(settings.model):
+    if not settings.model:
+        return "no model given: pass --model model.onnx (or --model-dir DIR), or set TORCHFERRY_MODEL"
+    if not os.path.isfile(settings.model):
         return f"model {settings.model!r} does not exist; pass --model or set TORCHFERRY_MODEL"
     return None
 
