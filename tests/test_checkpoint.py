@@ -94,6 +94,18 @@ def test_a_file_torch_save_did_not_write_is_named_for_what_it_is(tmp_path: Path)
     assert ckpt.load_checkpoint(str(tmp_path / "zip.pth"))["classes"] == sample_checkpoint()["classes"]
 
 
+def test_a_run_folder_given_for_its_checkpoint_names_the_file_to_pass(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_checkpoint(str(run))
+    assert str(refused.value) == f"checkpoint {str(run)!r} is a folder, not a file"
+    ckpt.save_checkpoint(sample_checkpoint(), str(run / "best.pth"))
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load_checkpoint(str(run))
+    assert str(refused.value) == f"checkpoint {str(run)!r} is a folder, not a file: pass {str(run / 'best.pth')!r}"
+
+
 class _Payload:
     def __init__(self, marker: str):
         self.marker = marker

@@ -210,6 +210,20 @@ def test_no_model_given_is_said_so(capsys: pytest.CaptureFixture, monkeypatch: p
                                        "TORCHFERRY_MODEL\n")
 
 
+def test_a_run_folder_given_for_the_model_names_its_model_onnx(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    from torchferry.serve.__main__ import main
+    from torchferry.serve.predictor import ModelRefused, read_model_file
+
+    (tmp_path / "model.onnx").write_bytes(b"never read")
+    assert main(["--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: model {str(tmp_path)!r} is a folder, not a file: pass "
+                                       f"{str(tmp_path / 'model.onnx')!r} (--model-dir takes a folder of versions, "
+                                       "DIR/<name>/<version>/model.onnx)\n")
+    with pytest.raises(ModelRefused, match="is a folder, not a file: pass .*model.onnx"):
+        read_model_file(str(tmp_path))  # serve.batch and gunicorn's workers
+
+
 def test_serve_never_imports_torch() -> None:
     code = ("import sys; import torchferry.serve.app, torchferry.serve.__main__; torchferry.serve.app.create_app("
             "{'MODEL': '/nonexistent.onnx', 'LOAD_SYNC': True}); bad = [m for m in ('torch', 'torchvision', "

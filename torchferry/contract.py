@@ -334,6 +334,13 @@ def recorded_sha256(path: str) -> str | None:
     return parts[0] if parts else None
 
 
+def folder_not_file(path: str, expected: str) -> str:
+    """'is a folder, not a file' for a folder given where a file goes, naming the `expected` file inside it (a run's
+    best.pth, its model.onnx) when it holds one."""
+    inside = os.path.join(path, expected)
+    return "is a folder, not a file" + (f": pass {inside!r}" if os.path.isfile(inside) else "")
+
+
 # ----------------------------------------------------------------------------------------------------
 # images: the 16-bit rule training and serving share
 

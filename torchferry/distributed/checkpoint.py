@@ -24,6 +24,7 @@ from torchferry.contract import (
     TORCH_SAVE_MAGIC,
     ContractError,
     TorchferryError,
+    folder_not_file,
     format_problem,
     is_int,
     is_number,
@@ -125,6 +126,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     """Load and check a checkpoint: sha256 sidecar when present, `weights_only=True`, known format."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} {folder_not_file(path, 'best.pth')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} is not a file")
     expected = recorded_sha256(path)

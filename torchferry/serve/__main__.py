@@ -17,6 +17,7 @@ import sys
 from werkzeug.serving import LISTEN_QUEUE, make_server, select_address_family
 
 from torchferry.cli import Parser
+from torchferry.contract import folder_not_file
 from torchferry.serve.app import create_app
 from torchferry.serve.device import DeviceRefused, check_available, is_gpu
 from torchferry.serve.settings import ServeSettings
@@ -40,6 +41,9 @@ def _model_problem(settings: ServeSettings) -> str | None:
         return None if os.path.isdir(settings.model_dir) else f"model folder {settings.model_dir!r} does not exist"
     if not settings.model:
         return "no model given: pass --model model.onnx (or --model-dir DIR), or set TORCHFERRY_MODEL"
+    if os.path.isdir(settings.model):
+        return (f"model {settings.model!r} {folder_not_file(settings.model, 'model.onnx')} (--model-dir takes a "
+                "folder of versions, DIR/<name>/<version>/model.onnx)")
     if not os.path.isfile(settings.model):
         return f"model {settings.model!r} does not exist; pass --model or set TORCHFERRY_MODEL"
     return None

@@ -33,6 +33,7 @@ from torchferry.contract import (
     classes_problem,
     decode_metadata,
     error_line,
+    folder_not_file,
     golden_inputs,  # noqa: F401 - the golden batch, for callers that build model files
     preprocess_problems,
     read_golden,
@@ -93,6 +94,8 @@ def check_classes(classes: Any) -> list[str]:
 
 def read_model_file(model_path: str) -> bytes:
     """The model file's bytes, refused when missing or when they differ from its sha256 sidecar."""
+    if os.path.isdir(model_path):
+        raise ModelRefused(f"model file {model_path!r} {folder_not_file(model_path, 'model.onnx')}")
     if not os.path.isfile(model_path):
         raise ModelRefused(f"model file {model_path!r} does not exist")
     with open(model_path, "rb") as f:
