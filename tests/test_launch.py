@@ -256,6 +256,25 @@ def test_the_operators_ray_settings_win(monkeypatch: pytest.MonkeyPatch) -> None
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
 
 
+def test_rays_token_auth_notice_is_left_out_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training, the search and serve.batch start Ray through join_or_start_ray; none prints Ray's notice that token
+    authentication is on (serve.batch did) unless --verbose."""
+    import logging
+
+    import ray
+
+    from torchferry import rayinit
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(rayinit, "keep_ray_on_loopback", lambda: None)
+    monkeypatch.setattr(rayinit, "local_ray_settings", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    notice = logging.getLogger(rayinit.AUTH_NOTICE_LOGGER)
+    monkeypatch.setattr(notice, "level", logging.NOTSET)  # as a fresh process has it; restored afterwards
+    assert rayinit.join_or_start_ray(None, verbose=True) and notice.level == logging.NOTSET
+    assert rayinit.join_or_start_ray(None, verbose=False) and notice.level == logging.ERROR
+
+
 def test_a_run_on_a_ray_it_started_leaves_out_the_callbacks_it_has_no_use_for(tmp_path: Path) -> None:
     """On a Ray the command started (and stops), the trainer leaves out Ray Train's placement-group cleaner and
     datasets callback (an actor process each); on a cluster it joined, it keeps Ray Train's own list whole."""

@@ -64,11 +64,18 @@ def local_ray_settings() -> None:
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
+# Ray's token authentication is on by default, which is what we want; its notice saying so on every start is not
+# news (training, search and batch prediction alike leave it out unless --verbose).
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def join_or_start_ray(address: str | None, verbose: bool, num_gpus: int = 0) -> bool:
     """Join `address` (else $RAY_ADDRESS), or start a local Ray on 127.0.0.1 with no dashboard; True if started
     here (the caller shuts it down). ClusterUnavailable, saying what to try, when neither works."""
     address = address or os.environ.get("RAY_ADDRESS")
     quiet = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
     if address:
         import ray
 

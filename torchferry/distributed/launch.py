@@ -43,9 +43,6 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        # Ray's token auth is on by default, which is what we want; its notice about it is not news.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 # What Ray Train starts for every run and a run on a Ray this command started has no use for. Each is an actor,
