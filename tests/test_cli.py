@@ -56,3 +56,19 @@ def test_help_still_prints_the_whole_usage(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit) as stop:
         serve_parser().parse_args(["--help"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m serve")
+
+
+def test_library_info_lines_stay_out_of_the_commands_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib's 'generated new fontManager' (a machine's first picture) is not printed by training, the search
+    or evaluate, whose logging is at INFO."""
+    import logging
+
+    from torchferry.cli import run_main
+    from torchferry.distributed.launch import setup_logging
+
+    matplotlib = logging.getLogger("matplotlib")
+    for configure in (lambda: setup_logging(verbose=True),
+                      lambda: run_main(evaluate_parser(), lambda args: 0, ["best.pth"])):
+        monkeypatch.setattr(matplotlib, "level", logging.NOTSET)  # as a fresh process has it; restored afterwards
+        configure()
+        assert matplotlib.level == logging.WARNING  # the command's root logger is at INFO (DEBUG with --verbose)

@@ -45,7 +45,19 @@ def run_main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
     args = parser.parse_args(argv)
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    quiet_libraries()
     return run_command(lambda: body(args), debug=args.debug, failures=failures)
+
+
+# Libraries whose INFO lines are not the command's news: matplotlib's "generated new fontManager" when a machine
+# draws its first picture (a run's curves, evaluate's confusion matrix), PIL's chunk-by-chunk debug lines.
+LIBRARY_LOGGERS = ("matplotlib", "PIL")
+
+
+def quiet_libraries() -> None:
+    """The LIBRARY_LOGGERS at warnings, whatever the command's own level (--verbose included)."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_command(body: Callable[[], int], *, debug: bool,

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from torchferry.cli import run_command
+from torchferry.cli import quiet_libraries, run_command
 from torchferry.distributed.cluster import check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note
@@ -43,6 +43,7 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_libraries()
 
 
 # What Ray Train starts for every run and a run on a Ray this command started has no use for. Each is an actor,
