@@ -158,9 +158,11 @@ def test_bad_input_fails_with_one_line(case: str, tmp_path: Path, capsys: pytest
 def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has 2 GPUs")
-    code, _, err = run_main(capsys, ["--gpus", "2", "--data", str(flat_folder), "--output-dir", str(tmp_path)])
+    code, _, err = run_main(capsys, ["--gpus", "2", "--data", str(flat_folder), "--output-dir",
+                                     str(tmp_path / "runs")])
     assert code == 2
     assert re.search(r"--gpus 2 asks for 2 GPU worker\(s\) but this machine has \d GPU", err)
+    assert not (tmp_path / "runs").exists()  # a run refused at the start leaves no folder behind
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from torchferry.distributed.cluster import check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note
 from torchferry.distributed.flags import config_from_args
-from torchferry.distributed.preflight import claim_run_dir, prepare, resume_command
+from torchferry.distributed.preflight import claim_run_dir, prepare, refuse_held_run_dir, resume_command
 from torchferry.distributed.timeline import mark
 from torchferry.rayinit import ClusterUnavailable, shutdown_ray
 
@@ -164,7 +164,7 @@ def starting_line(cfg: TrainConfig) -> str:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: prepare, start or join Ray, check resources, train, keep the best checkpoint."""
     cfg, split = prepare(cfg)
-    claim_run_dir(cfg)
+    refuse_held_run_dir(cfg)
     _logger.info(starting_line(cfg))
     mark("ray_init")
     started = start_ray(cfg)
@@ -173,6 +173,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resource_check:
             check_resources(cfg)
         mark("ray_ready")
+        claim_run_dir(cfg)  # the run's folder and config.json once it can start: a refused one leaves nothing
         t0 = time.perf_counter()
         try:
             result = fit(cfg, split, local_ray=started)

@@ -175,10 +175,8 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     return saved
 
 
-def claim_run_dir(cfg: TrainConfig) -> None:
-    """Make runs/<name> and write config.json there; refuse a folder that holds a run unless resuming."""
-    from torchferry.distributed import checkpoint as ckpt
-
+def refuse_held_run_dir(cfg: TrainConfig) -> None:
+    """Refuse runs/<name> when it holds a run already, unless resuming; writes nothing."""
     run_dir = cfg.run_dir
     if cfg.resume:
         return
@@ -187,6 +185,16 @@ def claim_run_dir(cfg: TrainConfig) -> None:
                                        ray_state)):
         raise TorchferryError(f"run directory {run_dir} already holds a run; continue it with --resume --name "
                               f"{cfg.name}, or choose another --name (nothing there was changed)")
+
+
+def claim_run_dir(cfg: TrainConfig) -> None:
+    """Make runs/<name> and write config.json there; refuse a folder that holds a run unless resuming."""
+    from torchferry.distributed import checkpoint as ckpt
+
+    refuse_held_run_dir(cfg)
+    if cfg.resume:
+        return
+    run_dir = cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
     ckpt.atomic_write_bytes(os.path.join(run_dir, "config.json"),
                             (json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n").encode())
