@@ -61,8 +61,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the development server; exit 2 when the model file is missing or a setting cannot work (a GPU device
-    whose provider this onnxruntime lacks included), 1 when the GPU's session fell back to the CPU."""
+    """Run the development server; exit 2 when the model file is missing, a setting cannot work (a GPU device
+    whose provider this onnxruntime lacks included) or --host:--port cannot be listened on, 1 when the GPU's
+    session fell back to the CPU."""
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return _fail(f"cannot listen on {args.host}:{args.port}: {reason}; {fix}", 2)
     try:
-        # On a GPU the model is loaded and proven before the server listens, so a device that cannot run it
-        # stops the server here instead of leaving it unready.
+        # On a GPU the model is loaded and proven before the server answers (connections wait in the listen queue
+        # meanwhile), so a device that cannot run it stops the server here instead of leaving it unready.
         app = create_app({**settings.as_config(), "LOAD_FIRST": is_gpu(settings.device)})
     except DeviceRefused as exc:
         sock.close()
