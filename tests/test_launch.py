@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shlex
@@ -155,14 +156,17 @@ def test_bad_input_fails_with_one_line(case: str, tmp_path: Path, capsys: pytest
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
-def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_gpus_on_a_cpu_machine_fail_fast(flat_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has 2 GPUs")
+    caplog.set_level(logging.INFO, logger="torchferry")
     code, _, err = run_main(capsys, ["--gpus", "2", "--data", str(flat_folder), "--output-dir",
                                      str(tmp_path / "runs")])
     assert code == 2
     assert re.search(r"--gpus 2 asks for 2 GPU worker\(s\) but this machine has \d GPU", err)
     assert not (tmp_path / "runs").exists()  # a run refused at the start leaves no folder behind
+    assert "data: " in caplog.text and "starting a local Ray" not in caplog.text  # refused before Ray is said to start
 
 
 @pytest.mark.slow

@@ -243,9 +243,11 @@ def test_a_sighup_while_a_worker_loads_its_model_does_not_end_it(resnet_model: P
 
 
 @pytest.mark.slow
-def test_ready_means_every_accepting_worker_answers(small_model: Path, live_server) -> None:
+def test_ready_means_every_accepting_worker_answers(small_model: Path, live_server, tmp_path: Path) -> None:
     """A 2-worker start: from the first 200 of /readyz on, no request gets a 503 from a worker still loading."""
-    server = live_server("gunicorn", small_model, workers=2, threads=4, ready=False)
+    home = tmp_path / "home"
+    server = live_server("gunicorn", small_model, workers=2, threads=4, ready=False,
+                         env={"HOME": str(home), "XDG_RUNTIME_DIR": str(home / "run")})
     base, proc = server.base, server.proc
     body = png("noise")
     records: list[object] = []
@@ -276,6 +278,8 @@ def test_ready_means_every_accepting_worker_answers(small_model: Path, live_serv
     for t in threads:
         t.join(timeout=60)
     assert records and all(r == 200 for r in records), records
+    # No gunicornc control socket: the server is run by signals alone.
+    assert not list(home.rglob("gunicorn.ctl")) and proc.poll() is None
 
 
 def test_a_bad_body_timeout_stops_gunicorn_at_start(tmp_path: Path) -> None:

@@ -6,16 +6,21 @@ Torch and Ray load only when a run starts (`--help` imports this module).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
 from torchferry.rayinit import join_or_start_ray
 
+_logger = logging.getLogger(__name__)
+
 
 def start_ray(cfg: TrainConfig) -> bool:
-    """Join `--address`/$RAY_ADDRESS, or start a local Ray on 127.0.0.1 with no dashboard; True if started here."""
-    if cfg.gpus > 0 and not (cfg.address or os.environ.get("RAY_ADDRESS")):
+    """Join `--address`/$RAY_ADDRESS, or start a local Ray on 127.0.0.1 with no dashboard; True if started here.
+    Says so in one line first (`starting_line`): the seconds until the workers' first line go there."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if cfg.gpus > 0 and not address:
         import torch
 
         have = torch.cuda.device_count()
@@ -23,7 +28,15 @@ def start_ray(cfg: TrainConfig) -> bool:
             raise TorchferryError(f"--gpus {cfg.gpus} asks for {cfg.gpus} GPU worker(s) but this machine has {have} "
                                   "GPU(s); use --gpus 0 --workers N to train on CPU workers, or --address to join "
                                   "a cluster with GPUs")
+    _logger.info(starting_line(cfg, address))
     return join_or_start_ray(cfg.address, cfg.verbose, num_gpus=cfg.gpus)
+
+
+def starting_line(cfg: TrainConfig, address: str | None) -> str:
+    workers = f"{cfg.num_workers_total} {'GPU' if cfg.gpus > 0 else 'CPU'} worker(s)"
+    if address:
+        return f"joining the Ray cluster at {address} and starting {workers} there..."
+    return f"starting a local Ray (127.0.0.1 only) and {workers}..."
 
 
 def check_resources(cfg: TrainConfig) -> None:

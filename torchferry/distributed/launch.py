@@ -152,20 +152,10 @@ def fit(cfg: TrainConfig, split: Any, local_ray: bool = False) -> Any:
         console.stop()
 
 
-def starting_line(cfg: TrainConfig) -> str:
-    """What the seconds before the first epoch line go to, said before they start."""
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    workers = f"{cfg.num_workers_total} {'GPU' if cfg.gpus > 0 else 'CPU'} worker(s)"
-    if address:
-        return f"joining the Ray cluster at {address} and starting {workers} there..."
-    return f"starting a local Ray (127.0.0.1 only) and {workers}..."
-
-
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: prepare, start or join Ray, check resources, train, keep the best checkpoint."""
     cfg, split = prepare(cfg)
     refuse_held_run_dir(cfg)
-    _logger.info(starting_line(cfg))
     mark("ray_init")
     started = start_ray(cfg)
     pictures: list[threading.Thread] = []  # drawn while Ray shuts down: they need neither Ray nor each other

@@ -56,6 +56,11 @@ limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
 accesslog = None  # the app writes one JSON line per request itself
+# No control socket (gunicorn 25.1+ opens $XDG_RUNTIME_DIR or $HOME/.gunicorn/gunicorn.ctl by default for gunicornc:
+# show the config, add or kill workers, shut down): the server is run by signals (SIGHUP, SIGTERM, README), a
+# second server on the machine would take over the first one's socket at the same path, and a read-only root
+# file system has no $HOME to write it to.
+control_socket_disable = True
 errorlog = "-"
 loglevel = _settings.log_level
 
