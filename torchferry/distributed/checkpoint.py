@@ -24,6 +24,7 @@ from torchferry.contract import (
     TORCH_SAVE_MAGIC,
     ContractError,
     TorchferryError,
+    error_line,
     folder_not_file,
     format_problem,
     is_int,
@@ -170,7 +171,7 @@ def load_error_reason(exc: BaseException) -> str:
                     + ln.split("error:", 1)[-1].strip()[:200] + ")")
     if lines and lines[0].startswith("Weights only load failed") and len(lines) > 1:
         return lines[-2][:300] if len(lines) > 2 else lines[-1][:300]
-    return lines[0][:300] if lines else type(exc).__name__
+    return error_line(exc)
 
 
 def check_checkpoint(obj: Any, where: str) -> None:
