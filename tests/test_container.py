@@ -285,7 +285,7 @@ def test_image_is_small_and_carries_no_torch_ray_or_installer(serve_image: str) 
                  "-printf", "%P\\n").stdout.split()
     assert app and all(name.endswith(".py") for name in app), app
     assert {name for name in app if not name.startswith(("torchferry/serve/", "serve/", "torchferry/inputs/"))} == {
-        "torchferry/__init__.py", "torchferry/contract.py"}
+        "torchferry/__init__.py", "torchferry/cli.py", "torchferry/contract.py"}
     config = inspect(serve_image)["Config"]
     assert config["User"] == "10001:10001" and config["Healthcheck"]["Test"][-2:] == ["-m", "serve.healthcheck"]
 
