@@ -93,12 +93,14 @@ def http_caller(url: str, path: str = "/predict") -> Callable[[bytes], bool]:
 
 class TreeProbe:
     """A process and all its descendants while the `with` block runs, sampled every `interval` s on a thread:
-    the largest resident memory (RSS summed over the tree) and the CPU seconds (user + system) the tree used."""
+    the largest resident memory (RSS summed over the tree), each process's RSS in that sample (`peak_by_process`,
+    the root first), and the CPU seconds (user + system) the tree used."""
 
     def __init__(self, pid: int, interval: float = 0.05):
         import psutil
 
         self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self.peak_by_process: list[int] = []
         self._start: dict[int, float] = {}
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
@@ -108,16 +110,18 @@ class TreeProbe:
         """The tree's RSS now, in bytes (processes that end while being read count as 0)."""
         import psutil
 
-        total = 0
+        each = []
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
                 with proc.oneshot():
-                    total += proc.memory_info().rss
+                    each.append(proc.memory_info().rss)
                     times = proc.cpu_times()
                 self._cpu[proc.pid] = times.user + times.system
             except psutil.Error:
                 pass
-        self.peak = max(self.peak, total)
+        total = sum(each)
+        if total > self.peak:
+            self.peak, self.peak_by_process = total, each
         return total
 
     @property
@@ -176,7 +180,8 @@ def against(url: str, images: list[bytes], clients: list[int], seconds: float, p
         load = os.getloadavg()[0]
         with TreeProbe(pid) as probe:
             r = drive(call, images, n, seconds)
-        rows.append({**r, "peak_rss_mb": probe.peak / 2**20, "load_average": load,
+        rows.append({**r, "peak_rss_mb": probe.peak / 2**20,
+                     "peak_rss_by_process_mb": [round(b / 2**20, 1) for b in probe.peak_by_process], "load_average": load,
                      "server_cpu_ms_per_request": 1000 * probe.cpu_seconds / max(1, r["requests"])})
     return rows
 

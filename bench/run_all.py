@@ -88,6 +88,18 @@ WHY = {
     "model), and its gevent worker, which keeps slow clients off the app threads, costs about 0.35 ms of CPU a request "
     "more than gthread would (1 worker, sequential client); in all about 0.65 ms of CPU a request over the bare app's "
     "3.2-3.6 ms. Requests/s on a 2-core machine shared with other work move by far more than 3 %.",
+    "peak RSS vs the best peer framework": "the bar sits at the bare Flask app's own footprint (the peers section "
+    "sets half of the best framework's peak RSS beside the bare app's). bench/results/2026-11-28-vm-serve-memory.json "
+    "measured where torchferry's extra goes (/proc/PID/smaps, 2 workers, after 16 clients; 214 MB against the bare "
+    "app's 195): about 5 MB in the gunicorn master, which imports the gevent worker class that keeps slow clients "
+    "off the app threads (gevent 1.5, greenlet's libstdc++ 0.9, Python objects 1.9), and about 7 MB in each worker "
+    "(Python objects of the limits, metrics, proof and their modules 4.7, numpy.random's code for the proof's "
+    "seeded golden input 1.9, gevent 1.1) around the same ONNX Runtime session.",
+    "seconds from the command to the first step": "the CPU the run's processes use before the first step, divided by "
+    "the 2 cores, is 11-12 s, the bar itself (the Start-up section below), and a bare Ray TorchTrainer whose workers "
+    "do nothing uses as much: Ray Train's processes hold that floor, and the bare TorchTrainer reaches its first "
+    "step later than torchferry in the same rounds. The rest is the waits between Ray's phases (processes started "
+    "one after another).",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
     "python -m serve.batch, 2 actors": "on a shared 2-core machine the loop's side gets its core and the two "

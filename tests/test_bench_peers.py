@@ -78,6 +78,17 @@ def test_targets_compare_with_the_best_framework_and_the_bare_flask_app() -> Non
     assert checks[4]["short_by"] == "short by 7.2 %"
 
 
+def test_the_report_breaks_peak_memory_down_by_process() -> None:
+    result = _result(flask=300.0, tf=270.0, lit=250.0, bento=280.0)
+    for row in result["rows"]:
+        row["peak_rss_by_process_mb"] = {"flask": [30.0, 80.0, 80.0], "torchferry": [40.0, 80.0, 80.0]}.get(row["server"])
+    text = "\n".join(report.render({**result, "method": "m", "seconds_per_point": 1, "rounds": 1}))
+    assert "- flask: 190 MB = 30.0 (root process) + 80.0 + 80.0" in text
+    assert "- torchferry: 200 MB = 40.0 (root process) + 80.0 + 80.0" in text
+    assert "- the bar, half the peak RSS of the best peer framework (bentoml): 250 MB; the bare Flask app's own: 190 MB" in text
+    assert "- litserve:" not in text  # rows without the breakdown (older results) are left out
+
+
 def test_the_quieter_round_of_each_server_is_reported() -> None:
     def run(server: str, r: int, load: float, rate: float) -> dict:
         return {"server": server, "round": r, "rows": [{"clients": 1, "req_s": rate, "load_average": load}]}
@@ -106,6 +117,8 @@ def test_the_tree_probe_counts_the_childrens_memory_and_cpu_and_finds_the_listen
             while (probe.sample() < 80 * 2**20 or probe.cpu_seconds < 0.9) and time.monotonic() < deadline:
                 time.sleep(0.05)
         assert probe.peak >= 80 * 2**20  # the child's 80 MB count in the root's tree
+        root, child_rss = probe.peak_by_process  # and in the peak's breakdown, under the child, the root first
+        assert child_rss >= 80 * 2**20 > root and root + child_rss == probe.peak
         assert 0.9 <= probe.cpu_seconds < 30  # and its second of CPU
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

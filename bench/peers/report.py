@@ -86,6 +86,23 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:,.{digits}f}"
 
 
+def _memory_lines(rows: list[dict[str, Any]], labels: dict[str, str], order: list[str]) -> list[str]:
+    """Each server's peak RSS by process (its root first, in the sample with the largest sum), and what half of the
+    best peer framework's comes to beside the bare Flask app's own."""
+    out = []
+    for server in order:
+        peak = max((r for r in rows if r["server"] == server), key=lambda r: r["peak_rss_mb"])
+        each = peak.get("peak_rss_by_process_mb")
+        if each:
+            out.append(f"- {labels.get(server, server)}: {_fmt(peak['peak_rss_mb'], 0)} MB = {_fmt(each[0])} (root "
+                       f"process) + {' + '.join(_fmt(mb) for mb in each[1:]) or '0'}")
+    best = best_framework(rows)
+    if best and any(r["server"] == FLOOR for r in rows):
+        out.append(f"- the bar, half the peak RSS of the best peer framework ({labels.get(best, best)}): "
+                   f"{_fmt(_peak(rows, best) / 2, 0)} MB; the bare Flask app's own: {_fmt(_peak(rows, FLOOR), 0)} MB")
+    return ["", "Peak RSS by process (MB):", "", *out] if out else []
+
+
 def render(result: dict[str, Any], source: str | None = None) -> list[str]:
     """The RESULTS.md section: method, one row per server and client count, the targets."""
     title = "## Serving against the peers (CPU)" + (f": `{source}`, {result.get('date', '')}" if source else "")
@@ -106,6 +123,7 @@ def render(result: dict[str, Any], source: str | None = None) -> list[str]:
                            f"{_fmt(r['p99_ms'], 2)} | {_fmt(r['peak_rss_mb'], 0)} | "
                            f"{_fmt(r.get('server_cpu_ms_per_request'), 2)} | {_fmt(r['load_average'])} | "
                            f"{r['round']} |")
+    out += _memory_lines(result["rows"], labels, order)
     loads, cpus = [r["load_average"] for r in result["rows"]], result.get("machine", {}).get("cpus") or 0
     if loads and cpus and max(loads) > cpus:
         out += ["", (f"The 1-minute load average beside the figures ran from {min(loads):.1f} to {max(loads):.1f} on "
