@@ -507,6 +507,27 @@ def test_resume_writes_only_to_a_storage_the_command_line_names(flat_folder: Pat
     assert str(launch.Interrupted(named)).endswith(again) and again in latest_checkpoint_note(named)
 
 
+def test_resume_writes_the_digits_cache_and_downloads_only_where_the_command_line_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nor does config.json choose where the digits are written or whether a data set is downloaded into its root: both
+    are this command's, and the command that says how to continue the run names a --cache-dir other than the default."""
+    from torchferry.distributed.preflight import resume_command, resumed_config
+
+    runs, theirs, ours = tmp_path / "runs", tmp_path / "their folder", tmp_path / "our cache"
+    (runs / "r").mkdir(parents=True)
+    monkeypatch.setenv("TORCHFERRY_CACHE", str(ours))
+    saved = TrainConfig(name="r", output_dir=str(runs), cache_dir=str(theirs), download=True)
+    (runs / "r" / "config.json").write_text(json.dumps(saved.to_dict()))
+    resumed = resumed_config(config_from_args(["--resume", "--name", "r", "--output-dir", str(runs)]))
+    assert resumed.cache_dir == str(ours) and resumed.download is False and resumed.data == "digits"
+    assert f"--cache-dir {shlex.quote(str(theirs))}" in resume_command(saved)  # how to continue it where it was
+    assert "--cache-dir" not in resume_command(resumed)  # the default is not named
+    named = resumed_config(config_from_args(["--resume", "--name", "r", "--output-dir", str(runs),
+                                             "--cache-dir", str(theirs), "--download"]))
+    assert named.cache_dir == str(theirs) and named.download is True
+    assert not theirs.exists() and not ours.exists()  # nothing written by resolving the config
+
+
 def test_init_from_a_factory_checkpoint_needs_that_model(flat_folder: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     from helpers import write_checkpoint

@@ -17,7 +17,8 @@ import sys
 from typing import Any
 
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import TrainConfig, absolute_paths, fit_to_images, resolve_defaults, validate_flags
+from torchferry.distributed.config import (TrainConfig, absolute_path, absolute_paths, data_set_key, default_cache_dir,
+                                          fit_to_images, resolve_defaults, validate_flags)
 
 _logger = logging.getLogger(__name__)
 
@@ -138,14 +139,21 @@ def forward_problem(model: Any, cfg: TrainConfig, num_classes: int) -> str | Non
     return None
 
 
+# What --resume takes from this command, not from the run's config.json: the cluster and console flags, and every
+# place something is written (--output-dir, --storage, the digits cache, --download into a data set's root).
 RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir",
-                    "storage")
+                    "storage", "cache_dir", "download")
 
 
 def resume_command(cfg: TrainConfig) -> str:
-    """The command that continues the run `cfg` describes, its --storage named again (`resumed_config`)."""
+    """The command that continues the run `cfg` describes, its --storage and a --cache-dir other than the default
+    named again (`resumed_config`)."""
     args = ["python", "-m", "distributed.launch", "--resume", "--name", str(cfg.name), "--output-dir", cfg.output_dir]
-    return shlex.join(args + (["--storage", cfg.storage] if cfg.storage else []))
+    if cfg.storage:
+        args += ["--storage", cfg.storage]
+    if data_set_key(cfg.data) == "digits" and absolute_path(cfg.cache_dir) != absolute_path(default_cache_dir()):
+        args += ["--cache-dir", cfg.cache_dir]
+    return shlex.join(args)
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -164,8 +172,9 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     if is_custom(saved.model) or is_custom(cfg.model):
         require_trusted_arch(saved.model, cfg.model if is_custom(cfg.model) else None, flag="--model",
                              source=f"run {cfg.name!r}")
-    # Nor does it choose where checkpoints are written (a bucket of someone else's, a system folder): a run kept on
-    # --storage continues only when the command line names that storage again.
+    # Nor does it choose where anything is written (a bucket of someone else's, a system folder): a run kept on
+    # --storage continues only when the command line names that storage again, and the digits cache and --download
+    # are this command's (RESUME_OVERRIDES).
     if saved.storage and not cfg.storage:
         raise TorchferryError(f"--resume: run {cfg.name!r} keeps its checkpoints on --storage {saved.storage}; name it "
                               "again (--storage), as a run's config.json does not choose where checkpoints are written")
