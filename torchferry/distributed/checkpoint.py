@@ -142,7 +142,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"cannot load {path!r}: {not_torch}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile file makes torch.load raise is bad input
         raise CheckpointError(f"cannot load {path!r} as a weights-only checkpoint: {load_error_reason(exc)}") from None
     check_checkpoint(obj, path)
     return obj

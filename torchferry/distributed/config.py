@@ -360,7 +360,7 @@ def resolve_defaults(cfg: TrainConfig, weights_preprocess: dict[str, Any] | None
     if r.image_size is None:
         r.image_size = w.get("size") or SMALL_IMAGE_SIZES.get(key, 224)
     if r.resize_size is None:
-        r.resize_size = w.get("resize") or (r.image_size if small else int(round(r.image_size * 256 / 224)))
+        r.resize_size = w.get("resize") or (r.image_size if small else round(r.image_size * 256 / 224))
     if r.mean is None:
         r.mean = w.get("mean") or (IMAGENET_MEAN if r.channels == 3 else GRAY_MEAN)
         r.std = w.get("std") or (IMAGENET_STD if r.channels == 3 else GRAY_STD)

@@ -62,7 +62,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
                    reverse=True)
     return {
         # How many were looked at, named as the task names its inputs ("images": N, "texts": N) and "items" says.
-        "checkpoint": os.path.abspath(path), "data": source, "items": task.items, task.items: int(len(truth)),
+        "checkpoint": os.path.abspath(path), "data": source, "items": task.items, task.items: len(truth),
         "accuracy": float(np.mean(truth == preds)),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],

@@ -267,7 +267,7 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
         raise TorchferryError(f"weights file {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile file makes torch.load raise is bad input
         raise TorchferryError(f"cannot load weights from {path!r} with weights_only=True: "
                               f"{str(exc).splitlines()[0]}") from None
     if isinstance(obj, dict):
@@ -288,7 +288,7 @@ def _enum_state_dict(weights: Any) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(sys.stderr):
             return torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True,
                                                       weights_only=True, map_location="cpu")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy's refusal, a bad hash: one line saying where to put it
         raise TorchferryError(f"cannot fetch {weights} ({exc}); place the file at {cached} or pass "
                               "--pretrained /path/to/weights.pth") from None
 

@@ -17,8 +17,16 @@ import sys
 from typing import Any
 
 from torchferry.distributed import TorchferryError
-from torchferry.distributed.config import (TrainConfig, absolute_path, absolute_paths, data_set_key, default_cache_dir,
-                                          fit_to_images, resolve_defaults, validate_flags)
+from torchferry.distributed.config import (
+    TrainConfig,
+    absolute_path,
+    absolute_paths,
+    data_set_key,
+    default_cache_dir,
+    fit_to_images,
+    resolve_defaults,
+    validate_flags,
+)
 
 _logger = logging.getLogger(__name__)
 

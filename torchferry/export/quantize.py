@@ -86,8 +86,8 @@ def quantize_int8(fp32_path: str, out_path: str, checkpoint: dict[str, Any], *, 
     fp32, int8 = top1(fp32_path, val_batches, labels), top1(out_path, val_batches, labels)
     _logger.info("int8 (static, %d calibration images): top-1 %.4f vs fp32 %.4f on %d validation images",
                  sum(len(b) for b in calibration), int8, fp32, len(labels))
-    return {"path": out_path, "method": "static", "calibration_images": int(sum(len(b) for b in calibration)),
-            "validation_images": int(len(labels)), "fp32_top1": fp32, "int8_top1": int8,
+    return {"path": out_path, "method": "static", "calibration_images": sum(len(b) for b in calibration),
+            "validation_images": len(labels), "fp32_top1": fp32, "int8_top1": int8,
             "top1_delta_pp": round(100 * (int8 - fp32), 3)}
 
 

@@ -258,7 +258,7 @@ def _verify(args: argparse.Namespace) -> int:
                                max_images=args.max_images)
     except TorchferryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - ORT refusing the file is bad input, said in one line
+    except Exception as exc:  # ORT refusing the file is bad input, said in one line
         if args.debug:
             raise
         raise TorchferryError(f"cannot run {args.model!r}: {lead_line(exc)}") from None
