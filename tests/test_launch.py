@@ -507,6 +507,20 @@ def test_resume_writes_only_to_a_storage_the_command_line_names(flat_folder: Pat
     assert str(launch.Interrupted(named)).endswith(again) and again in latest_checkpoint_note(named)
 
 
+def test_resume_writes_into_the_run_the_command_line_names_not_the_one_config_json_names(
+        tmp_path: Path) -> None:
+    """config.json's `name` does not choose the run folder that --resume writes into (best.pth, metrics.csv, Ray's
+    checkpoints): a config.json naming another run continues the run --name names, where the file was found."""
+    from torchferry.distributed.preflight import resume_command, resumed_config
+
+    runs = tmp_path / "runs"
+    (runs / "r").mkdir(parents=True)
+    (runs / "r" / "config.json").write_text(json.dumps(TrainConfig(name="victim", output_dir=str(runs)).to_dict()))
+    resumed = resumed_config(config_from_args(["--resume", "--name", "r", "--output-dir", str(runs)]))
+    assert resumed.name == "r" and resumed.run_dir == str(runs / "r")
+    assert "--name r " in resume_command(resumed) and not (runs / "victim").exists()
+
+
 def test_resume_writes_the_digits_cache_and_downloads_only_where_the_command_line_says(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nor does config.json choose where the digits are written or whether a data set is downloaded into its root: both

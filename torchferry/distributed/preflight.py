@@ -148,9 +148,10 @@ def forward_problem(model: Any, cfg: TrainConfig, num_classes: int) -> str | Non
 
 
 # What --resume takes from this command, not from the run's config.json: the cluster and console flags, and every
-# place something is written (--output-dir, --storage, the digits cache, --download into a data set's root).
+# place something is written (--output-dir and --name, where the config was found; --storage, the digits cache,
+# --download into a data set's root).
 RESUME_OVERRIDES = ("address", "max_failures", "progress", "verbose", "debug", "resource_check", "output_dir",
-                    "storage", "cache_dir", "download")
+                    "name", "storage", "cache_dir", "download")
 
 
 def resume_command(cfg: TrainConfig) -> str:
@@ -180,9 +181,9 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     if is_custom(saved.model) or is_custom(cfg.model):
         require_trusted_arch(saved.model, cfg.model if is_custom(cfg.model) else None, flag="--model",
                              source=f"run {cfg.name!r}")
-    # Nor does it choose where anything is written (a bucket of someone else's, a system folder): a run kept on
-    # --storage continues only when the command line names that storage again, and the digits cache and --download
-    # are this command's (RESUME_OVERRIDES).
+    # Nor does it choose where anything is written (a bucket of someone else's, a system folder, another run's
+    # folder): a run kept on --storage continues only when the command line names that storage again, and the run's
+    # --name, the digits cache and --download are this command's (RESUME_OVERRIDES).
     if saved.storage and not cfg.storage:
         raise TorchferryError(f"--resume: run {cfg.name!r} keeps its checkpoints on --storage {saved.storage}; name it "
                               "again (--storage), as a run's config.json does not choose where checkpoints are written")
