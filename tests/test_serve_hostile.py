@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 import os
 import socket
@@ -115,6 +116,36 @@ def test_readyz_shows_paths_only_to_callers_with_the_token(tmp_path: Path) -> No
     assert status == 503 and missing in body["reason"]
 
 
+def test_a_model_with_large_inputs_takes_fewer_images_per_request(tmp_path: Path, caplog) -> None:
+    """The file chooses its input's size (a 2048 px side: 48 MiB of floats an image), the operator how much a request
+    may take (TORCHFERRY_MAX_INPUT_BYTES, 64 MiB): 16 tiny PNGs once cost such a model 1.25 GiB a request. Measured
+    with tracemalloc (numpy's buffers are traced): refused before any decoding, and one image within the budget."""
+    import tracemalloc
+
+    path = hostile.tiny_model(tmp_path / "model.onnx", size=2048)
+    app = create_app({"MODEL": path, "LOAD_SYNC": True, "BATCH_WINDOW_MS": 1})
+    client = app.test_client()
+    assert app.extensions["torchferry.state"].repo.active.batcher.max_batch == 1  # a micro-batch: as a request
+    assert '"items_per_request": 1' in caplog.text  # the operator is told at load
+    tiny = hostile.save(Image.new("RGB", (20, 20), (200, 10, 10)), "PNG")
+    v2 = _v2([{"name": "input", "shape": [2], "datatype": "BYTES", "data": [{"b64": base64.b64encode(tiny).decode()}]
+               * 2}])
+    tracemalloc.start()
+    try:
+        r = client.post("/predict", data={f"f{i}": (io.BytesIO(tiny), f"{i}.png") for i in range(16)},
+                        content_type="multipart/form-data")
+        assert r.status_code == 413 and r.json["error"]["code"] == "too_many_images", r.json
+        assert client.post("/v2/models/tiny/infer", data=v2, content_type="application/json").status_code == 413
+        assert tracemalloc.get_traced_memory()[1] < 16 * 2**20
+        tracemalloc.reset_peak()
+        r = client.post("/predict", data=tiny, content_type="image/png")
+        peak = tracemalloc.get_traced_memory()[1]
+        assert r.status_code == 200 and peak < REQUEST_BUDGET_MB * 2**20, peak
+    finally:
+        tracemalloc.stop()
+    assert client.get("/metadata").json["max_items_per_request"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Settings that cannot work stop the server at start (§2)
 
@@ -122,6 +153,7 @@ def test_readyz_shows_paths_only_to_callers_with_the_token(tmp_path: Path) -> No
 @pytest.mark.parametrize("var,value", [
     ("TORCHFERRY_TOP_K", "0"), ("TORCHFERRY_TOP_K", "-3"), ("TORCHFERRY_MAX_IMAGES", "0"),
     ("TORCHFERRY_MAX_PIXELS", "0"), ("TORCHFERRY_MAX_UPLOAD_BYTES", "-1"), ("TORCHFERRY_MAX_BATCH", "0"),
+    ("TORCHFERRY_MAX_INPUT_BYTES", "0"),
     ("TORCHFERRY_ORT_THREADS", "-1"), ("TORCHFERRY_BATCH_WINDOW_MS", "nan"), ("TORCHFERRY_BATCH_WINDOW_MS", "-5"),
     ("TORCHFERRY_POLL_SECONDS", "inf"), ("TORCHFERRY_POLL_SECONDS", "-1"), ("TORCHFERRY_AUTH_TOKEN", "jeton-café"),
 ])

@@ -216,6 +216,17 @@ class Predictor:
                                "compute what was exported")
         return worst
 
+    def input_bytes(self) -> int:
+        """The bytes of one input the model takes: C × H × W float32 for an image, max_length int64 for a text."""
+        itemsize = 8 if "int64" in self.task.input_type else 4
+        return itemsize * int(np.prod(self.info.shape, dtype=np.int64))
+
+    def items_per_request(self, max_items: int, max_input_bytes: int) -> int:
+        """The inputs one request (or micro-batch) may carry: `max_items`, fewer when they would take more than
+        `max_input_bytes` (the file chooses the input's size; the operator how much memory a request may take),
+        never fewer than one."""
+        return max(1, min(max_items, max_input_bytes // self.input_bytes()))
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The outputs for a batch of the model's input ([N, C, H, W] floats for images, [N, F] for tables)."""
         return self.session.run(None, {self.input_name: batch})[0]

@@ -129,7 +129,8 @@ class ModelRepository:
         self.device, self.device_id = settings.device, settings.device_id
         self.device_problem: str | None = None  # why the device refused the last model it was given, if it did
         self.batch_window_ms = settings.batch_window()
-        self.max_batch = settings.max_batch
+        self.max_batch, self.max_images, self.max_input_bytes = (settings.max_batch, settings.max_images,
+                                                                 settings.max_input_bytes)
         self.poll_seconds = settings.poll_seconds
         self.active: Served | None = None
         self.reason = "loading the model"
@@ -309,9 +310,13 @@ class ModelRepository:
                  "device": self.device, "providers": predictor.providers}
         meta = predictor.info.metadata
         name = name or str(meta.get("name") or meta.get("arch") or "model")
-        batcher = (
-            MicroBatcher(predictor.run, self.batch_window_ms, self.max_batch) if self.batch_window_ms > 0 else None
-        )
+        per_request = predictor.items_per_request(self.max_images, self.max_input_bytes)
+        if per_request < self.max_images:
+            _logger.warning(json.dumps({"event": "fewer_items_per_request", "model": name, "version": str(version),
+                                        "input_bytes": predictor.input_bytes(), "items_per_request": per_request,
+                                        "max_input_bytes": self.max_input_bytes}))
+        max_batch = predictor.items_per_request(self.max_batch, self.max_input_bytes)  # a micro-batch: as a request
+        batcher = MicroBatcher(predictor.run, self.batch_window_ms, max_batch) if self.batch_window_ms > 0 else None
         return Served(
             name=name, version=str(version), predictor=predictor, batcher=batcher, proof=proof, fingerprint=fp
         )

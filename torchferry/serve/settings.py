@@ -144,6 +144,10 @@ class ServeSettings(_Settings):
                                     low=1, high=2**31, flag="--max-upload-bytes")
     max_images: int = setting("TORCHFERRY_MAX_IMAGES", 16, "images (or texts, rows) per request", low=1, high=4096,
                               flag="--max-images")
+    max_input_bytes: int = setting(
+        "TORCHFERRY_MAX_INPUT_BYTES", 64 * 1024 * 1024, "largest model input one request makes: a model whose inputs "
+        "are large (a 2048 px image: 48 MiB) takes fewer images per request than --max-images, at least one",
+        low=1, high=2**40, flag="--max-input-bytes")
     max_text_chars: int = setting("TORCHFERRY_MAX_TEXT_CHARS", 10_000, "longest text a text model is sent, in "
                                   "characters", low=1, high=2**26, flag="--max-text-chars")
     max_pixels: int = setting("TORCHFERRY_MAX_PIXELS", 40_000_000, "largest image, width × height",
