@@ -68,6 +68,12 @@ def _readyz(path: str, token: str | None = None, header: str | None = None) -> t
      "channels"),
     ({"meta": {"classes": "abc"}}, "classes"),
     ({"meta": {"classes": []}}, "classes"),
+    # What the server only shows: /metadata answered 500 on versions that are no mapping, a long name every answer
+    ({"meta": {"versions": "x"}}, "metadata versions must map"),
+    ({"meta": {"versions": {"torch": ["2"]}}}, "metadata versions must map"),
+    ({"meta": {"name": "n" * 100_000}}, "metadata name must be a string of at most 200"),
+    ({"meta": {"arch": {"a": 1}}}, "metadata arch"),
+    ({"meta": {"val_acc": float("nan")}}, "metadata val_acc"),
 ])
 def test_model_whose_metadata_disagrees_with_its_graph_is_never_ready(kw: dict, words: str, tmp_path: Path) -> None:
     status, body = _readyz(hostile.tiny_model(tmp_path / "model.onnx", **kw))

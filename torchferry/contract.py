@@ -114,6 +114,27 @@ def preprocess_problems(pre: Any) -> Iterator[str]:
         yield f"preprocess.interpolation must be 'bilinear', got {short(pre.get('interpolation'))}"
 
 
+# Metadata a reader only shows (the server's /metadata and /predict answers, the model's name in /v2 URLs): each a
+# short string or a finite number, `versions` a small mapping of names to version strings, so that a file cannot
+# make every answer large, or fail.
+SHOWN_KEYS = ("name", "arch", "exporter", "torchferry_version", "checkpoint_sha256", "val_acc")
+MAX_SHOWN, MAX_VERSIONS = 200, 64
+
+
+def shown_metadata_problem(meta: Mapping[str, Any]) -> str | None:
+    """Why a field of SHOWN_KEYS or `versions` in decoded metadata is not one a reader may show, or None."""
+    for key in SHOWN_KEYS:
+        value = meta.get(key)
+        if not (value is None or (is_number(value) and math.isfinite(value))
+                or (isinstance(value, str) and len(value) <= MAX_SHOWN)):
+            return f"{key} must be a string of at most {MAX_SHOWN} characters or a number, got {short(value)}"
+    versions = meta.get("versions")
+    if versions is not None and not (isinstance(versions, dict) and len(versions) <= MAX_VERSIONS and all(
+            isinstance(v, str) and len(k) <= MAX_SHOWN and len(v) <= MAX_SHOWN for k, v in versions.items())):
+        return f"versions must map at most {MAX_VERSIONS} library names to version strings, got {short(versions)}"
+    return None
+
+
 def classes_problem(classes: Any) -> str | None:
     """Why `classes` is not a list of 2 to MAX_CLASSES class names (non-empty strings), or None."""
     if not (isinstance(classes, list) and all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes)):

@@ -38,6 +38,7 @@ from torchferry.contract import (
     preprocess_problems,
     read_golden,
     recorded_sha256,
+    shown_metadata_problem,
     task_of,
     tolerance_ratio,
 )
@@ -125,6 +126,9 @@ class Predictor:
         self.providers = check_session(self.session, device)  # DeviceRefused when ORT fell back to the CPU
         meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         try:
+            problem = shown_metadata_problem(meta)
+            if problem:
+                raise ContractError(f"metadata {problem}")
             self.task: ServeTask = serve_task(task_of(meta))
             spec = self.task.read_spec(meta)
         except ContractError as exc:
