@@ -161,6 +161,33 @@ def test_folders_that_are_not_plain_version_numbers_are_ignored(exported_model: 
     assert served_version(client) == "2" and set(repo.versions) == {"1", "2"}
 
 
+def test_a_version_that_is_no_regular_file_or_too_large_is_refused_unread(
+    exported_model: dict, tmp_path: Path
+) -> None:
+    """A FIFO (whose read would block the re-check) and a sparse 3 GB file (read whole, it took 6 GiB to refuse) in a
+    version folder are refused without reading them, measured with tracemalloc; the good version serves."""
+    import tracemalloc
+
+    root = tmp_path / "models"
+    place_version(root, 1, exported_model["model"])
+    (root / NAME / "2").mkdir()
+    os.mkfifo(root / NAME / "2" / "model.onnx")
+    (root / NAME / "3").mkdir()
+    with open(root / NAME / "3" / "model.onnx", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        app = app_on(root)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    client = app.test_client()
+    assert served_version(client) == "1" and peak < 64 * 2**20, peak
+    versions = app.extensions["torchferry.state"].repo.versions
+    assert "is not a regular file" in versions["2"]["reason"]
+    assert "is over 2147483647 bytes" in versions["3"]["reason"]
+
+
 @pytest.mark.parametrize(
     "layout,config,reason",
     [

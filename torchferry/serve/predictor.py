@@ -48,6 +48,10 @@ from torchferry.serve.tasks import ServeTask, serve_task, softmax, top_k_answers
 _logger = logging.getLogger(__name__)
 
 
+# Protobuf's limit on one message, so on a self-contained ONNX file (external data is refused).
+MAX_MODEL_BYTES = 2**31 - 1
+
+
 class ModelRefused(ContractError):
     """The model file cannot be served: missing, altered, external data, not ours, or failing its proof."""
 
@@ -97,10 +101,19 @@ def read_model_file(model_path: str) -> bytes:
     """The model file's bytes, refused when missing or when they differ from its sha256 sidecar."""
     if os.path.isdir(model_path):
         raise ModelRefused(f"model file {model_path!r} {folder_not_file(model_path, 'model.onnx')}")
-    if not os.path.isfile(model_path):
+    if not os.path.exists(model_path):
         raise ModelRefused(f"model file {model_path!r} does not exist")
+    if not os.path.isfile(model_path):  # a FIFO would block the read, a device never end it
+        raise ModelRefused(f"model file {model_path!r} is not a regular file")
+    # No more than a self-contained ONNX file can hold is read: a sparse file of 3 GB took 6 GiB to refuse.
     with open(model_path, "rb") as f:
-        data = f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_MODEL_BYTES:
+            raise ModelRefused(f"model file {model_path!r} is over {MAX_MODEL_BYTES} bytes, the most a "
+                               "self-contained ONNX file (one protobuf message) can hold")
+        data = f.read(size)
+        if f.read(1):  # the file grew while it was read: a copy still being written; looked at again when it changes
+            raise ModelRefused(f"model file {model_path!r} changed while it was read")
     recorded = recorded_sha256(model_path)
     digest = hashlib.sha256(data).hexdigest()
     if recorded is not None and recorded != digest:
