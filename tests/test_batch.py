@@ -180,6 +180,28 @@ def test_an_actor_reads_its_files_and_records_those_it_cannot(tmp_path: Path) ->
     assert refused["path"][0] == f"file://{tmp_path}/gone.png" and "11 bytes is over the limit" in refused["reason"][1]
 
 
+def test_a_model_with_large_inputs_is_run_a_few_images_at_a_time(tmp_path: Path) -> None:
+    """The model file chooses its input's size: a 2048 px model's 48 MiB an image made a --batch-size 64 ONNX Runtime
+    call 3 GiB. Its images go in runs of --max-input-bytes (64 MiB: one image), a bad file among them, in order."""
+    import hostile
+
+    from torchferry.serve.predictor import Predictor
+
+    predictor = Predictor(hostile.tiny_model(tmp_path / "big.onnx", size=2048))
+    calls, run_model = [], predictor.run
+    predictor.run = lambda batch: calls.append(len(batch)) or run_model(batch)
+    files = {"a.png": png(red()), "bad.png": b"hello", "b.png": png(red()), "c.png": png(red())}
+    rows = score(predictor, list(files), list(files.values()), top_k=1, max_pixels=40_000_000)
+    assert calls == [1, 1, 1] and rows["path"] == ["a.png", "b.png", "c.png", "bad.png"]
+    assert rows["error"] == [None, None, None, "not_an_image"] and None not in rows["label"][:3]
+    calls.clear()
+    score(predictor, list(files), list(files.values()), top_k=1, max_pixels=40_000_000, max_input_bytes=2**31)
+    assert calls == [3]
+    assert BatchConfig("m", "i", "o").max_input_bytes == 64 * 2**20
+    assert command.get_args_parser().parse_args(["--model", "m", "--input", "i", "--output", "o",
+                                                 "--max-input-bytes", "5"]).max_input_bytes == 5
+
+
 def test_scoring_gives_the_predictors_answers_and_the_servers_error_codes(exported_model: dict, client) -> None:
     data = read_model_file(str(exported_model["model"]))
     predictor = load_proven(data, "model.onnx", __import__("hashlib").sha256(data).hexdigest(), threads=1)

@@ -49,6 +49,7 @@ class BatchConfig:
     rows_per_file: int = 10_000
     max_pixels: int = ServeSettings.max_pixels
     max_image_bytes: int = ServeSettings.max_upload_bytes
+    max_input_bytes: int = ServeSettings.max_input_bytes
     extensions: str = ",".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     address: str | None = None
     progress: str = "auto"
@@ -62,7 +63,8 @@ class BatchConfig:
         actors = 1 if self.actors is None else self.actors
         for flag, value, low in (("--top-k", self.top_k, 1), ("--actors", actors, 1), ("--threads", self.threads, 1),
                                  ("--batch-size", self.batch_size, 1), ("--rows-per-file", self.rows_per_file, 1),
-                                 ("--max-pixels", self.max_pixels, 8), ("--max-image-bytes", self.max_image_bytes, 1)):
+                                 ("--max-pixels", self.max_pixels, 8), ("--max-image-bytes", self.max_image_bytes, 1),
+                                 ("--max-input-bytes", self.max_input_bytes, 1)):
             if value < low:
                 raise TorchferryError(f"{flag} {value} cannot work; it must be {low} or more")
 
@@ -101,6 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    f"server's (default: {d.max_pixels:,})")
     g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="largest file, as the server's "
                    f"largest request (default: {d.max_image_bytes:,})")
+    g.add_argument("--max-input-bytes", type=int, default=d.max_input_bytes, help="largest model input of one ONNX "
+                   "Runtime call, as the server's request: fewer images than --batch-size for a model whose inputs "
+                   f"are large, at least one (default: {d.max_input_bytes:,})")
     g.add_argument("--extensions", default=d.extensions, help="file extensions read from a folder; '*' for every "
                    f"file (default: {d.extensions})")
     g.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per part file: at most this "

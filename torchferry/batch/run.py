@@ -186,7 +186,8 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
     ds = ray.data.from_items([{"path": e.path} for e in todo], override_num_blocks=blocks)
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
               "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "fs": source.fs,
-              "prefix": source.prefix, "max_bytes": cfg.max_image_bytes}
+              "prefix": source.prefix, "max_bytes": cfg.max_image_bytes,
+              "max_input_bytes": cfg.max_input_bytes}
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.threads,
                         compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs=scorer)
     started = time.perf_counter()

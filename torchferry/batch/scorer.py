@@ -18,6 +18,7 @@ from torchferry.cli import lead_line
 from torchferry.serve.errors import HTTPError
 from torchferry.serve.images import prepare
 from torchferry.serve.predictor import ModelRefused, Predictor
+from torchferry.serve.settings import ServeSettings
 
 
 def load_proven(model: bytes, name: str, sha256: str, threads: int) -> Predictor:
@@ -33,25 +34,30 @@ def load_proven(model: bytes, name: str, sha256: str, threads: int) -> Predictor
     return predictor
 
 
-def score(predictor: Predictor, names: Sequence[str], blobs: Sequence[bytes], top_k: int,
-          max_pixels: int) -> dict[str, list[Any]]:
-    """Rows for encoded images: each file's top-`top_k` labels and scores, or the error the server gives it."""
-    spec, inputs, scored, refused, codes, reasons = predictor.info.preprocess, [], [], [], [], []
-    for name, data in zip(names, blobs):
+def score(predictor: Predictor, names: Sequence[str], blobs: Sequence[bytes], top_k: int, max_pixels: int,
+          max_input_bytes: int = ServeSettings.max_input_bytes) -> dict[str, list[Any]]:
+    """Rows for encoded images: each file's top-`top_k` labels and scores, or the error the server gives it. The
+    images go to ONNX Runtime in runs of at most `max_input_bytes` of model input (at least one image), as the
+    server's requests do: the model file chooses its input size."""
+    spec, inputs, scored, answers, refused = predictor.info.preprocess, [], [], [], ([], [], [])
+    run = predictor.items_per_request(max(len(names), 1), max_input_bytes)
+    for i, (name, data) in enumerate(zip(names, blobs)):
         try:
             inputs.append(prepare(bytes(data), spec, max_pixels, name))
             scored.append(name)
-            continue
         except HTTPError as exc:
-            code, reason = exc.code, exc.message
+            error = (name, exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001 - one file the server would answer 500 for; the run goes on
-            code, reason = "failed", f"{name}: {type(exc).__name__}: {lead_line(exc)}"
-        refused.append(name)
-        codes.append(code)
-        reasons.append(reason)
-    rows = error_rows(refused, codes, reasons)
+            error = (name, "failed", f"{name}: {type(exc).__name__}: {lead_line(exc)}")
+        else:
+            error = None
+        for column, value in zip(refused, error or ()):
+            column.append(value)
+        if len(inputs) == run or (inputs and i == len(names) - 1):
+            answers += predictor.top_k(predictor.run(np.stack(inputs)), top_k)
+            inputs = []
+    rows = error_rows(*refused)
     if scored:
-        answers = predictor.top_k(predictor.run(np.stack(inputs)), top_k)
         rows = {key: answer_rows(scored, answers)[key] + values for key, values in rows.items()}
     return rows
 
@@ -89,17 +95,18 @@ class Scorer:
     file's bytes through the object store) left the actors about half the throughput (bench.batch)."""
 
     def __init__(self, model: list, name: str, sha256: str, threads: int, top_k: int, max_pixels: int,
-                 fs, prefix: str = "", max_bytes: int = 1 << 24):
+                 fs, prefix: str = "", max_bytes: int = 1 << 24, max_input_bytes: int = ServeSettings.max_input_bytes):
         """`model`: [an ObjectRef of the model file's bytes], put once by the driver and read by every actor (held
         in a list, so Ray passes the reference rather than the bytes as a constructor argument)."""
         import ray
 
         self.predictor = load_proven(ray.get(model[0]), name, sha256, threads)
         self.top_k, self.max_pixels, self.fs, self.prefix, self.max_bytes = top_k, max_pixels, fs, prefix, max_bytes
+        self.max_input_bytes = max_input_bytes
 
     def __call__(self, batch: dict[str, np.ndarray]):
         """A batch of {"path"} → a pyarrow table of rows, each file named as the output names it (`prefix` + its
         path on the file system: s3://bucket/key)."""
         names, blobs, refused = read_files(self.fs, [str(p) for p in batch["path"]], self.prefix, self.max_bytes)
-        rows = score(self.predictor, names, blobs, self.top_k, self.max_pixels)
+        rows = score(self.predictor, names, blobs, self.top_k, self.max_pixels, self.max_input_bytes)
         return rows_table({key: values + refused[key] for key, values in rows.items()})
