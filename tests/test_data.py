@@ -213,6 +213,42 @@ def test_unreadable_images_are_counted_and_skippable(flat_folder: Path) -> None:
     assert len(split.bad_images) == 2 and len(split.train) + len(split.val) == 60
 
 
+def _within(seconds: float, fn):
+    """fn()'s result, or an AssertionError when it does not return in time (its daemon thread is left blocked)."""
+    import threading
+
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(value=_outcome(fn)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert "value" in out, f"still blocked after {seconds} s"
+    if isinstance(out["value"], BaseException):
+        raise out["value"]
+    return out["value"]
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+        return exc
+
+
+def test_a_fifo_named_like_an_image_never_blocks_training(flat_folder: Path, annotation_files: dict) -> None:
+    """A data folder's FIFO named x.png blocked the image check for ever (and a DataLoader worker): a folder scan
+    leaves it out, an annotation file that lists it names it as unreadable, and reading it fails at once."""
+    os.mkfifo(flat_folder / "red" / "zz.png")
+    split = _within(30, lambda: discover(cfg_for(str(flat_folder))))
+    assert len(split.train) + len(split.val) == 60
+    ann = annotation_files["train.txt"]
+    os.mkfifo(ann.parent / "images" / "pipe.png")
+    ann.write_text(ann.read_text() + "images/pipe.png red\n")
+    with pytest.raises(TorchferryError, match=r"1 unreadable image\(s\): .*pipe.png .*not a regular file"):
+        _within(30, lambda: discover(cfg_for(str(ann), val_data=str(annotation_files["val.txt"]))))
+    with pytest.raises(TorchferryError, match="not a regular file"):
+        _within(30, lambda: load_image(str(flat_folder / "red" / "zz.png"), 3))
+
+
 def test_val_folder_without_train_folder_is_refused_not_learned(flat_folder: Path) -> None:
     from helpers import write_class_tree
 

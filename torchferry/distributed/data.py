@@ -24,7 +24,14 @@ from torchferry.cli import lead_line
 from torchferry.contract import SIXTEEN_BIT_MODES, eight_bit
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig, absolute_path, data_set_key, default_cache_dir
-from torchferry.distributed.discovery import DataSplit, Sample, annotation_split, folder_split, split_folder
+from torchferry.distributed.discovery import (
+    DataSplit,
+    Sample,
+    annotation_split,
+    folder_split,
+    require_regular_file,
+    split_folder,
+)
 from torchferry.distributed.image_check import check_split_images
 
 _logger = logging.getLogger(__name__)
@@ -156,6 +163,7 @@ def load_image(path: str, channels: int) -> Image.Image:
 
     16-bit grayscale is scaled to 8 bits (not clipped) by the contract's rule, as `serve/images.py` does for clients.
     """
+    require_regular_file(path)
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in SIXTEEN_BIT_MODES:

@@ -84,6 +84,13 @@ def _find_classes(directory: str) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
+def require_regular_file(path: str) -> None:
+    """TorchferryError when `path` exists but is no regular file: a FIFO named like an image would block its reader
+    for ever, a device (/dev/zero) never end the read."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise TorchferryError(f"{path} is not a regular file (a FIFO, a socket or a device)")
+
+
 def file_identity(path: str) -> tuple[Any, ...]:
     """What makes two paths the same file (device and inode through links), or its real path when it cannot be read."""
     try:
@@ -106,7 +113,8 @@ def _walk_once(top: str, stop: set[tuple[Any, ...]]) -> list[str]:
                 seen.add(key)
                 kept.append(d)
         dirnames[:] = kept
-        found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+        found += [path for path in (os.path.join(dirpath, f) for f in files if f.lower().endswith(IMG_EXTENSIONS))
+                  if os.path.isfile(path)]  # regular files: a FIFO or device named x.png is no image
     return sorted(found)
 
 

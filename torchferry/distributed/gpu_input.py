@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.data import ConvertedDataset, load_image
-from torchferry.distributed.discovery import DataSplit, Sample
+from torchferry.distributed.discovery import DataSplit, Sample, require_regular_file
 from torchferry.distributed.presets import train_augment_steps
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -52,6 +52,7 @@ def device_decodable(data: bytes, channels: int) -> bool:
 
 def read_sample(path: str, channels: int) -> torch.Tensor:
     """A JPEG's bytes as a 1-D uint8 tensor when the GPU can decode it; else the image decoded here, uint8 [C, H, W]."""
+    require_regular_file(path)
     with open(path, "rb") as f:
         data = f.read()
     if device_decodable(data, channels):

@@ -18,7 +18,7 @@ from PIL import Image
 from torchferry.contract import SIXTEEN_BIT_MODES
 from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
-from torchferry.distributed.discovery import DataSplit
+from torchferry.distributed.discovery import DataSplit, require_regular_file
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ _Inspection = tuple[str | None, tuple[int, int], str]
 def _check_one(path: str, full: bool) -> _Inspection:
     """(reason it cannot be read or None, size, PIL mode) of one image."""
     try:
+        require_regular_file(path)
         with Image.open(path) as img:
             size, mode = img.size, img.mode
             if full:
