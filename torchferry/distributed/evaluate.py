@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torchferry.cli import Parser, add_debug_arguments, add_factory_argument, run_main
 from torchferry.contract import TorchferryError
 from torchferry.distributed.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
-from torchferry.distributed.report import confusion_table, plot_confusion
+from torchferry.distributed.report import MAX_MATRIX_CLASSES, confusion_table, plot_confusion
 from torchferry.distributed.tasks import task_for
 
 _logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def predict(model: torch.nn.Module, dataset: Any, batch_size: int) -> tuple[np.n
 def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64, *, factory: str | None = None,
                         val_data: str | None = None, image_root: str | None = None) -> dict[str, Any]:
     """The evaluation report of a checkpoint on its validation data (`factory`: the command line's --model)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
     checkpoint = load_checkpoint(path)
     task = task_for(checkpoint)
@@ -55,20 +56,27 @@ def evaluate_checkpoint(path: str, data: str | None = None, batch_size: int = 64
     truth, preds = predict(model, val, batch_size)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(truth, preds, labels=labels, zero_division=0)
-    matrix = confusion_matrix(truth, preds, labels=labels)
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    pairs = sorted(((int(off[i, j]), classes[i], classes[j]) for i in labels for j in labels if off[i, j]),
-                   reverse=True)
+    matrix, pairs = confusion(truth, preds, classes)
     return {
         # How many were looked at, named as the task names its inputs ("images": N, "texts": N) and "items" says.
         "checkpoint": os.path.abspath(path), "data": source, "items": task.items, task.items: len(truth),
         "accuracy": float(np.mean(truth == preds)),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
-        "confusion_matrix": matrix.tolist(), "classes": classes,
+        "confusion_matrix": None if matrix is None else matrix.tolist(), "classes": classes,
         "most_confused": [{"true": t, "predicted": p, "count": n} for n, t, p in pairs[:10]],
     }
+
+
+def confusion(truth: np.ndarray, preds: np.ndarray, classes: list[str]) -> tuple[np.ndarray | None, list]:
+    """The confusion matrix (None over MAX_MATRIX_CLASSES classes) and the (count, true, predicted) pairs of the
+    mistakes, most frequent first, counted from the mistakes themselves."""
+    from sklearn.metrics import confusion_matrix
+
+    labels = list(range(len(classes)))
+    matrix = confusion_matrix(truth, preds, labels=labels) if len(classes) <= MAX_MATRIX_CLASSES else None
+    mistakes = Counter((int(t), int(p)) for t, p in zip(truth, preds) if t != p)
+    return matrix, sorted(((n, classes[t], classes[p]) for (t, p), n in mistakes.items()), reverse=True)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -118,10 +126,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, factory=args.factory,
                                  val_data=args.val_data, image_root=args.image_root)
     out = os.path.abspath(args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint)))
-    plot_confusion(np.asarray(report["confusion_matrix"]), report["classes"], os.path.join(out, "confusion_matrix.png"))
-    atomic_write_bytes(os.path.join(out, "evaluation.json"), (json.dumps(report, indent=2) + "\n").encode())
+    written = [os.path.join(out, "evaluation.json")]
+    if report["confusion_matrix"] is not None:
+        written.insert(0, os.path.join(out, "confusion_matrix.png"))
+        plot_confusion(np.asarray(report["confusion_matrix"]), report["classes"], written[0])
+    atomic_write_bytes(written[-1], (json.dumps(report, indent=2) + "\n").encode())
     print(format_report(report))
-    print(f"\nwrote {os.path.join(out, 'confusion_matrix.png')} and {os.path.join(out, 'evaluation.json')}")
+    print(f"\nwrote {' and '.join(written)}" + ("" if len(written) == 2 else f" (no confusion matrix over "
+                                                                                f"{MAX_MATRIX_CLASSES} classes)"))
     return 0
 
 

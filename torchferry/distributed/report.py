@@ -163,16 +163,25 @@ def confusion_table(matrix: Sequence[Sequence[int]], classes: Sequence[str], max
     return lines
 
 
+# The confusion matrix's picture grows with the classes up to this side (4,000 px at 100 dpi: 64 MB to draw), and
+# names them up to MAX_LABELLED_CLASSES: the data (or a checkpoint) choose the classes, 300 took 4.8 GB and 18 s.
+MAX_FIGURE_INCHES, MAX_LABELLED_CLASSES = 40.0, 100
+# A dense confusion matrix holds classes² counts (each a number in evaluation.json): made up to this many classes
+# (8 MB); a checkpoint or a text CSV may name 100,000 classes (80 GB dense), whose most confused pairs still count.
+MAX_MATRIX_CLASSES = 1000
+
+
 def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: str) -> None:
     """confusion_matrix.png: counts, true classes down, predicted across."""
     plt = figure_module()
-    size = max(4.0, 0.45 * len(classes) + 2)
+    size = min(max(4.0, 0.45 * len(classes) + 2), MAX_FIGURE_INCHES)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-           title="confusion matrix")
-    ax.set_xticklabels(classes, rotation=90)
-    ax.set_yticklabels(classes)
+    ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    if len(classes) <= MAX_LABELLED_CLASSES:
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)))
+        ax.set_xticklabels(classes, rotation=90)
+        ax.set_yticklabels(classes)
     if len(classes) <= 30:
         peak = matrix.max() or 1
         for i in range(matrix.shape[0]):

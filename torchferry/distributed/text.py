@@ -103,9 +103,11 @@ class TextTask(ImageTask):
 
     def pictures(self, cfg: TrainConfig, best: dict[str, Any], history: list[dict[str, Any]], split: Any) -> None:
         from torchferry.distributed.checkpoint import model_from_checkpoint
-        from torchferry.distributed.report import plot_confusion, plot_curves
+        from torchferry.distributed.report import MAX_MATRIX_CLASSES, plot_confusion, plot_curves
 
         plot_curves(history, os.path.join(cfg.run_dir, "curves.png"))
+        if len(split.classes) > MAX_MATRIX_CLASSES:
+            return
         model = model_from_checkpoint(best, factory=cfg.model)
         ids, labels = encoded_dataset(split.val, split.spec).tensors
         with torch.no_grad():
