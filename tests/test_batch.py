@@ -202,6 +202,23 @@ def test_a_model_with_large_inputs_is_run_a_few_images_at_a_time(tmp_path: Path)
                                                  "--max-input-bytes", "5"]).max_input_bytes == 5
 
 
+def test_a_folder_with_linked_loops_lists_each_real_file_once(tmp_path: Path) -> None:
+    """The input folder is data: a link to `..` made pyarrow's listing return every file forty times over (two such
+    links: 2**40 paths, a listing that never ends); a FIFO named like an image would block its reader."""
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "a" / "x.png").write_bytes(png(red()))
+    (tmp_path / "in" / "a" / "loop").symlink_to("..")
+    (tmp_path / "in" / "again").symlink_to("a")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "y.png").write_bytes(png(red()))
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "outside")
+    os.mkfifo(tmp_path / "in" / "a" / "pipe.png")
+    (tmp_path / "in" / ".hidden.png").write_bytes(b"x")
+    source = resolve(str(tmp_path / "in"), (".png",))
+    assert [os.path.basename(e.path) for e in source.entries] == ["x.png", "y.png"], source.entries
+    assert all(e.size == len(png(red())) for e in source.entries)
+
+
 def test_scoring_gives_the_predictors_answers_and_the_servers_error_codes(exported_model: dict, client) -> None:
     data = read_model_file(str(exported_model["model"]))
     predictor = load_proven(data, "model.onnx", __import__("hashlib").sha256(data).hexdigest(), threads=1)

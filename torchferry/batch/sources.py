@@ -9,6 +9,7 @@ output already holds before any image is read.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from torchferry.cli import lead_line
@@ -62,11 +63,37 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
+def list_local_folder(root: str, extensions: tuple[str, ...]) -> list[Entry]:
+    """`list_folder` on the local file system: symlinked folders followed, each real folder once (pyarrow's listing
+    follows a link to `..` forty levels deep, two such links 2**40 paths: it never ended), regular files only."""
+    seen, entries = set(), []
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or not _is_image(path, extensions):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling link
+                continue
+            if stat.S_ISREG(st.st_mode):  # not a FIFO or device named like an image
+                entries.append(Entry(path, st.st_size))
+    return sorted(entries, key=lambda e: e.path)
+
+
 def list_folder(fs, root: str, extensions: tuple[str, ...]) -> list[Entry]:
     """Every file under `root` (recursively) whose extension is one of `extensions` (all, when empty), hidden
     files and folders left out, sorted by path."""
     from pyarrow import fs as pafs
 
+    if isinstance(fs, pafs.LocalFileSystem):
+        return list_local_folder(root, extensions)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     base = root.rstrip("/") + "/"
     entries = [Entry(i.path, i.size) for i in infos if i.type == pafs.FileType.File
