@@ -9,6 +9,7 @@ docs/design.md lists what each task provides.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +109,34 @@ class ImageServeTask(ServeTask):
                 "binary_tensor_data, base64 in JSON)"}
 
 
+# A JSON string, escapes included: what is left out when the containers of a body are counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_containers_limit() -> int:
+    """The objects and arrays a JSON body may hold: one per 16 bytes of the upload limit (a parsed `{}` costs ~70
+    bytes for its 3 of text: 16 MiB of them took 404 MiB to parse), at least 65,536."""
+    from flask import has_app_context
+
+    from torchferry.serve.settings import ServeSettings
+    from torchferry.serve.state import state
+
+    upload = state().settings.max_upload_bytes if has_app_context() else ServeSettings.max_upload_bytes
+    return max(65_536, upload // 16)
+
+
+def check_json_containers(body: bytes, limit: int) -> None:
+    """HTTPError 413 when `body` holds more than `limit` JSON objects and arrays, counted before it is parsed
+    (brackets inside strings left out, which only a body with many brackets is scanned for)."""
+    if body.count(b"{") + body.count(b"[") <= limit:
+        return
+    stripped = _JSON_STRING.sub(b"", body)
+    count = stripped.count(b"{") + stripped.count(b"[")
+    if count > limit:
+        raise HTTPError(413, "too_many_json_values", f"the JSON body holds {count} objects and arrays; the limit "
+                        f"is {limit}")
+
+
 def _reject_constant(name: str) -> float:
     raise HTTPError(400, "bad_json", f"{name} is not a number a request may carry")
 
@@ -118,6 +147,7 @@ def json_field(body: bytes, field: str, *, code: str, empty: str, example: str) 
     `not_utf8`, `bad_json`, or `code` for another shape, the message showing `example`."""
     if not body.strip():
         raise HTTPError(400, empty, f"empty body: send JSON {example}")
+    check_json_containers(body, json_containers_limit())
     try:
         decoded = body.decode("utf-8")  # bytes would let json.loads guess UTF-16 or UTF-32
     except UnicodeDecodeError as exc:

@@ -23,6 +23,7 @@ import numpy as np
 
 from torchferry.serve.errors import HTTPError
 from torchferry.serve.repository import Served
+from torchferry.serve.tasks import check_json_containers, json_containers_limit
 
 _SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 # One encoded image (data, preprocessing spec, name for messages) as the model's float32 [C, H, W].
@@ -100,6 +101,10 @@ def split_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
         head, binary = body[:n], body[n:]
     if not head.strip():
         raise refused(400, "empty request: send the inference request JSON object")
+    try:
+        check_json_containers(head, json_containers_limit())
+    except HTTPError as exc:
+        raise refused(exc.status, exc.message) from None
     try:
         request = json.loads(head, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # the HTTPError of _reject_constant passes through
