@@ -80,6 +80,25 @@ def test_model_whose_metadata_disagrees_with_its_graph_is_never_ready(kw: dict, 
     assert status == 503 and words in body["reason"], body
 
 
+def test_golden_inputs_beyond_the_exports_two_must_fit_a_requests_budget(tmp_path: Path) -> None:
+    """A file asks for up to 8 golden inputs: a 1024 px model's 8 are 96 MiB (a 2048 px one's 384 MiB) before the
+    model's own work on them, more than a request's 64 MiB; the export's 2 are always proven."""
+    import onnxruntime as ort
+
+    from torchferry.contract import golden_inputs
+
+    two = hostile.tiny_model(tmp_path / "two.onnx", size=1024)
+    assert _readyz(two)[0] == 200
+    x = golden_inputs([8, 3, 1024, 1024])
+    logits = ort.InferenceSession(two, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0].tolist()
+    eight = hostile.tiny_model(tmp_path / "eight.onnx", size=1024, golden={"shape": [8, 3, 1024, 1024],
+                                                                         "logits": logits})
+    status, body = _readyz(eight)
+    assert status == 503 and "golden.shape asks for 8 inputs of 12 MiB" in body["reason"], body
+    app = create_app({"MODEL": eight, "LOAD_SYNC": True, "MAX_INPUT_BYTES": 2**30})  # the operator allows it
+    assert app.test_client().get("/readyz").status_code == 200
+
+
 def test_the_server_owns_the_golden_tolerance(tmp_path: Path) -> None:
     good = hostile.tiny_model(tmp_path / "good.onnx")
     assert _readyz(good)[0] == 200

@@ -243,7 +243,7 @@ def _write_summary(out: OutputFolder, summary: Summary) -> None:
 def run_batch(cfg: BatchConfig) -> Summary:
     """Score every file of `cfg.input` that `cfg.output` does not hold yet; the summary of the run."""
     data = read_model_file(cfg.model)
-    predictor = load_proven(data, cfg.model, hashlib.sha256(data).hexdigest(), cfg.threads)
+    predictor = load_proven(data, cfg.model, hashlib.sha256(data).hexdigest(), cfg.threads, cfg.max_input_bytes)
     sha256, top_k = predictor.info.sha256, min(cfg.top_k, len(predictor.info.classes))
     source = resolve(cfg.input, cfg.extension_list)
     if not source.entries:

@@ -21,7 +21,8 @@ from torchferry.serve.predictor import ModelRefused, Predictor
 from torchferry.serve.settings import ServeSettings
 
 
-def load_proven(model: bytes, name: str, sha256: str, threads: int) -> Predictor:
+def load_proven(model: bytes, name: str, sha256: str, threads: int,
+                max_input_bytes: int = ServeSettings.max_input_bytes) -> Predictor:
     """A predictor on the model file's bytes (those the driver checked: `sha256`), proven on its golden inputs."""
     predictor = Predictor(name, threads, data=model)
     if predictor.info.task != "image":
@@ -30,7 +31,7 @@ def load_proven(model: bytes, name: str, sha256: str, threads: int) -> Predictor
     if predictor.info.sha256 != sha256:
         raise ModelRefused(f"{name} reached this worker as {predictor.info.sha256[:12]}…, not the {sha256[:12]}… "
                            "the driver checked")
-    predictor.prove()
+    predictor.prove(max_input_bytes)
     return predictor
 
 
@@ -100,7 +101,7 @@ class Scorer:
         in a list, so Ray passes the reference rather than the bytes as a constructor argument)."""
         import ray
 
-        self.predictor = load_proven(ray.get(model[0]), name, sha256, threads)
+        self.predictor = load_proven(ray.get(model[0]), name, sha256, threads, max_input_bytes)
         self.top_k, self.max_pixels, self.fs, self.prefix, self.max_bytes = top_k, max_pixels, fs, prefix, max_bytes
         self.max_input_bytes = max_input_bytes
 

@@ -28,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from torchferry.contract import (
+    GOLDEN_BATCH,
+    MAX_GOLDEN_BATCH,
     TORCH_SAVE_MAGIC,
     ContractError,
     classes_problem,
@@ -35,6 +37,7 @@ from torchferry.contract import (
     error_line,
     folder_not_file,
     golden_inputs,  # noqa: F401 - the golden batch, for callers that build model files
+    is_int,
     preprocess_problems,
     read_golden,
     recorded_sha256,
@@ -43,6 +46,7 @@ from torchferry.contract import (
     tolerance_ratio,
 )
 from torchferry.serve.device import check_session, golden_bound, is_gpu, load_gpu_libraries, providers
+from torchferry.serve.settings import ServeSettings
 from torchferry.serve.tasks import ServeTask, serve_task, softmax, top_k_answers
 
 _logger = logging.getLogger(__name__)
@@ -196,22 +200,32 @@ class Predictor:
                                        f"export.onnx {path}) and pass the model.onnx it writes") from None
                 raise ModelRefused(f"ONNX Runtime cannot load {path}: {error_line(exc)}") from None
 
-    def golden(self) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """(inputs, expected logits, atol, rtol) from the file's golden record, every field checked first."""
+    def golden(self, max_input_bytes: int = ServeSettings.max_input_bytes) -> tuple[np.ndarray, np.ndarray, float,
+                                                                                      float]:
+        """(inputs, expected logits, atol, rtol) from the file's golden record, every field checked first. More
+        rows than the export's GOLDEN_BATCH must fit `max_input_bytes`, as a request's inputs do: the file asks
+        for up to MAX_GOLDEN_BATCH (a 2048 px model's 8 are 384 MiB before the model's own work on them)."""
+        golden = self.info.metadata.get("golden")
+        shape = golden.get("shape") if isinstance(golden, dict) else None
+        rows = shape[0] if isinstance(shape, list) and shape else None
+        if is_int(rows, GOLDEN_BATCH + 1, MAX_GOLDEN_BATCH) and rows > self.items_per_request(rows, max_input_bytes):
+            raise ModelRefused(f"golden.shape asks for {rows} inputs of {self.input_bytes() / 2**20:.3g} MiB; more "
+                               f"than {GOLDEN_BATCH} must fit the {max_input_bytes / 2**20:.3g} MiB a request's inputs "
+                               "may take (TORCHFERRY_MAX_INPUT_BYTES)")
         try:
             return read_golden(self.info.metadata.get("golden"), self.info.shape,
                                self.task.output_columns(self.info.spec), golden_bound(self.device))
         except ContractError as exc:
             raise ModelRefused(str(exc)) from None
 
-    def prove(self) -> float:
+    def prove(self, max_input_bytes: int = ServeSettings.max_input_bytes) -> float:
         """Recompute the golden outputs; raises ModelRefused when they do not match. Returns the max abs diff.
 
         Passes when |got - expected| <= atol + rtol * |expected| everywhere, with the contract's GOLDEN_ATOL and GOLDEN_RTOL
         unless the file records stricter ones (on a GPU: GOLDEN_GPU_ATOL, GOLDEN_GPU_RTOL). The output must have one
         column per class.
         """
-        x, expected, atol, rtol = self.golden()
+        x, expected, atol, rtol = self.golden(max_input_bytes)
         try:
             got = self.run(x)
         except Exception as exc:  # noqa: BLE001 - ORT's refusal of its own graph, in one line

@@ -305,7 +305,7 @@ class ModelRepository:
         t0 = time.perf_counter()
         predictor = Predictor(path, self.threads, self.device, self.device_id)
         self.device_problem = None  # the device took this model's session
-        diff = predictor.prove()  # also the warm-up inference, on the device that serves
+        diff = predictor.prove(self.max_input_bytes)  # also the warm-up inference, on the device that serves
         proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3),
                  "device": self.device, "providers": predictor.providers}
         meta = predictor.info.metadata
