@@ -188,6 +188,16 @@ def test_bad_checkpoints_exit_2_and_write_nothing(case: str, message: str, tmp_p
     assert sorted(os.listdir(tmp_path)) == before and not (tmp_path / "pwned").exists()
 
 
+def test_verify_refuses_a_model_whose_weights_are_in_another_file(small_checkpoint: dict, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """export.verify read a model's external data from its folder (ONNX Runtime only keeps it inside): a file that
+    is data made it read any file beside it, of any size. Refused, as the server refuses it."""
+    model = write_model_with_external_data(tmp_path)
+    code = export_verify.main([str(model), str(small_checkpoint["checkpoint"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "references external data files" in err and "Traceback" not in err, err
+
+
 def test_external_data_is_detected(tmp_path: Path) -> None:
     proto = onnx.load(str(write_model_with_external_data(tmp_path)), load_external_data=False)
     assert meta.external_data_tensors(proto) == ["w"]

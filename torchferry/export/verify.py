@@ -42,7 +42,20 @@ MAX_REAL_IMAGES = 512
 
 
 def ort_session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (`threads` 0: ORT's default)."""
+    """A CPU ONNX Runtime session (`threads` 0: ORT's default) on a self-contained model file: one whose tensors
+    keep their data in other files is refused, as the server refuses it, instead of reading them (ONNX Runtime
+    reads any file beside the model, of any size, that the model names)."""
+    import onnx
+
+    from torchferry.export.metadata import external_data_tensors
+
+    try:
+        external = external_data_tensors(onnx.load(path, load_external_data=False))
+    except Exception:  # noqa: BLE001 - not an ONNX model: ONNX Runtime says why below
+        external = []
+    if external:
+        raise TorchferryError(f"{path} references external data files ({', '.join(external[:3])}); refused (a "
+                              "torchferry model is one self-contained file)")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
