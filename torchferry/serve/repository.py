@@ -73,6 +73,9 @@ class Served:
     batcher: MicroBatcher | None
     proof: dict[str, Any]
     fingerprint: tuple = field(repr=False)
+    # Inputs (images, texts, rows) one request may carry: TORCHFERRY_MAX_IMAGES, fewer for a model whose inputs are
+    # large (Predictor.items_per_request), worked out once at load rather than on every request.
+    max_items: int = 1
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits, through the micro-batcher when enabled."""
@@ -317,9 +320,8 @@ class ModelRepository:
                                         "max_input_bytes": self.max_input_bytes}))
         max_batch = predictor.items_per_request(self.max_batch, self.max_input_bytes)  # a micro-batch: as a request
         batcher = MicroBatcher(predictor.run, self.batch_window_ms, max_batch) if self.batch_window_ms > 0 else None
-        return Served(
-            name=name, version=str(version), predictor=predictor, batcher=batcher, proof=proof, fingerprint=fp
-        )
+        return Served(name=name, version=str(version), predictor=predictor, batcher=batcher, proof=proof,
+                      fingerprint=fp, max_items=per_request)
 
     @staticmethod
     def _log_refused(name: str | None, version: int | None, reason: str, path: str | None = None) -> None:

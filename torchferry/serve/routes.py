@@ -118,8 +118,7 @@ def metadata():
                     "arch": meta.get("arch"), "val_acc": meta.get("val_acc"),
                     "checkpoint_sha256": meta.get("checkpoint_sha256"), "exporter": meta.get("exporter"),
                     "versions": {**(meta.get("versions") or {}), "torchferry": meta.get("torchferry_version")},
-                    "max_items_per_request": served.predictor.items_per_request(
-                        state().settings.max_images, state().settings.max_input_bytes),
+                    "max_items_per_request": served.max_items,
                     "ready": True, "proof": served.proof})
 
 
@@ -134,8 +133,7 @@ def prometheus():
 def predict():
     served, settings = serving(), state().settings
     predictor = served.predictor
-    limit = predictor.items_per_request(settings.max_images, settings.max_input_bytes)
-    batch, render = predictor.task.predict_batch(predictor.info, limit, settings.top_k)
+    batch, render = predictor.task.predict_batch(predictor.info, served.max_items, settings.top_k)
     g.images = len(batch)
     outputs = served.run(batch)
     count_images(len(batch))

@@ -184,8 +184,7 @@ def infer(name: str, version: str | None = None):
     if "id" in req and not isinstance(req["id"], str):
         raise refused(400, "'id' must be a string")
     outputs = requested_outputs(req, served)
-    batch = input_batch(req, binary, served, served.predictor.items_per_request(settings.max_images,
-                                                                                settings.max_input_bytes))
+    batch = input_batch(req, binary, served, served.max_items)
     logits = served.run(batch)
     count_images(int(batch.shape[0]))
     payload, headers = encode_response(req, served, logits, outputs)
