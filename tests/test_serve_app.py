@@ -181,7 +181,7 @@ def test_flags_and_environment_fill_the_same_typed_settings() -> None:
     assert (s.max_images, s.top_k, s.ort_threads, s.poll_seconds, s.max_batch) == (3, 2, 2, 1.5, 32)
     help_text = " ".join(get_args_parser().format_help().split())
     flagged = [spec for spec, _ in ServeSettings.table().values() if spec.flag]
-    assert len(flagged) == 15 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
+    assert len(flagged) == 16 and all(f"{spec.flag} " in help_text and f"${spec.env}" in help_text for spec in flagged)
 
 
 def test_a_taken_port_is_one_line_and_exit_2_before_the_model_loads(tmp_path: Path,

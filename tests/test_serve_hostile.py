@@ -171,6 +171,85 @@ def test_a_model_with_large_inputs_takes_fewer_images_per_request(tmp_path: Path
     assert client.get("/metadata").json["max_items_per_request"] == 1
 
 
+def _memory_hungry(path: Path, size: int = 32, elements: int = 0, relu_first: bool = False) -> str:
+    """hostile.tiny_model's file with its logits passed through `+ 0 * sum(ConstantOfShape([elements]))` (a few
+    hundred bytes that ask for 4 × `elements` bytes on every run, its golden record still right) and/or, with
+    `relu_first`, a Relu on the input first (an intermediate tensor as large as a request's inputs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(hostile.tiny_model(path, size=size))
+    graph = graph_nodes = model.graph
+    if relu_first:  # the golden logits recomputed through it
+        import onnxruntime as ort
+
+        from torchferry.serve.predictor import golden_inputs
+
+        graph_nodes.node[0].input[0] = "relu"
+        graph_nodes.node.insert(0, helper.make_node("Relu", ["input"], ["relu"]))
+        prop = next(p for p in model.metadata_props if p.key == "golden")
+        record = json.loads(prop.value)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = golden_inputs(record["shape"], record["seed"], *record["range"])
+        record["logits"] = session.run(None, {"input": x})[0].tolist()
+        prop.value = json.dumps(record)
+    if elements:
+        graph.node[-1].output[0] = "plain"
+        graph.node.extend([
+            helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", TensorProto.INT64, [1],
+                                                                                 [elements])),
+            helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                             value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+            helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+            helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["plain", "nothing"], ["logits"])])
+    onnx.save(model, path)
+    return str(path)
+
+
+def test_a_model_cannot_make_onnx_runtime_allocate_past_its_memory_cap(tmp_path: Path) -> None:
+    """A model file chooses its graph: a few hundred bytes of ConstantOfShape asked ONNX Runtime for 2 GB on its
+    proof and on every request (ru_maxrss: 2.0 GiB, served). ONNX Runtime's tensors now come from one arena of at
+    most TORCHFERRY_ORT_MEMORY_BYTES per process: the file is refused, its reason naming the setting, and the
+    process stays small (its peak RSS, measured in a process of its own, as the arena is the process's)."""
+    path = _memory_hungry(tmp_path / "model.onnx", elements=500_000_000)
+    # VmHWM, the process's own peak: ru_maxrss would start from the forking parent's (this test process's) RSS.
+    code = ("from torchferry.serve.predictor import ModelRefused, Predictor\n"
+            f"p = Predictor({path!r}, 1, memory_cap=64 * 2**20)\n"
+            "try:\n    p.prove()\nexcept ModelRefused as exc:\n    print('refused:', exc)\n"
+            "hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+            "print('maxrss_mib', int(hwm.split()[1]) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    refusal = next(ln for ln in out.stdout.splitlines() if ln.startswith("refused:"))
+    assert "64 MiB" in refusal and "TORCHFERRY_ORT_MEMORY_BYTES" in refusal
+    assert int(out.stdout.split("maxrss_mib")[1]) < 1024, out.stdout + out.stderr[-3000:]  # 2,000 MiB asked for
+
+
+def test_a_request_past_the_memory_cap_is_a_503_and_the_server_answers_the_next(tmp_path: Path) -> None:
+    """The requests in flight share the cap: one whose tensors would not fit is answered 503 with Retry-After (its
+    inputs are fine: a retry, or fewer of them, is served), not a worker killed for its memory; the server goes on."""
+    from helpers import start_dev, stop, wait_ready
+
+    path = _memory_hungry(tmp_path / "model.onnx", size=256, relu_first=True)  # a Relu of 16 images: 12 MiB
+    port = free_port()
+    proc = start_dev(Path(path), port, tmp_path, env={"TORCHFERRY_ORT_MEMORY_BYTES": str(4 * 2**20)})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc)
+        image = hostile.save(Image.new("RGB", (256, 256), (200, 10, 10)), "PNG")
+        many = requests.post(f"{base}/predict", files={f"f{i}": (f"{i}.png", image) for i in range(16)}, timeout=60)
+        assert many.status_code == 503 and many.headers["Retry-After"] == "1", many.text
+        assert many.json()["error"]["code"] == "model_memory_exhausted"
+        assert "TORCHFERRY_ORT_MEMORY_BYTES" in many.json()["error"]["message"]
+        one = requests.post(f"{base}/predict", data=image, headers={"Content-Type": "image/png"}, timeout=60)
+        assert one.status_code == 200 and one.json()["predictions"][0]["label"].startswith("c")
+    finally:
+        stop(proc)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Settings that cannot work stop the server at start (§2)
 
@@ -178,7 +257,7 @@ def test_a_model_with_large_inputs_takes_fewer_images_per_request(tmp_path: Path
 @pytest.mark.parametrize("var,value", [
     ("TORCHFERRY_TOP_K", "0"), ("TORCHFERRY_TOP_K", "-3"), ("TORCHFERRY_MAX_IMAGES", "0"),
     ("TORCHFERRY_MAX_PIXELS", "0"), ("TORCHFERRY_MAX_UPLOAD_BYTES", "-1"), ("TORCHFERRY_MAX_BATCH", "0"),
-    ("TORCHFERRY_MAX_INPUT_BYTES", "0"),
+    ("TORCHFERRY_MAX_INPUT_BYTES", "0"), ("TORCHFERRY_ORT_MEMORY_BYTES", "-1"),
     ("TORCHFERRY_ORT_THREADS", "-1"), ("TORCHFERRY_BATCH_WINDOW_MS", "nan"), ("TORCHFERRY_BATCH_WINDOW_MS", "-5"),
     ("TORCHFERRY_POLL_SECONDS", "inf"), ("TORCHFERRY_POLL_SECONDS", "-1"), ("TORCHFERRY_AUTH_TOKEN", "jeton-café"),
 ])

@@ -46,6 +46,7 @@ from torchferry.contract import (
     tolerance_ratio,
 )
 from torchferry.serve.device import check_session, golden_bound, is_gpu, load_gpu_libraries, providers
+from torchferry.serve.errors import HTTPError
 from torchferry.serve.settings import ServeSettings
 from torchferry.serve.tasks import ServeTask, serve_task, softmax, top_k_answers
 
@@ -126,20 +127,41 @@ def read_model_file(model_path: str) -> bytes:
     return data
 
 
+# ONNX Runtime's words when its CPU arena refuses an allocation past the cap (`capped_arena`).
+ARENA_EXHAUSTED = "Available memory of"
+_arena_lock = threading.Lock()
+_arena_cap: list[int] = []  # the cap this process's shared CPU arena was registered with, once it was
+
+
+def capped_arena(opts: ort.SessionOptions, cap: int) -> None:
+    """Make the session `opts` builds take its CPU tensors from this process's one shared arena of at most `cap`
+    bytes (ONNX Runtime's environment allocator, an OrtArenaCfg's max_mem): a model file then cannot make a
+    request, or its proof, allocate without bound (a 219-byte ConstantOfShape graph asked for 2 GB); past the cap
+    ONNX Runtime fails that run. Weights (initializers) are loaded outside the arena: the file's size bounds them."""
+    with _arena_lock:
+        if _arena_cap != [cap]:
+            arena = ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1})  # grow by what is asked, no more
+            ort.create_and_register_allocator(
+                ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT), arena)
+            _arena_cap[:] = [cap]
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class Predictor:
     """Loads, checks and runs one ONNX classifier; thread-safe (ORT sessions are)."""
 
     def __init__(self, model_path: str, intra_op_threads: int = 0, device: str = "cpu", device_id: int = 0,
-                 data: bytes | None = None):
+                 data: bytes | None = None, memory_cap: int = 0):
         """Load `model_path` (its sha256 checked against the sidecar when there is one), or, given `data`, those
-        bytes as the file that `model_path` names (a batch actor gets the file the driver read and checked)."""
+        bytes as the file that `model_path` names (a batch actor gets the file the driver read and checked).
+        `memory_cap`: the bytes ONNX Runtime may hold for the tensors it computes (`capped_arena`; 0: no cap)."""
         if data is None:
             data = read_model_file(model_path)
         digest = hashlib.sha256(data).hexdigest()
-        self.device = device
+        self.device, self.memory_cap = device, memory_cap
         if is_gpu(device):
             load_gpu_libraries()
-        self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id))
+        self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id), memory_cap)
         self.providers = check_session(self.session, device)  # DeviceRefused when ORT fell back to the CPU
         meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         try:
@@ -178,12 +200,14 @@ class Predictor:
         return inp.name, out.name
 
     @staticmethod
-    def _session(data: bytes, threads: int, path: str, providers: list[Any]) -> ort.InferenceSession:
+    def _session(data: bytes, threads: int, path: str, providers: list[Any], memory_cap: int) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if memory_cap > 0:
+            capped_arena(opts, memory_cap)
         # Loaded from bytes with an empty folder for external data: a model whose initializers point at other
         # files (ONNX path traversal, CVE-2024-27318) fails to load instead of reading them.
         with tempfile.TemporaryDirectory(prefix="torchferry-noext-") as empty:
@@ -228,6 +252,9 @@ class Predictor:
         x, expected, atol, rtol = self.golden(max_input_bytes)
         try:
             got = self.run(x)
+        except HTTPError:  # past the memory cap
+            raise ModelRefused(f"the model needs more memory for its golden inputs than the {self.memory_cap / 2**20:g}"
+                               " MiB ONNX Runtime may hold (TORCHFERRY_ORT_MEMORY_BYTES)") from None
         except Exception as exc:  # noqa: BLE001 - ORT's refusal of its own graph, in one line
             raise ModelRefused(f"the model fails on its golden inputs: {error_line(exc)}") from None
         columns = self.task.output_columns(self.info.spec)
@@ -259,8 +286,16 @@ class Predictor:
         return max(1, min(max_items, max_input_bytes // self.input_bytes()))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """The outputs for a batch of the model's input ([N, C, H, W] floats for images, [N, F] for tables)."""
-        return self.session.run(None, {self.input_name: batch})[0]
+        """The outputs for a batch of the model's input ([N, C, H, W] floats for images, [N, F] for tables); an
+        HTTPError 503 when ONNX Runtime needs more memory than the cap leaves it (`capped_arena`)."""
+        try:
+            return self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:
+            if self.memory_cap and ARENA_EXHAUSTED in str(exc):
+                raise HTTPError(503, "model_memory_exhausted", f"ONNX Runtime needs more memory for this than the "
+                                f"{self.memory_cap / 2**20:g} MiB it may hold (TORCHFERRY_ORT_MEMORY_BYTES) with the "
+                                "requests in flight; retry, or send fewer inputs", {"Retry-After": "1"}) from None
+            raise
 
     def top_k(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Per row: the best label, its index and score, and the top `k` labels with scores."""

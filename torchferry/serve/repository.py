@@ -129,6 +129,7 @@ class ModelRepository:
         self.model_dir: str | None = settings.model_dir or None
         self.name_override: str | None = settings.model_name or None
         self.threads = settings.ort_threads or 0
+        self.memory_cap = settings.ort_memory_bytes
         self.device, self.device_id = settings.device, settings.device_id
         self.device_problem: str | None = None  # why the device refused the last model it was given, if it did
         self.batch_window_ms = settings.batch_window()
@@ -306,7 +307,7 @@ class ModelRepository:
 
     def _load(self, name: str | None, version: int, path: str, fp: tuple) -> Served:
         t0 = time.perf_counter()
-        predictor = Predictor(path, self.threads, self.device, self.device_id)
+        predictor = Predictor(path, self.threads, self.device, self.device_id, memory_cap=self.memory_cap)
         self.device_problem = None  # the device took this model's session
         diff = predictor.prove(self.max_input_bytes)  # also the warm-up inference, on the device that serves
         proof = {"golden_max_abs_diff": diff, "load_seconds": round(time.perf_counter() - t0, 3),

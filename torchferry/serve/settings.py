@@ -154,6 +154,11 @@ class ServeSettings(_Settings):
                               low=ROW_COST_PIXELS, high=2**31, flag="--max-pixels")
     top_k: int = setting("TORCHFERRY_TOP_K", 5, "labels per image when the request does not say", low=1,
                          flag="--top-k")
+    ort_memory_bytes: int = setting(
+        "TORCHFERRY_ORT_MEMORY_BYTES", 2 * 2**30, "most CPU memory ONNX Runtime may hold for the tensors it computes "
+        "in one process, all requests in flight together (the model's weights aside); a request past it is answered "
+        "503, a model whose proof needs more is not served (0: no limit)", low=0, high=2**44,
+        flag="--ort-memory-bytes")
     ort_threads: int | None = setting(
         "TORCHFERRY_ORT_THREADS", None, "ONNX Runtime intra-op threads per process (0: ORT's own)", low=0,
         high=1024, flag="--threads", unset="ORT's own; under gunicorn the cores divided among the workers")
