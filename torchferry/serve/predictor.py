@@ -137,7 +137,10 @@ def capped_arena(opts: ort.SessionOptions, cap: int) -> None:
     """Make the session `opts` builds take its CPU tensors from this process's one shared arena of at most `cap`
     bytes (ONNX Runtime's environment allocator, an OrtArenaCfg's max_mem): a model file then cannot make a
     request, or its proof, allocate without bound (a 219-byte ConstantOfShape graph asked for 2 GB); past the cap
-    ONNX Runtime fails that run. Weights (initializers) are loaded outside the arena: the file's size bounds them."""
+    ONNX Runtime fails that run. Weights (initializers) are loaded outside the arena: the file's size bounds them.
+    Constant folding is off for such sessions: it would compute that graph once at load, outside the arena, and
+    keep its output as a weight (800 MB for a ConstantOfShape under its 1 GiB per-node limit); measured on our
+    smallcnn and resnet18 exports, a run takes as long without it."""
     with _arena_lock:
         if _arena_cap != [cap]:
             arena = ort.OrtArenaCfg({"max_mem": cap, "arena_extend_strategy": 1})  # grow by what is asked, no more
@@ -145,6 +148,7 @@ def capped_arena(opts: ort.SessionOptions, cap: int) -> None:
                 ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT), arena)
             _arena_cap[:] = [cap]
     opts.add_session_config_entry("session.use_env_allocators", "1")
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
 
 
 class Predictor:
