@@ -95,11 +95,13 @@ WHY = {
     "off the app threads (gevent 1.5, greenlet's libstdc++ 0.9, Python objects 1.9), and about 7 MB in each worker "
     "(Python objects of the limits, metrics, proof and their modules 4.7, numpy.random's code for the proof's "
     "seeded golden input 1.9, gevent 1.1) around the same ONNX Runtime session.",
-    "seconds from the command to the first step": "the CPU the run's processes use before the first step, divided by "
-    "the 2 cores, is 11-12 s, the bar itself (the Start-up section below), and a bare Ray TorchTrainer whose workers "
-    "do nothing uses as much: Ray Train's processes hold that floor, and the bare TorchTrainer reaches its first "
-    "step later than torchferry in the same rounds. The rest is the waits between Ray's phases (processes started "
-    "one after another).",
+    "seconds from the command to the first step": "a bare Ray TorchTrainer whose workers do nothing needs as much CPU "
+    "before its first step and reaches it about as late (the Start-up section below: 13.2-18.0 s over this day's "
+    "runs, against torchferry's 13.4-16.4 s in the same ones): Ray Train's own start holds the time. That CPU divided "
+    "by the 2 cores is 9-12 s, depending on the machine's speed; the rest is the waits between Ray's phases "
+    "(processes started one after another). Checking the inputs while Ray starts saved 0.5-0.9 s "
+    "(bench/results/2026-11-28-vm-startup-overlap-tried.json) but was not kept: input errors would then come after "
+    "Ray's start and stop.",
     "server p50 latency vs in-process, 1 client (resnet18)": "about 2 ms of HTTP and Flask per request on a 16 ms "
     "model; run to run this ratio moves between 1.07 and 1.17 here.",
     "python -m serve.batch, 2 actors": "on a shared 2-core machine the loop's side gets its core and the two "
