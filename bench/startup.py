@@ -281,12 +281,13 @@ def bare_ray() -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as distributed.launch starts it
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     mark("ray_ready")
-    trainer = TorchTrainer(nothing, train_loop_config={},
-                           scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="bare-ray-")))
-    mark("fit_called")
-    trainer.fit()
-    mark("fit_returned")
+    with tempfile.TemporaryDirectory(prefix="bare-ray-") as storage:
+        trainer = TorchTrainer(nothing, train_loop_config={},
+                               scaling_config=ScalingConfig(num_workers=WORKERS, resources_per_worker={"CPU": 1}),
+                               run_config=ray.train.RunConfig(storage_path=storage))
+        mark("fit_called")
+        trainer.fit()
+        mark("fit_returned")
     mark("ray_shutdown")
     ray.shutdown()
     mark("ray_shutdown_done")
