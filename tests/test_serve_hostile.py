@@ -68,6 +68,7 @@ def _readyz(path: str, token: str | None = None, header: str | None = None) -> t
      "channels"),
     ({"meta": {"classes": "abc"}}, "classes"),
     ({"meta": {"classes": []}}, "classes"),
+    ({"meta": {"classes": ["c" * 1000] * 2001}}, "at most 2,000,000 characters together"),  # 2 MB every /metadata
     # What the server only shows: /metadata answered 500 on versions that are no mapping, a long name every answer
     ({"meta": {"versions": "x"}}, "metadata versions must map"),
     ({"meta": {"versions": {"torch": ["2"]}}}, "metadata versions must map"),
