@@ -4,6 +4,7 @@ second run skips what the output already holds. One real Ray run (slow); everyth
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -378,3 +379,34 @@ def test_the_summary_gives_the_pace_after_the_first_answers_only_when_there_were
     rerun = run.Summary(files=13, skipped=13, output="scores")
     assert rerun.line() == ("batch: 13 files: 0 scored, 0 bad, 13 skipped (already in the output); nothing to "
                             "score; output scores")
+
+
+def test_onnx_runtime_memory_is_capped_in_batch_runs_as_in_the_server(tmp_path: Path) -> None:
+    """serve.batch's actors had no cap on ONNX Runtime's memory: a model file chooses what its graph allocates. With
+    --ort-memory-bytes, a run of images past the cap is run again an image at a time, and an image that does not
+    fit alone is a row with the server's error code; a model whose proof needs more is refused, naming the flag."""
+    import test_serve_hostile
+
+    from torchferry.batch.scorer import load_proven
+    from torchferry.serve.predictor import ModelRefused
+
+    path = test_serve_hostile._memory_hungry(tmp_path / "model.onnx", size=256, relu_first=True)  # 768 KiB an image
+    data = Path(path).read_bytes()
+    predictor = load_proven(data, path, hashlib.sha256(data).hexdigest(), 1, memory_cap=4 * 2**20)
+    calls, run_model = [], predictor.run
+    predictor.run = lambda batch: calls.append(len(batch)) or run_model(batch)
+    files = {f"{i}.png": png(Image.new("RGB", (256, 256), (200, 10, 10))) for i in range(8)}
+    rows = score(predictor, list(files), list(files.values()), top_k=1, max_pixels=40_000_000)
+    assert calls == [8, 1, 1, 1, 1, 1, 1, 1, 1], calls  # 6 MiB at once is past 4 MiB; one image fits
+    assert rows["path"] == list(files) and rows["error"] == [None] * 8 and None not in rows["label"]
+    # An image that does not fit alone (as if a file's input were 64 images'): its row is refused, the run goes on.
+    predictor.run = lambda batch: calls.append(len(batch)) or run_model(np.repeat(batch, 64, axis=0))
+    calls.clear()
+    rows = score(predictor, list(files)[:2], list(files.values())[:2], top_k=1, max_pixels=40_000_000)
+    assert calls == [2, 1, 1] and rows["error"] == ["model_memory_exhausted"] * 2, rows
+    assert "4 MiB it may hold (--ort-memory-bytes)" in rows["reason"][0]
+    with pytest.raises(ModelRefused, match=r"1 MiB ONNX Runtime may hold \(--ort-memory-bytes\)"):
+        load_proven(data, path, hashlib.sha256(data).hexdigest(), 1, memory_cap=2**20)
+    assert command.get_args_parser().parse_args(["--model", "m", "--input", "i", "--output", "o",
+                                                 "--ort-memory-bytes", "0"]).ort_memory_bytes == 0
+    assert BatchConfig("m", "i", "o").ort_memory_bytes == 2 * 2**30

@@ -50,6 +50,7 @@ class BatchConfig:
     max_pixels: int = ServeSettings.max_pixels
     max_image_bytes: int = ServeSettings.max_upload_bytes
     max_input_bytes: int = ServeSettings.max_input_bytes
+    ort_memory_bytes: int = ServeSettings.ort_memory_bytes
     extensions: str = ",".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
     address: str | None = None
     progress: str = "auto"
@@ -64,7 +65,8 @@ class BatchConfig:
         for flag, value, low in (("--top-k", self.top_k, 1), ("--actors", actors, 1), ("--threads", self.threads, 1),
                                  ("--batch-size", self.batch_size, 1), ("--rows-per-file", self.rows_per_file, 1),
                                  ("--max-pixels", self.max_pixels, 8), ("--max-image-bytes", self.max_image_bytes, 1),
-                                 ("--max-input-bytes", self.max_input_bytes, 1)):
+                                 ("--max-input-bytes", self.max_input_bytes, 1),
+                                 ("--ort-memory-bytes", self.ort_memory_bytes, 0)):
             if value < low:
                 raise TorchferryError(f"{flag} {value} cannot work; it must be {low} or more")
 
@@ -106,6 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-input-bytes", type=int, default=d.max_input_bytes, help="largest model input of one ONNX "
                    "Runtime call, as the server's request: fewer images than --batch-size for a model whose inputs "
                    f"are large, at least one (default: {d.max_input_bytes:,})")
+    g.add_argument("--ort-memory-bytes", type=int, default=d.ort_memory_bytes, help="most CPU memory ONNX Runtime "
+                   "may hold for the tensors it computes, in each actor and in the driver's proof, as the server's "
+                   "TORCHFERRY_ORT_MEMORY_BYTES: an image past it is a row with the error model_memory_exhausted "
+                   f"(0: no limit; default: {d.ort_memory_bytes:,})")
     g.add_argument("--extensions", default=d.extensions, help="file extensions read from a folder; '*' for every "
                    f"file (default: {d.extensions})")
     g.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per part file: at most this "

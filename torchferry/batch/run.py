@@ -187,7 +187,7 @@ def score_on_ray(cfg: BatchConfig, source: Source, todo: list[Entry], model: tup
     scorer = {"model": [ray.put(data)], "name": os.path.basename(cfg.model), "sha256": sha256,
               "threads": cfg.threads, "top_k": top_k, "max_pixels": cfg.max_pixels, "fs": source.fs,
               "prefix": source.prefix, "max_bytes": cfg.max_image_bytes,
-              "max_input_bytes": cfg.max_input_bytes}
+              "max_input_bytes": cfg.max_input_bytes, "memory_cap": cfg.ort_memory_bytes}
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.threads,
                         compute=ray.data.ActorPoolStrategy(size=actors), fn_constructor_kwargs=scorer)
     started = time.perf_counter()
@@ -243,7 +243,8 @@ def _write_summary(out: OutputFolder, summary: Summary) -> None:
 def run_batch(cfg: BatchConfig) -> Summary:
     """Score every file of `cfg.input` that `cfg.output` does not hold yet; the summary of the run."""
     data = read_model_file(cfg.model)
-    predictor = load_proven(data, cfg.model, hashlib.sha256(data).hexdigest(), cfg.threads, cfg.max_input_bytes)
+    predictor = load_proven(data, cfg.model, hashlib.sha256(data).hexdigest(), cfg.threads, cfg.max_input_bytes,
+                            cfg.ort_memory_bytes)
     sha256, top_k = predictor.info.sha256, min(cfg.top_k, len(predictor.info.classes))
     source = resolve(cfg.input, cfg.extension_list)
     if not source.entries:

@@ -22,9 +22,10 @@ from torchferry.serve.settings import ServeSettings
 
 
 def load_proven(model: bytes, name: str, sha256: str, threads: int,
-                max_input_bytes: int = ServeSettings.max_input_bytes) -> Predictor:
-    """A predictor on the model file's bytes (those the driver checked: `sha256`), proven on its golden inputs."""
-    predictor = Predictor(name, threads, data=model)
+                max_input_bytes: int = ServeSettings.max_input_bytes, memory_cap: int = 0) -> Predictor:
+    """A predictor on the model file's bytes (those the driver checked: `sha256`), proven on its golden inputs;
+    ONNX Runtime's tensors in this process take at most `memory_cap` bytes (`capped_arena`; 0: no cap)."""
+    predictor = Predictor(name, threads, data=model, memory_cap=memory_cap, memory_setting="--ort-memory-bytes")
     if predictor.info.task != "image":
         raise ModelRefused(f"{name} is a {predictor.info.task!r} model; python -m serve.batch scores image "
                            "classifiers (serve its task with python -m serve)")
@@ -55,12 +56,31 @@ def score(predictor: Predictor, names: Sequence[str], blobs: Sequence[bytes], to
         for column, value in zip(refused, error or ()):
             column.append(value)
         if len(inputs) == run or (inputs and i == len(names) - 1):
-            answers += predictor.top_k(predictor.run(np.stack(inputs)), top_k)
+            answers += _answers(predictor, inputs, scored[len(answers):], top_k, refused)
             inputs = []
+    kept = [(name, answer) for name, answer in zip(scored, answers) if answer is not None]
     rows = error_rows(*refused)
-    if scored:
-        rows = {key: answer_rows(scored, answers)[key] + values for key, values in rows.items()}
+    if kept:
+        answered = answer_rows([name for name, _ in kept], [answer for _, answer in kept])
+        rows = {key: answered[key] + values for key, values in rows.items()}
     return rows
+
+
+def _answers(predictor: Predictor, inputs: list[np.ndarray], names: Sequence[str], top_k: int,
+             refused: tuple[list, list, list]) -> list[dict[str, Any] | None]:
+    """The answers for one run of inputs. A run past ONNX Runtime's memory cap is run again an image at a time; an
+    image that does not fit alone is a refused row (None in its place), as the server answers it 503."""
+    try:
+        return predictor.top_k(predictor.run(np.stack(inputs)), top_k)
+    except HTTPError as exc:
+        if len(inputs) > 1:
+            return [a for i, one in enumerate(inputs) for a in _answers(predictor, [one], names[i:i + 1], top_k,
+                                                                         refused)]
+        reason = (f"{names[0]}: ONNX Runtime needs more memory for this image than the "
+                  f"{predictor.memory_cap / 2**20:g} MiB it may hold (--ort-memory-bytes)")
+        for column, value in zip(refused, (names[0], exc.code, reason)):
+            column.append(value)
+        return [None]
 
 
 def read_files(fs, paths: Sequence[str], prefix: str, max_bytes: int) -> tuple[list[str], list[bytes], dict]:
@@ -96,12 +116,13 @@ class Scorer:
     file's bytes through the object store) left the actors about half the throughput (bench.batch)."""
 
     def __init__(self, model: list, name: str, sha256: str, threads: int, top_k: int, max_pixels: int,
-                 fs, prefix: str = "", max_bytes: int = 1 << 24, max_input_bytes: int = ServeSettings.max_input_bytes):
+                 fs, prefix: str = "", max_bytes: int = 1 << 24, max_input_bytes: int = ServeSettings.max_input_bytes,
+                 memory_cap: int = 0):
         """`model`: [an ObjectRef of the model file's bytes], put once by the driver and read by every actor (held
         in a list, so Ray passes the reference rather than the bytes as a constructor argument)."""
         import ray
 
-        self.predictor = load_proven(ray.get(model[0]), name, sha256, threads, max_input_bytes)
+        self.predictor = load_proven(ray.get(model[0]), name, sha256, threads, max_input_bytes, memory_cap)
         self.top_k, self.max_pixels, self.fs, self.prefix, self.max_bytes = top_k, max_pixels, fs, prefix, max_bytes
         self.max_input_bytes = max_input_bytes
 

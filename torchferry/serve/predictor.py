@@ -155,14 +155,15 @@ class Predictor:
     """Loads, checks and runs one ONNX classifier; thread-safe (ORT sessions are)."""
 
     def __init__(self, model_path: str, intra_op_threads: int = 0, device: str = "cpu", device_id: int = 0,
-                 data: bytes | None = None, memory_cap: int = 0):
+                 data: bytes | None = None, memory_cap: int = 0, memory_setting: str = "TORCHFERRY_ORT_MEMORY_BYTES"):
         """Load `model_path` (its sha256 checked against the sidecar when there is one), or, given `data`, those
         bytes as the file that `model_path` names (a batch actor gets the file the driver read and checked).
-        `memory_cap`: the bytes ONNX Runtime may hold for the tensors it computes (`capped_arena`; 0: no cap)."""
+        `memory_cap`: the bytes ONNX Runtime may hold for the tensors it computes (`capped_arena`; 0: no cap), set
+        by `memory_setting`, which the refusals name."""
         if data is None:
             data = read_model_file(model_path)
         digest = hashlib.sha256(data).hexdigest()
-        self.device, self.memory_cap = device, memory_cap
+        self.device, self.memory_cap, self.memory_setting = device, memory_cap, memory_setting
         if is_gpu(device):
             load_gpu_libraries()
         self.session = self._session(data, intra_op_threads, model_path, providers(device, device_id), memory_cap)
@@ -258,7 +259,7 @@ class Predictor:
             got = self.run(x)
         except HTTPError:  # past the memory cap
             raise ModelRefused(f"the model needs more memory for its golden inputs than the {self.memory_cap / 2**20:g}"
-                               " MiB ONNX Runtime may hold (TORCHFERRY_ORT_MEMORY_BYTES)") from None
+                               f" MiB ONNX Runtime may hold ({self.memory_setting})") from None
         except Exception as exc:  # noqa: BLE001 - ORT's refusal of its own graph, in one line
             raise ModelRefused(f"the model fails on its golden inputs: {error_line(exc)}") from None
         columns = self.task.output_columns(self.info.spec)
@@ -297,7 +298,7 @@ class Predictor:
         except Exception as exc:
             if self.memory_cap and ARENA_EXHAUSTED in str(exc):
                 raise HTTPError(503, "model_memory_exhausted", f"ONNX Runtime needs more memory for this than the "
-                                f"{self.memory_cap / 2**20:g} MiB it may hold (TORCHFERRY_ORT_MEMORY_BYTES) with the "
+                                f"{self.memory_cap / 2**20:g} MiB it may hold ({self.memory_setting}) with the "
                                 "requests in flight; retry, or send fewer inputs", {"Retry-After": "1"}) from None
             raise
 
