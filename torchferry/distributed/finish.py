@@ -11,6 +11,7 @@ import os
 import threading
 from typing import Any, NamedTuple
 
+from torchferry.distributed import TorchferryError
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.timeline import mark
 
@@ -37,6 +38,16 @@ def describe_failure(exc: BaseException) -> str:
         return (", ".join(f"worker rank {r}" for r in died) + ": its process died (killed, out of memory or "
                 "crashed)" + (f"; rank(s) {', '.join(map(str, others))} then failed with it" if others else ""))
     return "; ".join(f"worker rank {rank}: {_first_line(error)}" for rank, error in sorted(failures.items()))
+
+
+def refused_input(exc: BaseException) -> TorchferryError | None:
+    """The workers' own refusal of bad input (a checkpoint --resume would continue from, say) when that is why
+    every failed worker failed, so that the command ends as for bad input (exit 2); None otherwise."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    causes = [getattr(error, "_base_exc", error) for error in failures.values()]  # Ray keeps the worker's error
+    if causes and all(isinstance(cause, TorchferryError) for cause in causes):
+        return causes[0]
+    return None
 
 
 def latest_checkpoint_note(cfg: TrainConfig) -> str:

@@ -19,7 +19,13 @@ from typing import Any, NoReturn
 from torchferry.cli import quiet_libraries, run_command
 from torchferry.distributed.cluster import check_resources, start_ray
 from torchferry.distributed.config import TrainConfig
-from torchferry.distributed.finish import TrainingFailed, describe_failure, finish, latest_checkpoint_note
+from torchferry.distributed.finish import (
+    TrainingFailed,
+    describe_failure,
+    finish,
+    latest_checkpoint_note,
+    refused_input,
+)
 from torchferry.distributed.flags import config_from_args
 from torchferry.distributed.preflight import claim_run_dir, prepare, refuse_held_run_dir, resume_command
 from torchferry.distributed.timeline import mark
@@ -147,6 +153,9 @@ def fit(cfg: TrainConfig, split: Any, local_ray: bool = False) -> Any:
         # Ray Train's own SIGINT handler aborts the run gracefully (checkpoints stay) and then exits.
         raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as exc:
+        refused = refused_input(exc)
+        if refused is not None:
+            raise refused from None
         raise TrainingFailed(f"training failed: {describe_failure(exc)}; {latest_checkpoint_note(cfg)}") from exc
     finally:
         console.stop()

@@ -101,7 +101,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: 
     return sched.SequentialLR(optimizer, [warm, main], milestones=[warmup])
 
 
-def _stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
+def stage_epochs(cfg: TrainConfig, frozen: bool) -> int:
     """Epochs the current stage's schedule spans: head-only until unfreezing, then the rest."""
     if cfg.freeze_backbone and cfg.unfreeze_at_epoch is not None:
         return cfg.unfreeze_at_epoch if frozen else cfg.epochs - cfg.unfreeze_at_epoch
@@ -117,10 +117,17 @@ class _Stage:
         self.model = ray.train.torch.prepare_model(bare)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        lr = cfg.lr if frozen or cfg.unfreeze_at_epoch is None else cfg.finetune_lr
-        assert lr is not None
-        self.optimizer = build_optimizer(bare.parameters(), cfg, lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg, epochs_left)
+        self.optimizer, self.scheduler = build_stage_schedule(bare, cfg, frozen, epochs_left)
+
+
+def build_stage_schedule(bare: nn.Module, cfg: TrainConfig, frozen: bool,
+                         epochs_left: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer over `bare`'s trainable parameters and its schedule, for a stage of `epochs_left` epochs
+    (frozen: the head alone at --lr; unfrozen after a frozen stage: everything at --finetune-lr)."""
+    lr = cfg.lr if frozen or cfg.unfreeze_at_epoch is None else cfg.finetune_lr
+    assert lr is not None
+    optimizer = build_optimizer(bare.parameters(), cfg, lr)
+    return optimizer, build_scheduler(optimizer, cfg, epochs_left)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -181,7 +188,8 @@ def _first_stage(task: Task, cfg: TrainConfig, split: Any, events: EventSink,
     trains in, the AMP scaler, and what a restored run had done already."""
     bare = task.build_model(cfg, split)
     head = find_head(bare, len(getattr(split, "classes", ())))
-    restored = restore_latest(events, cfg)
+    found = restore_latest(events, cfg)
+    restored = found.checkpoint if found is not None else None
     if restored is None and cfg.init_from:
         init_from_checkpoint(bare, cfg.init_from, head, lambda source: task.outputs_match(source, split))
     elif restored is not None:
@@ -189,9 +197,10 @@ def _first_stage(task: Task, cfg: TrainConfig, split: Any, events: EventSink,
     if cfg.channels_last:
         bare = bare.to(memory_format=torch.channels_last)
     frozen = bool(restored["backbone_frozen"]) if restored is not None else cfg.freeze_backbone
-    stage = _Stage(bare, head, cfg, frozen, _stage_epochs(cfg, frozen))
+    stage = _Stage(bare, head, cfg, frozen, stage_epochs(cfg, frozen))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype(device) == torch.float16)
-    return stage, scaler, resume_state(task, restored, stage.optimizer, stage.scheduler, scaler)
+    where = os.path.join(found.directory, ckpt.CHECKPOINT_FILE) if found is not None else ""
+    return stage, scaler, resume_state(task, restored, stage.optimizer, stage.scheduler, scaler, where)
 
 
 def _open_writer(cfg: TrainConfig, past: Resumed, world: int, device: torch.device, events: EventSink) -> Any:

@@ -44,6 +44,10 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
         raise TorchferryError("--lr-warmup-epochs does not combine with --lr-scheduler plateau")
     cfg = absolute_paths(cfg)
     cfg, split = get_task(cfg.task).prepare(cfg)
+    if cfg.resume:
+        from torchferry.distributed.resume import check_resumable
+
+        check_resumable(cfg, split)  # the checkpoint it would continue from, refused here and not on the workers
     if cfg.progress == "auto":
         cfg.progress = "on" if sys.stderr.isatty() else "off"
     if cfg.init_from:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from torch import nn
 from torchferry.distributed import checkpoint as ckpt
 from torchferry.distributed.config import TrainConfig
 from torchferry.distributed.events import EventSink
+from torchferry.distributed.resume_check import resume_state_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def newest_usable(candidates: list[str], warn: Callable[[str], None]) -> Restora
     return best
 
 
-def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None:
+def restore_latest(events: EventSink, cfg: TrainConfig) -> Restorable | None:
     """The newest usable checkpoint of this run (after a worker failure, or with --resume), checked.
 
     Ray's record of the run's checkpoints can lag the folders on disk: a run stopped (Ctrl-C) right after a
@@ -97,7 +99,7 @@ def restore_latest(events: EventSink, cfg: TrainConfig) -> dict[str, Any] | None
     message = f"resuming after epoch {int(restored['epoch']) + 1} from {directory}"
     _logger.info(message)
     events.send("info", message=message)
-    return restored
+    return Restorable(directory, restored)
 
 
 def init_from_checkpoint(model: nn.Module, path: str, head: list[str],
@@ -116,14 +118,62 @@ def init_from_checkpoint(model: nn.Module, path: str, head: list[str],
     _logger.info("initialised from %s%s", path, "" if not missing else " with a new head for these classes")
 
 
-def resume_state(task: Any, restored: dict[str, Any] | None, optimizer: Any, scheduler: Any, scaler: Any) -> Resumed:
+def resume_state(task: Any, restored: dict[str, Any] | None, optimizer: Any, scheduler: Any, scaler: Any,
+                 where: str = "the checkpoint") -> Resumed:
     """Load a restored checkpoint's optimizer, schedule and scaler state; what the run had done (nothing
-    when there is no checkpoint to go on from). `task` says which metric is the best and which way."""
+    when there is no checkpoint to go on from). `task` says which metric is the best and which way. A state that
+    does not fit these objects (`resume_check`) is refused with a CheckpointError naming `where`."""
     worst = -math.inf if task.best_mode == "max" else math.inf
     if restored is None:
         return Resumed([], worst, 0)
+    problem = resume_state_problem(restored, optimizer, scheduler)
+    if problem:
+        raise ckpt.CheckpointError(f"--resume: {where} {problem}")
     optimizer.load_state_dict(restored["optimizer"])
     scheduler.load_state_dict(restored["scheduler"])
-    scaler.load_state_dict(restored["scaler"])
+    if restored["scaler"]:  # empty: saved with AMP's scaling off; a run that scales starts from a fresh scale
+        scaler.load_state_dict(restored["scaler"])
     history = [dict(r) for r in restored.get("history", []) if r["epoch"] <= restored["epoch"]]
     return Resumed(history, float(restored.get(f"best_{task.best_metric}", worst)), int(restored["epoch"]) + 1)
+
+
+def check_resumable(cfg: TrainConfig, split: Any) -> None:
+    """--resume, on the driver before Ray starts: the newest usable checkpoint of the run on local or shared
+    storage has resume state that fits this run, as `resume_state` will check on every worker. The model is
+    built on the meta device (no weights are made); a run whose checkpoints are on remote storage
+    is checked by its workers alone. Raises CheckpointError naming the file."""
+    import torch
+
+    from torchferry.distributed.loop import build_stage_schedule, stage_epochs
+    from torchferry.distributed.models import find_head, set_backbone_trainable
+    from torchferry.distributed.tasks import get_task
+
+    candidates = checkpoint_dirs(os.path.join(cfg.storage_path, str(cfg.name)))
+    found = newest_usable(candidates, _logger.debug)  # the workers warn about the damaged ones
+    if found is None:
+        if candidates:
+            raise ckpt.CheckpointError(f"--resume: no usable checkpoint in {os.path.dirname(candidates[0])}: "
+                                       "every kept checkpoint is damaged")
+        return
+    where = os.path.join(found.directory, ckpt.CHECKPOINT_FILE)
+    frozen = found.checkpoint.get("backbone_frozen")
+    if not isinstance(frozen, bool):
+        raise ckpt.CheckpointError(f"--resume: {where} lacks backbone_frozen, a resume state of true or false")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pretrained weights copied onto meta tensors: a no-op
+            bare = get_task(cfg.task).build_model(cfg, split)
+    except Exception as exc:  # noqa: BLE001 - a factory of your own that cannot build on meta: the workers check
+        _logger.debug("--resume: not checked on the driver (%s)", exc)
+        return
+    expected = {k: tuple(v.shape) for k, v in bare.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in found.checkpoint["state_dict"].items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise ckpt.CheckpointError(f"--resume: {where}'s weights do not fit this run's {cfg.model} "
+                                   f"({wrong[0][:60]} differs)")
+    set_backbone_trainable(bare, find_head(bare, len(getattr(split, "classes", ()))), not frozen)
+    optimizer, scheduler = build_stage_schedule(bare, cfg, frozen, stage_epochs(cfg, frozen))
+    problem = resume_state_problem(found.checkpoint, optimizer, scheduler)
+    if problem:
+        raise ckpt.CheckpointError(f"--resume: {where} {problem}")
