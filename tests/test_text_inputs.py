@@ -31,6 +31,45 @@ def test_vocab_comes_from_counts_then_code_point_order_and_honours_the_limits() 
         build_vocab(texts, min_freq=0)
 
 
+def _full_count_vocab(texts: list[str], min_freq: int, max_size: int) -> list[str]:
+    """The vocabulary as a full count of every distinct token gives it (what build_vocab gave before its bound)."""
+    from collections import Counter
+
+    counts = Counter(tok for t in texts for tok in tokenize(t) if len(tok) <= text.MAX_TOKEN_CHARS)
+    kept = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda tok: (-counts[tok], tok))
+    return ["<pad>", "<unk>", *kept[:max_size - 2]]
+
+
+def test_vocab_of_a_corpus_under_the_counting_bound_is_that_of_a_full_count() -> None:
+    """A Zipf-distributed corpus of a few thousand distinct words: the same vocabulary, whatever the limits, as long
+    as its distinct tokens fit the bound; one past it, the frequent words are still found."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(6000)]
+    texts = [" ".join(words[min(int(r) - 1, 5999)] for r in rng.zipf(1.3, size=40)) + " ." for _ in range(2000)]
+    distinct = len({tok for t in texts for tok in tokenize(t)})
+    assert 1000 < distinct < text.COUNTED_AT_LEAST
+    for min_freq, max_size in ((1, 20_000), (1, 50), (2, 300), (5, 3)):
+        assert build_vocab(texts, min_freq=min_freq, max_size=max_size) == _full_count_vocab(texts, min_freq, max_size)
+    assert build_vocab(texts, max_size=50, max_counted=distinct) == _full_count_vocab(texts, 1, 50)
+    assert build_vocab(texts, max_size=20, max_counted=distinct // 4)[:12] == _full_count_vocab(texts, 1, 12)
+
+
+def test_vocab_counting_memory_does_not_grow_with_distinct_tokens() -> None:
+    """400,000 distinct tokens (a hostile CSV's): the count is bounded (64 MiB traced for a full count), and the
+    words every line repeats still lead the vocabulary."""
+    import tracemalloc
+
+    texts = [" ".join(f"w{i * 100 + j:x}" for j in range(100)) + " the the of" for i in range(4000)]
+    tracemalloc.start()
+    try:
+        vocab = build_vocab(texts, max_size=100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
+    assert vocab[:4] == ["<pad>", "<unk>", "the", "of"] and len(vocab) <= 100
+
+
 def test_encode_maps_unknown_tokens_truncates_and_pads_at_the_end() -> None:
     enc = Encoder(text_spec(build_vocab(["good movie", "bad movie"]), max_length=4))
     ids = enc.encode(["Good movie!", "", "bad bad bad bad bad bad"])

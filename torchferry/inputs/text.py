@@ -12,7 +12,7 @@ drift apart (docs/design.md, "The text task"):
 
 The vocabulary is built from the training split alone (`build_vocab`): tokens seen at least `min_freq`
 times, most frequent first (ties in code-point order, so the same texts always give the same vocabulary),
-cut to `max_size` entries counting `<pad>` and `<unk>`. It travels as plain data, the `text` spec
+cut to `max_size` entries counting `<pad>` and `<unk>`; the count holds a bounded number of distinct tokens. It travels as plain data, the `text` spec
 (`text_spec`): a list of strings in id order and a few numbers, which a weights-only checkpoint and an ONNX
 file's metadata both hold. A file is untrusted: `text_spec_problems` checks every field and its size before
 anything is built from it, and the file names the tokenizer (TOKENIZER), never a pattern to compile.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -58,16 +57,44 @@ def tokenize(text: str, limit: int | None = None) -> list[str]:
     return tokens
 
 
-def build_vocab(texts: Iterable[str], *, min_freq: int = 1, max_size: int = 20_000) -> list[str]:
+# How many distinct tokens `build_vocab` counts at once: COUNTED_PER_ENTRY per vocabulary entry asked for, and
+# COUNTED_AT_LEAST whatever the size (about 150 bytes each, so 15 MB at least and 300 MB at MAX_VOCAB). A
+# corpus with fewer distinct tokens gets exactly the vocabulary a full count gives; past the bound the rarest
+# are dropped from the count, as word2vec's ReduceVocab and gensim's max_vocab_size do.
+COUNTED_PER_ENTRY = 10
+COUNTED_AT_LEAST = 100_000
+
+
+def build_vocab(texts: Iterable[str], *, min_freq: int = 1, max_size: int = 20_000,
+                max_counted: int | None = None) -> list[str]:
     """The vocabulary of `texts` in id order: `<pad>`, `<unk>`, then tokens seen `min_freq` times or more, most
     frequent first, ties in code-point order, `max_size` entries in all (tokens longer than MAX_TOKEN_CHARS are
-    left to `<unk>`)."""
+    left to `<unk>`).
+
+    At most `max_counted` distinct tokens are counted at once (default: COUNTED_PER_ENTRY × max_size, at least
+    COUNTED_AT_LEAST), so memory does not grow with a corpus's distinct tokens: when the count passes it, the
+    tokens of the lower half of the counts are dropped (lossy counting; a token dropped and seen again counts
+    from there). Below the bound the vocabulary is exactly that of a full count."""
     if min_freq < 1 or not 3 <= max_size <= MAX_VOCAB:
         raise ValueError(f"min_freq must be >= 1 and max_size from 3 to {MAX_VOCAB}, got {min_freq}, {max_size}")
-    counts = Counter(tok for text in texts for tok in tokenize(text))
-    kept = sorted((tok for tok, n in counts.items() if n >= min_freq and len(tok) <= MAX_TOKEN_CHARS),
-                  key=lambda tok: (-counts[tok], tok))
+    bound = max_counted or max(COUNTED_PER_ENTRY * max_size, COUNTED_AT_LEAST)
+    counts: dict[str, int] = {}
+    for text in texts:
+        for match in TOKEN_PATTERN.finditer(normalise(text)):
+            tok = match.group()
+            if len(tok) <= MAX_TOKEN_CHARS:
+                counts[tok] = counts.get(tok, 0) + 1
+                if len(counts) > bound:
+                    _drop_rarest_half(counts)
+    kept = sorted((tok for tok, n in counts.items() if n >= min_freq), key=lambda tok: (-counts[tok], tok))
     return [PAD, UNK, *kept[:max_size - 2]]
+
+
+def _drop_rarest_half(counts: dict[str, int]) -> None:
+    """Drop the tokens counted no more often than the median count (at least half of them), in place."""
+    median = sorted(counts.values())[len(counts) // 2]
+    for tok in [tok for tok, n in counts.items() if n <= median]:
+        del counts[tok]
 
 
 def text_spec(vocab: list[str], max_length: int) -> dict[str, Any]:
