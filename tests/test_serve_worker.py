@@ -8,6 +8,7 @@ The only wall-clock bounds asserted are the stated ones, which are the requireme
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -371,6 +372,7 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
     import logging
     import types
 
+    from torchferry.serve import accesslog
     from torchferry.serve.worker import LineQueue
 
     spec = importlib.util.spec_from_file_location("tf_gunicorn_conf", REPO / "torchferry" / "serve" / "gunicorn.conf.py")
@@ -385,11 +387,20 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
         conf.post_fork(None, worker)
         worker.model_loaded.set()
         assert [type(h) for h in root.handlers] == [LineQueue]  # a request thread only enqueues
+        # and an access line only as its fields: the writer makes its JSON and its record, in the lines' order
+        assert accesslog._sink == worker.log_listener.queue.put
         for i in range(200):
             logging.getLogger("torchferry.serve.access").info('{"n": %d}', i)
+            accesslog.line(("POST", "/predict", 200, i / 1000, 1, i))
         conf.worker_exit(None, worker)
-        assert stream.getvalue().splitlines() == [f'{{"n": {i}}}' for i in range(200)]
+        assert accesslog._sink is None  # logged in place again once the writer is gone
+        lines = stream.getvalue().splitlines()
+        assert lines[0::2] == [f'{{"n": {i}}}' for i in range(200)]
+        assert [json.loads(line) for line in lines[1::2]] == [
+            {"method": "POST", "route": "/predict", "status": 200, "ms": float(i), "images": 1, "bytes": i}
+            for i in range(200)]
     finally:
+        accesslog.defer_to(None)
         root.handlers, level = saved
         root.setLevel(level)
 

@@ -140,6 +140,7 @@ def post_fork(server, worker):
     import logging
     import threading
 
+    from torchferry.serve import accesslog
     from torchferry.serve.worker import queue_log_lines
 
     return_large_buffers_to_the_system()
@@ -148,6 +149,8 @@ def post_fork(server, worker):
     # wait on I/O); one writer thread takes the stream handler's lock and writes them, every 50 ms rather than on
     # every line (serve/worker.py's PeriodicWriter). worker_exit writes what is left.
     worker.log_listener = queue_log_lines(logging.getLogger())
+    # A request thread only queues its access line's fields: the writer makes the JSON line and its record.
+    accesslog.defer_to(worker.log_listener.queue.put)
     # The model loads before the worker's own loop starts beating (wsgi_app): beat for it meanwhile, so that a
     # model that takes longer than `timeout` to load and prove is not killed as a hung worker.
     worker.model_loaded = threading.Event()
@@ -163,6 +166,9 @@ def worker_exit(server, worker):
     """Worker: write the log lines still queued before the process ends."""
     listener = getattr(worker, "log_listener", None)
     if listener is not None:
+        from torchferry.serve import accesslog
+
+        accesslog.defer_to(None)
         listener.stop()
 
 

@@ -6,18 +6,15 @@ one JSON access line. The Open Inference Protocol routes are in serve/v2.py.
 from __future__ import annotations
 
 import io
-import json
-import logging
 import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from torchferry.serve import accesslog
 from torchferry.serve.auth import EXEMPT_PATHS, BearerAuth
 from torchferry.serve.errors import HTTPError
 from torchferry.serve.repository import Served
 from torchferry.serve.state import count_images, reason_for_caller, state, versions_for_caller
-
-_access = logging.getLogger("torchferry.serve.access")
 
 bp = Blueprint("torchferry", __name__)
 
@@ -50,9 +47,9 @@ def _observe(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule else "unmatched"
     seconds = time.perf_counter() - g.get("start", time.perf_counter())
     state().metrics.observe_request(route, response.status_code, seconds)
-    _access.info(json.dumps({"method": request.method, "route": route, "status": response.status_code,
-                             "ms": round(1000 * seconds, 2), "images": g.get("images", 0),
-                             "bytes": request.content_length or 0}))
+    if accesslog.enabled():
+        accesslog.line((request.method, route, response.status_code, seconds, g.get("images", 0),
+                        request.content_length or 0))
     return response
 
 

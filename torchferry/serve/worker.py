@@ -36,6 +36,7 @@ from gevent.event import Event
 from gevent.threadpool import ThreadPool
 from gunicorn.workers.ggevent import GeventWorker
 
+from torchferry.serve import accesslog
 from torchferry.serve.settings import GunicornSettings
 
 READ_STEP = 64 * 1024
@@ -199,13 +200,14 @@ class PeriodicWriter(QueueListener):
         self.write_queued()
 
     def write_queued(self) -> None:
-        """Write every line queued now."""
+        """Write every line queued now, in order; an access line's fields (serve/accesslog.py) become its record
+        here."""
         while True:
             try:
                 record = self.queue.get_nowait()
             except queue.Empty:
                 return
-            self.handle(record)
+            self.handle(accesslog.record(record) if type(record) is tuple else record)
 
     def stop(self) -> None:
         if self._thread is not None:
