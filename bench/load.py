@@ -167,13 +167,14 @@ def listening_pid(port: int) -> int:
     return proc.pid
 
 
-def against(url: str, images: list[bytes], clients: list[int], seconds: float, pid: int | None) -> list[dict[str, Any]]:
+def against(url: str, images: list[bytes], clients: list[int], seconds: float, pid: int | None,
+            warm_s: float = 1.0) -> list[dict[str, Any]]:
     """The server at `url` (the whole endpoint) at each client count: rate, latency, the peak RSS of its process tree
     and the CPU it spent per request, and the machine's 1-minute load average before each point."""
     host = url.split("//", 1)[-1].split("/", 1)[0]
     port = int(host.rsplit(":", 1)[1]) if ":" in host else 80
     call = http_caller(url, "")
-    drive(call, images, 2, 1.0)  # warm connections and code paths
+    drive(call, images, 2, warm_s)  # warm connections and code paths
     pid = pid or listening_pid(port)
     rows = []
     for n in clients:

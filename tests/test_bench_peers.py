@@ -78,6 +78,37 @@ def test_targets_compare_with_the_best_framework_and_the_bare_flask_app() -> Non
     assert checks[4]["short_by"] == "short by 7.2 %"
 
 
+def test_the_bare_flask_target_is_read_from_the_paired_slices_when_measured() -> None:
+    """Single rounds minutes apart put the two servers under different loads: the floor's ratio is then the median
+    of the pairs measured with both running, and the table shows every pair."""
+    result = _result(flask=300.0, tf=270.0, lit=250.0, bento=280.0)  # 0.90x in the rounds
+    result["paired"] = {"servers": ["flask", "torchferry"], "pairs": 3, "seconds_per_slice": 2.0, "by_clients": {
+        str(n): {"ratios": [0.95, 0.99, 1.02], "median_ratio": 0.99, "req_s": {"flask": 300.0, "torchferry": 297.0},
+                 "server_cpu_ms_per_request": {"flask": 2.0, "torchferry": 2.1}} for n in report.CLIENTS}}
+    checks = report.targets(result)
+    assert [c["measured"] for c in checks[4:]] == [0.99] * 3 and all(c["met"] for c in checks[4:])
+    assert "median of paired slices" in checks[4]["target"]
+    assert report.targets(_result(flask=300.0, tf=270.0, lit=250.0, bento=280.0))[4]["met"] is False  # no pairs
+    text = "\n".join(report.render({**result, "method": "m", "seconds_per_point": 1, "rounds": 1}))
+    assert "| 1 | 300.0 | 297.0 | 2.00 | 2.10 | 0.950, 0.990, 1.020 | 0.990 |" in text
+
+
+@pytest.mark.slow
+def test_paired_slices_alternate_between_two_running_servers(tmp_path: Path) -> None:
+    """Two servers (the bare Flask app twice, from this environment) run at once; each client count gets its pairs,
+    the order alternating, a ratio per pair and their median."""
+    from bench.peers import run as peers_run
+
+    flask = peers_run.Server("flask", "Flask", None, peers_run.PEERS[0].args)
+    twin = peers_run.Server("twin", "Flask again", None, peers_run.PEERS[0].args)
+    out = peers_run.paired(flask, twin, pairs=2, seconds=0.3, tmp=tmp_path)
+    assert out["servers"] == ["flask", "twin"] and set(out["by_clients"]) == {str(n) for n in report.CLIENTS}
+    for p in out["by_clients"].values():
+        assert len(p["ratios"]) == 2 and all(r > 0 for r in p["ratios"])
+        assert p["median_ratio"] == pytest.approx(sum(p["ratios"]) / 2)
+        assert p["req_s"]["flask"] > 0 and p["req_s"]["twin"] > 0
+
+
 def test_the_report_breaks_peak_memory_down_by_process() -> None:
     result = _result(flask=300.0, tf=270.0, lit=250.0, bento=280.0)
     for row in result["rows"]:

@@ -15,14 +15,17 @@ LitServe, BentoML, Ray Serve, torchferry, then again); for each server the quiet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +188,9 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def measure(server: Server, model: str, images: list[bytes], seconds: float, logs: Path) -> list[dict[str, Any]]:
-    """Start `server`, check it binds loopback only, drive it at every client count, stop it."""
-    from bench.load import against
-
+@contextlib.contextmanager
+def serving(server: Server, model: str, images: list[bytes], logs: Path) -> Iterator[tuple[str, int]]:
+    """(its /predict URL, its pid) while `server` runs, once it answers and is seen to bind loopback only."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/predict"
     log = logs / f"{server.name}-{time.strftime('%H%M%S')}.log"
@@ -200,9 +202,44 @@ def measure(server: Server, model: str, images: list[bytes], seconds: float, log
         exposed = listeners_off_loopback(proc.pid)
         if exposed:
             raise RuntimeError(f"listens beyond loopback on {', '.join(exposed)}; refused")
-        return against(url, images, list(CLIENTS), seconds, proc.pid)
+        yield url, proc.pid
     finally:
         stop(proc)
+
+
+def measure(server: Server, model: str, images: list[bytes], seconds: float, logs: Path) -> list[dict[str, Any]]:
+    """Start `server`, drive it at every client count, stop it."""
+    from bench.load import against
+
+    with serving(server, model, images, logs) as (url, pid):
+        return against(url, images, list(CLIENTS), seconds, pid)
+
+
+def paired(first: Server, second: Server, pairs: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    """The two servers side by side: both run at once, and at each client count the load alternates between them
+    in `pairs` pairs of `seconds` each (first, second; then second, first; ...), so that what else the machine does
+    falls on both alike. Per pair, second's req/s over first's; reported: the median of those ratios."""
+    from bench.load import against, make_images, make_model
+
+    images, model = make_images(tmp / "images"), make_model("smallcnn", tmp)
+    out: dict[str, Any] = {"servers": [first.name, second.name], "pairs": pairs, "seconds_per_slice": seconds,
+                           "by_clients": {}}
+    with serving(first, model, images, tmp) as a, serving(second, model, images, tmp) as b:
+        for n in CLIENTS:
+            slices: dict[str, list[dict[str, Any]]] = {first.name: [], second.name: []}
+            for i in range(pairs):
+                for server, (url, pid) in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
+                    slices[server.name].append(against(url, images, [n], seconds, pid, warm_s=0.2)[0])
+            ratios = [y["req_s"] / x["req_s"] for x, y in zip(slices[first.name], slices[second.name])]
+            out["by_clients"][str(n)] = {
+                "ratios": ratios, "median_ratio": statistics.median(ratios),
+                "req_s": {s: statistics.median(r["req_s"] for r in rows) for s, rows in slices.items()},
+                "server_cpu_ms_per_request": {s: statistics.median(r["server_cpu_ms_per_request"] for r in rows)
+                                              for s, rows in slices.items()}}
+            print(f"  paired, clients {n:>2}: {second.name}/{first.name} req/s median "
+                  f"{out['by_clients'][str(n)]['median_ratio']:.3f} over {pairs} pairs "
+                  f"({', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="4 s per point instead of 10")
     p.add_argument("--seconds", type=float, default=None, help="seconds per point (default: 10, --quick 4)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
+    p.add_argument("--pairs", type=int, default=None, help="torchferry against the bare Flask app with both running, "
+                   "the load alternating between them: pairs of slices per client count (default: 6, --quick 4; "
+                   "0: not measured)")
     p.add_argument("--only", default=",".join(s.name for s in SERVERS),
                    help="servers, comma-separated (default: all: flask,litserve,bentoml,rayserve,torchferry)")
     p.add_argument("--baseline", metavar="DIR", help="also run torchferry's server from this checkout of an earlier "
@@ -272,11 +312,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not set up ({', '.join(absent)}): run python -m bench.peers --setup", file=sys.stderr)
         return 2
     seconds = args.seconds or (4.0 if args.quick else 10.0)
+    pairs = (4 if args.quick else 6) if args.pairs is None else args.pairs
     with tempfile.TemporaryDirectory(prefix="tf-peers-") as tmp:
         runs = run_rounds([s for s in servers if s.name in names], args.rounds, seconds, Path(tmp))
+        floor = None
+        if pairs > 0 and {report.FLOOR, "torchferry"} <= set(names):
+            print(f"paired: {PEERS[0].label} and {TORCHFERRY.label}, {pairs} pairs of {seconds / 2:g} s slices",
+                  flush=True)
+            floor = paired(PEERS[0], TORCHFERRY, pairs, seconds / 2, Path(tmp))
     result = {**result_header("peers"), "machine": machine_info("onnxruntime"), "seconds_per_point": seconds,
               "rounds": args.rounds, "workers": WORKERS, "labels": {s.name: s.label for s in servers},
-              "method": report.METHOD, "runs": runs}
+              "method": report.METHOD, "runs": runs, **({"paired": floor} if floor else {})}
     result.update(report.choose(runs))
     result["targets"] = report.targets(result)
     write_result(result, Path(args.out) if args.out else result_path("peers"))
