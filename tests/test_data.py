@@ -422,6 +422,50 @@ def test_the_image_check_notes_what_the_images_are(digits_folder: Path, flat_fol
     assert color == {"images": 48, "median_side": 20, "grayscale": False}
 
 
+CHECK_PEAK = """
+import sys
+from torchferry.distributed import image_check
+
+def high_water_mib():
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) // 1024
+
+image_check.DECODE_PIXELS_AT_ONCE = int(sys.argv[1])
+before = high_water_mib()
+looked = image_check._inspect_images(sys.argv[2:], True)
+print(high_water_mib() - before)
+print(repr(looked))
+"""
+
+
+def test_the_full_image_check_decodes_within_a_pixel_budget(tmp_path: Path) -> None:
+    """Eight 9 MP images (36 MB of pixels each) and a truncated one, with a budget of one image's pixels: the
+    driver's peak RSS grows by about one image (39 MiB; 206-251 MiB before, up to 8 at once), and every size,
+    mode and error is as before."""
+    import ast
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((3000, 3000)).save(path)
+        paths.append(str(path))
+    Image.new("L", (300, 200)).save(tmp_path / "gray.png")
+    (tmp_path / "cut.jpg").write_bytes(Path(paths[0]).read_bytes()[:20_000])
+    paths += [str(tmp_path / "gray.png"), str(tmp_path / "cut.jpg")]
+    proc = subprocess.run([sys.executable, "-c", CHECK_PEAK, str(3000 * 3000), *paths], capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    grown, looked = int(proc.stdout.splitlines()[0]), ast.literal_eval(proc.stdout.splitlines()[1])
+    assert grown < 36 * 1.6, f"{grown} MiB over the imports for 36 MB of pixels at once"
+    assert looked[:9] == [(None, (3000, 3000), "RGB")] * 8 + [(None, (300, 200), "L")]
+    assert looked[9][0].startswith("OSError: image file is truncated") and looked[9][1:] == ((0, 0), "")
+
+
 def test_a_class_of_one_image_needs_allow_small_classes(tmp_path: Path, annotation_files: dict[str, Path]) -> None:
     from helpers import write_class_tree
 

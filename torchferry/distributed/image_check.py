@@ -1,15 +1,18 @@
 """Checking images before training: unreadable ones refused (or left out), and what the readable ones are.
 
 The check opens every image anyway, so the sizes and modes it sees become the data profile
-(`DataSplit.profile`) from which `config.fit_to_images` chooses defaults that fit the images.
+(`DataSplit.profile`) from which `config.fit_to_images` chooses defaults that fit the images. Its threads
+decode within a budget of pixels (`PixelBudget`), so a folder of large images costs the driver about one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,27 +47,78 @@ def _sample(paths: Sequence[str], limit: int) -> list[str]:
 
 _Inspection = tuple[str | None, tuple[int, int], str]
 
+# Pixels the full check decodes at once, over all its threads: PIL holds up to 4 bytes a pixel, so 256 MB. Each
+# image is opened first (its header: size and mode), then waits its turn to be decoded; one bigger than this
+# (up to PIL's 89 MP bomb limit) is decoded alone. Sixteen 89 MP images were 2.9 GB at once on the driver.
+DECODE_PIXELS_AT_ONCE = 64_000_000
+# PIL allocates an image's pixels in blocks of at most this size (16 MiB by default). During the check a block
+# holds a whole image (89 MP at 4 bytes a pixel, PIL's bomb limit, is 358 MB): glibc maps a block of over 32 MiB
+# (its largest mmap threshold) on its own and gives it back when the image is closed, whereas the blocks of a
+# large image cut into pieces stayed in each decoding thread's heap once the threshold had risen, so that the
+# threads' heaps and not the images in flight set the peak (1.5 GB for eight 89 MP images decoded one at a time
+# in 16 MiB blocks, 0.5 GB in 64 MiB ones; 0.35 GB, one image, now).
+PIXEL_BLOCK_BYTES = 512 << 20
 
-def _check_one(path: str, full: bool) -> _Inspection:
-    """(reason it cannot be read or None, size, PIL mode) of one image."""
+
+class PixelBudget:
+    """At most `limit` pixels held at once by the threads that decode; an image over the limit is decoded alone.
+    Turns are taken in order of asking, so a large image is not passed over for ever by small ones."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held = 0
+        self._next_ticket = self._serving = 0
+        self._turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Wait until `pixels` fit beside those held (or none are), hold them for the block's duration."""
+        with self._turn:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            self._turn.wait_for(lambda: ticket == self._serving and (self._held == 0
+                                                                     or self._held + pixels <= self.limit))
+            self._held += pixels
+            self._serving += 1
+            self._turn.notify_all()
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._held -= pixels
+                self._turn.notify_all()
+
+
+def _check_one(path: str, full: bool, budget: PixelBudget) -> _Inspection:
+    """(reason it cannot be read or None, size, PIL mode) of one image; its pixels decoded (`full`) within
+    `budget`, and let go of before the budget is."""
     try:
         require_regular_file(path)
         with Image.open(path) as img:
             size, mode = img.size, img.mode
-            if full:
-                img.load()
-            else:
+            if not full:
                 img.verify()
+                return None, size, mode
+            with budget.hold(size[0] * size[1]):
+                try:
+                    img.load()
+                finally:
+                    img.close()  # the pixels are freed here, inside the budget
     except Exception as exc:  # noqa: BLE001 - any failure to read is a bad image, reported by path
         return f"{type(exc).__name__}: {exc}", (0, 0), ""
     return None, size, mode
 
 
 def _inspect_images(paths: Sequence[str], full: bool) -> list[_Inspection]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-            return list(pool.map(lambda p: _check_one(p, full), paths))
+    budget = PixelBudget(DECODE_PIXELS_AT_ONCE)
+    block = Image.core.get_block_size()
+    Image.core.set_block_size(max(block, PIXEL_BLOCK_BYTES))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+                return list(pool.map(lambda p: _check_one(p, full, budget), paths))
+    finally:
+        Image.core.set_block_size(block)
 
 
 def check_split_images(split: DataSplit, cfg: TrainConfig) -> DataSplit:
