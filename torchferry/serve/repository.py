@@ -76,6 +76,8 @@ class Served:
     # Inputs (images, texts, rows) one request may carry: TORCHFERRY_MAX_IMAGES, fewer for a model whose inputs are
     # large (Predictor.items_per_request), worked out once at load rather than on every request.
     max_items: int = 1
+    # What every /predict answer says of the model that gave it, built once at load too.
+    answer_model: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits, through the micro-batcher when enabled."""
@@ -321,8 +323,12 @@ class ModelRepository:
                                         "max_input_bytes": self.max_input_bytes}))
         max_batch = predictor.items_per_request(self.max_batch, self.max_input_bytes)  # a micro-batch: as a request
         batcher = MicroBatcher(predictor.run, self.batch_window_ms, max_batch) if self.batch_window_ms > 0 else None
+        info = predictor.info
+        answer_model = {"name": name, "version": str(version), "sha256": info.sha256, "arch": meta.get("arch"),
+                        "task": info.task, **({"classes": len(info.classes)} if predictor.task.classifier
+                                              else {"target": info.spec.get("target")})}
         return Served(name=name, version=str(version), predictor=predictor, batcher=batcher, proof=proof,
-                      fingerprint=fp, max_items=per_request)
+                      fingerprint=fp, max_items=per_request, answer_model=answer_model)
 
     @staticmethod
     def _log_refused(name: str | None, version: int | None, reason: str, path: str | None = None) -> None:

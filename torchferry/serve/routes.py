@@ -24,7 +24,6 @@ def _before_request() -> None:
     """What runs before every route, in order: the timer, the bearer token, a chunked body's limit. One hook, not
     three: Flask checks each hook for a coroutine and looks up the app's state for each, on every request."""
     g.start = time.perf_counter()
-    g.images = 0
     server = state()
     if server.auth.enabled:
         _authenticate(server.auth)
@@ -134,8 +133,4 @@ def predict():
     g.images = len(batch)
     outputs = served.run(batch)
     count_images(len(batch))
-    return jsonify({"predictions": render(outputs),
-                    "model": {"name": served.name, "version": served.version, "sha256": predictor.info.sha256,
-                              "arch": predictor.info.metadata.get("arch"), "task": predictor.info.task,
-                              **({"classes": len(predictor.info.classes)} if predictor.task.classifier
-                                 else {"target": predictor.info.spec.get("target")})}})
+    return jsonify({"predictions": render(outputs), "model": served.answer_model})

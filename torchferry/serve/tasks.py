@@ -212,7 +212,8 @@ def _collect_images(max_images: int) -> list[tuple[str, bytes]]:
 
 
 def top_k_param(default: int, num_classes: int) -> int:
-    raw = request.args.get("top_k")
+    # Most requests have no query at all: then the query's parse is skipped.
+    raw = request.args.get("top_k") if request.environ.get("QUERY_STRING") else None
     if raw is None:
         return min(default, num_classes)
     try:
