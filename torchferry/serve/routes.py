@@ -6,6 +6,7 @@ one JSON access line. The Open Inference Protocol routes are in serve/v2.py.
 from __future__ import annotations
 
 import io
+import json
 import time
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -133,4 +134,7 @@ def predict():
     g.images = len(batch)
     outputs = served.run(batch)
     count_images(len(batch))
-    return jsonify({"predictions": render(outputs), "model": served.answer_model})
+    # What jsonify writes, less its sort of every key (the answer keeps the order docs/design.md gives): inside a
+    # request under load, jsonify took 43 µs of the answer's path.
+    body = json.dumps({"predictions": render(outputs), "model": served.answer_model}, separators=(",", ":"))
+    return Response(body + "\n", mimetype="application/json")
