@@ -123,7 +123,7 @@ def wait_for_answer(sock: socket.socket, limit_s: float) -> tuple[float, bytes]:
 
 @pytest.mark.slow
 def test_64_slow_clients_do_not_delay_a_normal_client(small_model: Path, live_server) -> None:
-    server = live_server("gunicorn", small_model, workers=1, threads=4)  # the production defaults
+    server = live_server("gunicorn", small_model, workers=1, threads=2)  # the production defaults
     port, base, proc = server.port, server.base, server.proc
     body = png("noise")
     latencies, statuses = [], []

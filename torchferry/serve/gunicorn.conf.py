@@ -2,7 +2,7 @@
 
 Environment: the settings of serve/settings.py, `GunicornSettings` for the processes (TORCHFERRY_BIND, default
 127.0.0.1:8080, the container sets 0.0.0.0:8080; TORCHFERRY_WORKERS, default 1; TORCHFERRY_THREADS per worker,
-default 4; TORCHFERRY_GRACEFUL_TIMEOUT, seconds in-flight requests get after SIGTERM, default 30;
+default 2; TORCHFERRY_GRACEFUL_TIMEOUT, seconds in-flight requests get after SIGTERM, default 30;
 TORCHFERRY_BODY_TIMEOUT, seconds a request body may take after its head, default 15, then 408;
 TORCHFERRY_WORKER_CONNECTIONS, default 1000; TORCHFERRY_TIMEOUT, TORCHFERRY_WORKER_TMP_DIR,
 TORCHFERRY_LOG_LEVEL) and `ServeSettings` for the app (TORCHFERRY_ORT_THREADS defaults here to the cores
