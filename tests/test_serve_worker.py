@@ -283,6 +283,54 @@ def test_ready_means_every_accepting_worker_answers(small_model: Path, live_serv
     assert not list(home.rglob("gunicorn.ctl")) and proc.poll() is None
 
 
+@pytest.mark.slow
+def test_uploads_that_together_pass_the_byte_budget_are_all_answered(small_model: Path, live_server) -> None:
+    """1 worker × 1 thread buffers at most 2 × 16 MiB of bodies: four 12 MiB uploads sent side by side each held part
+    of it and waited for room the others held, until all four ended in 408. Now the body that began first goes on."""
+    server = live_server("gunicorn", small_model, workers=1, threads=1, env={"TORCHFERRY_BODY_TIMEOUT": "8"})
+    size = 12 * 2**20  # zeros, not an image: a quick 400 once read whole
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nConnection: close\r\n"
+            b"Content-Length: " + str(size).encode() + b"\r\n\r\n")
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+    try:
+        for sock in socks:
+            sock.sendall(head)
+            sock.setblocking(False)
+        left, chunk = {sock: size for sock in socks}, b"\0" * (64 * 1024)
+        deadline = time.monotonic() + 30
+        with selectors.DefaultSelector() as sel:
+            for sock in socks:
+                sel.register(sock, selectors.EVENT_WRITE)
+            while left and time.monotonic() < deadline:  # 64 KiB to each writable one in turn: side by side
+                time.sleep(0.002)
+                for key, _ in sel.select(timeout=0.5):
+                    sock = key.fileobj
+                    try:
+                        left[sock] -= sock.send(chunk[:left[sock]])
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # answered (408) and closed before the whole body was sent
+                        left[sock] = 0
+                    if not left[sock]:
+                        del left[sock]
+                        sel.unregister(sock)
+        statuses = []
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(30)
+            answer = b""
+            while b"\r\n" not in answer:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+            statuses.append(int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else answer)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert statuses == [400] * 4, statuses
+
+
 def test_a_bad_body_timeout_stops_gunicorn_at_start(tmp_path: Path) -> None:
     env = {**os.environ, "TORCHFERRY_BIND": f"127.0.0.1:{free_port()}", "TORCHFERRY_BODY_TIMEOUT": "soon"}
     proc = subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(REPO / "torchferry" / "serve" / "gunicorn.conf.py")],
@@ -293,30 +341,43 @@ def test_a_bad_body_timeout_stops_gunicorn_at_start(tmp_path: Path) -> None:
 
 def test_buffered_bytes_are_bounded_per_worker_and_a_body_waits_for_room() -> None:
     """ByteBudget, in-process: a body whose bytes would pass the worker's bound waits until another gives
-    room back; a body alone is never kept waiting on itself. Content-Length is read from gunicorn's headers."""
+    room back; a body alone is never kept waiting on itself, nor is the body that began first, so bodies that
+    together pass the bound still complete (they all waited on each other, then ended in 408). Content-Length is
+    read from gunicorn's headers."""
     import types
 
     import gevent
 
     from torchferry.serve.worker import ByteBudget, _content_length
 
+    first, second, third = object(), object(), object()
     budget, events = ByteBudget(100), []
-    budget.take(80)
+    budget.take(first, 80)
 
-    def second() -> None:
-        budget.take(50)  # 80 + 50 > 100: waits
+    def take_second() -> None:
+        budget.take(second, 50)  # 80 + 50 > 100: waits
         events.append("second took")
 
-    waiter = gevent.spawn(second)
+    waiter = gevent.spawn(take_second)
     gevent.sleep(0.05)
     assert events == [] and budget.used == 80
     events.append("first gave")
-    budget.give(80)
+    budget.give(first)
     waiter.join(timeout=10)
     assert events == ["first gave", "second took"] and budget.used == 50
     alone = ByteBudget(100)
-    alone.take(250)  # more than the bound, but nothing else is buffered
+    alone.take(first, 250)  # more than the bound, but nothing else is buffered
     assert alone.used == 250
+    # Two bodies half read that both need more: the one that began first goes on (past the bound by its chunks),
+    # the other waits until it is answered.
+    budget.take(third, 40)  # second 50 + third 40
+    budget.take(second, 30)  # second began first: 120 held
+    waiter = gevent.spawn(budget.take, third, 30)
+    gevent.sleep(0.05)
+    assert budget.used == 120 and not waiter.dead
+    budget.give(second)
+    waiter.join(timeout=10)
+    assert waiter.dead and budget.used == 70
 
     def req(*headers: tuple[str, str]) -> types.SimpleNamespace:
         return types.SimpleNamespace(headers=list(headers))
@@ -393,16 +454,43 @@ def test_a_workers_log_lines_go_through_a_queue_and_are_all_written_at_exit(monk
             logging.getLogger("torchferry.serve.access").info('{"n": %d}', i)
             accesslog.line(("POST", "/predict", 200, i / 1000, 1, i))
         conf.worker_exit(None, worker)
-        assert accesslog._sink is None  # logged in place again once the writer is gone
         lines = stream.getvalue().splitlines()
         assert lines[0::2] == [f'{{"n": {i}}}' for i in range(200)]
         assert [json.loads(line) for line in lines[1::2]] == [
             {"method": "POST", "route": "/predict", "status": 200, "ms": float(i), "images": 1, "bytes": i}
             for i in range(200)]
+        # Once the writer is gone, lines are written in place again (by a request still running, say).
+        assert accesslog._sink is None and [type(h) for h in root.handlers] == [logging.StreamHandler]
+        accesslog.line(("GET", "/healthz", 200, 0.001, 0, 0))
+        logging.getLogger("torchferry.serve").info("after exit")
+        assert stream.getvalue().splitlines()[-2:] == [
+            '{"method": "GET", "route": "/healthz", "status": 200, "ms": 1.0, "images": 0, "bytes": 0}', "after exit"]
+        # An access logger with a handler of its own (a --log-config) keeps its lines: they are not deferred.
+        own = logging.getLogger("torchferry.serve.access")
+        own.addHandler(logging.NullHandler())
+        try:
+            conf.post_fork(None, worker)
+            worker.model_loaded.set()
+            assert accesslog._sink is None
+            conf.worker_exit(None, worker)
+        finally:
+            own.handlers.clear()
     finally:
         accesslog.defer_to(None)
         root.handlers, level = saved
         root.setLevel(level)
+
+
+def test_a_deferred_access_line_keeps_the_time_its_request_ended() -> None:
+    import logging
+
+    from torchferry.serve import accesslog
+
+    ended = time.time() - 5.0  # written 5 s later by the log writer
+    record = accesslog.record(("POST", "/predict", 200, 0.002, 1, 10, ended))
+    assert record.created == ended and record.msecs == int((ended - int(ended)) * 1000)
+    assert record.name == "torchferry.serve.access" and record.levelno == logging.INFO
+    assert json.loads(record.getMessage())["ms"] == 2.0
 
 
 def test_the_log_writer_wakes_on_its_interval_not_on_every_line() -> None:

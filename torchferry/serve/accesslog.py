@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 
 ACCESS = logging.getLogger("torchferry.serve.access")
@@ -27,12 +28,12 @@ def line(fields: tuple) -> None:
     if sink is None:
         log(fields)
     else:
-        sink(fields)
+        sink((*fields, time.time()))
 
 
 def text(fields: tuple) -> str:
     """The JSON access line of these fields."""
-    method, route, status, seconds, inputs, size = fields
+    method, route, status, seconds, inputs, size = fields[:6]
     return json.dumps({"method": method, "route": route, "status": status, "ms": round(1000 * seconds, 2),
                        "images": inputs, "bytes": size})
 
@@ -43,11 +44,30 @@ def log(fields: tuple) -> None:
 
 
 def record(fields: tuple) -> logging.LogRecord:
-    """The access logger's record of these fields, as `log` would make it (for a writer that holds the handlers)."""
-    return ACCESS.makeRecord(ACCESS.name, logging.INFO, __file__, 0, text(fields), (), None)
+    """The access logger's record of deferred fields, as `log` would have made it when the request ended (the
+    fields' last item): for a writer that holds the root logger's handlers (`routes_to_root`)."""
+    rec = ACCESS.makeRecord(ACCESS.name, logging.INFO, __file__, 0, text(fields), (), None)
+    created = fields[-1]
+    rec.relativeCreated -= (rec.created - created) * 1000
+    rec.created, rec.msecs = created, int((created - int(created)) * 1000) + 0.0
+    return rec
+
+
+def routes_to_root() -> bool:
+    """Whether an access record reaches the root logger's handlers and no others: no filters on the access logger,
+    and no handlers of their own (nor a stop to propagation) on it or the loggers above it (a --log-config can set
+    them). Only then may a writer holding the root's handlers write the record in the logger's stead."""
+    logger: logging.Logger | None = ACCESS
+    if ACCESS.filters:
+        return False
+    while logger is not None and logger.parent is not None:
+        if logger.handlers or not logger.propagate:
+            return False
+        logger = logger.parent
+    return True
 
 
 def defer_to(sink: Callable[[tuple], None] | None) -> None:
-    """Hand every access line's fields to `sink` (a log writer's queue), or log them at once again (None)."""
+    """Hand every access line's fields (and the time) to `sink` (a log writer's queue), or log them at once (None)."""
     global _sink  # one process, one log writer
     _sink = sink

@@ -149,8 +149,10 @@ def post_fork(server, worker):
     # wait on I/O); one writer thread takes the stream handler's lock and writes them, every 50 ms rather than on
     # every line (serve/worker.py's PeriodicWriter). worker_exit writes what is left.
     worker.log_listener = queue_log_lines(logging.getLogger())
-    # A request thread only queues its access line's fields: the writer makes the JSON line and its record.
-    accesslog.defer_to(worker.log_listener.queue.put)
+    # A request thread only queues its access line's fields: the writer makes the JSON line and its record, when
+    # that record would go to the root's handlers alone (no --log-config gave the access logger its own).
+    if accesslog.routes_to_root():
+        accesslog.defer_to(worker.log_listener.queue.put)
     # The model loads before the worker's own loop starts beating (wsgi_app): beat for it meanwhile, so that a
     # model that takes longer than `timeout` to load and prove is not killed as a hung worker.
     worker.model_loaded = threading.Event()

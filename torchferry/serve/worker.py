@@ -13,7 +13,8 @@ buffering proxy does, on gunicorn's gevent worker (one greenlet per connection, 
 - bodies past the app's upload limit are not read: the app answers 413 from what it was given, and the
   connection is closed, since the rest of that body is still on it;
 - the bytes all connections of a worker have buffered are bounded (2 × threads × the upload limit); a
-  connection whose next chunk would exceed it waits, so memory is held to that whatever the clients send.
+  connection whose next chunk would exceed it waits, so memory is held to that whatever the clients send (and
+  one upload limit more: the body that began first always goes on, so the bodies waiting for room complete).
 
 Nothing is monkey-patched: the app's threads (model watcher, micro-batcher, request threads) are real threads,
 and they never touch a gevent socket (the app reads its body from memory).
@@ -54,20 +55,29 @@ class BodyTimeout(Exception):
 
 
 class ByteBudget:
-    """Bytes that request bodies may hold in one worker; greenlets wait for room (all on the hub's thread)."""
+    """Bytes that request bodies may hold in one worker; greenlets wait for room (all on the hub's thread).
+
+    The body that began first always takes its next chunk: it completes and frees its bytes, so bodies that
+    together pass the budget do not each wait for another to free room (five 15 MiB uploads at once, with 2 threads,
+    all ended in 408 that way). The bytes held stay within the budget plus that one body's.
+    """
 
     def __init__(self, total: int):
         self.total, self.used = total, 0
+        self._held: dict[object, int] = {}  # each body's bytes, in the order the bodies began
         self._freed = Event()
 
-    def take(self, n: int) -> None:
-        while self.used and self.used + n > self.total:
+    def take(self, body: object, n: int) -> None:
+        """Hold `n` more bytes for `body`, once there is room or `body` is the first of those holding some."""
+        while self.used and self.used + n > self.total and next(iter(self._held)) is not body:
             self._freed.clear()
             self._freed.wait()
         self.used += n
+        self._held[body] = self._held.get(body, 0) + n
 
-    def give(self, n: int) -> None:
-        self.used -= n
+    def give(self, body: object) -> None:
+        """Free all that `body` holds."""
+        self.used -= self._held.pop(body, 0)
         self._freed.set()
 
 
@@ -102,11 +112,10 @@ class BufferingWorker(GeventWorker):
         super().run()
 
     def handle_request(self, listener_name, req, sock, addr):
-        held = 0
         try:
             try:
                 with gevent.Timeout(self.body_timeout, BodyTimeout):
-                    held = self._buffer_body(req, sock)
+                    self._buffer_body(req, sock)
             except BodyTimeout:
                 self._answer_timeout(req, sock)
                 raise StopIteration() from None
@@ -116,16 +125,16 @@ class BufferingWorker(GeventWorker):
             finally:
                 out.flush()
         finally:
-            if held:
-                self.budget.give(held)
+            self.budget.give(req)
 
-    def _buffer_body(self, req, sock) -> int:
-        """Read the body into memory (at most the upload limit + 1 bytes); the bytes held from the budget."""
+    def _buffer_body(self, req, sock) -> None:
+        """Read the body into memory (at most the upload limit + 1 bytes), its bytes held from the budget until the
+        request is answered."""
         declared = _content_length(req)
         if declared is not None and declared > self.upload_limit:
             req.body, req.must_close = io.BytesIO(b""), True  # the app answers 413 from the header
             req._expected_100_continue = False  # and the client is not asked to send the body first
-            return 0
+            return
         if getattr(req, "_expected_100_continue", False):
             # The client waits for this before it sends the body (curl does for bodies over 1 MB); gunicorn would
             # send it only when the app starts, after this read, so it is sent here and not again.
@@ -133,23 +142,18 @@ class BufferingWorker(GeventWorker):
             req._expected_100_continue = False
         want = self.upload_limit + 1 if declared is None else declared
         chunks, held = [], 0
-        try:
-            while held < want:
-                step = min(READ_STEP, want - held)
-                self.budget.take(step)
-                held += step
-                data = req.body.read(step)
-                if not data:
-                    break
-                chunks.append(data)
-        except BaseException:
-            self.budget.give(held)
-            raise
+        while held < want:
+            step = min(READ_STEP, want - held)
+            self.budget.take(req, step)
+            held += step
+            data = req.body.read(step)
+            if not data:
+                break
+            chunks.append(data)
         body = b"".join(chunks)
         if len(body) > self.upload_limit:
             req.must_close = True  # the rest of an over-long chunked body is still on the connection
         req.body = io.BytesIO(body)
-        return held
 
     def _answer_timeout(self, req, sock) -> None:
         message = f"the request body did not arrive within {self.body_timeout:g} s"
@@ -184,9 +188,10 @@ class PeriodicWriter(QueueListener):
     this way are late by at most `interval`, and never reordered.
     """
 
-    def __init__(self, lines: queue.SimpleQueue, *handlers: logging.Handler, interval: float = LOG_WRITE_INTERVAL_S):
+    def __init__(self, lines: queue.SimpleQueue, *handlers: logging.Handler, interval: float = LOG_WRITE_INTERVAL_S,
+                 logger: logging.Logger | None = None):
         super().__init__(lines, *handlers, respect_handler_level=True)
-        self.interval = interval
+        self.interval, self.logger = interval, logger  # whose handlers these were: given back at `stop`
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -207,19 +212,30 @@ class PeriodicWriter(QueueListener):
                 record = self.queue.get_nowait()
             except queue.Empty:
                 return
-            self.handle(accesslog.record(record) if type(record) is tuple else record)
+            if type(record) is tuple:
+                try:
+                    record = accesslog.record(record)
+                except Exception as exc:  # noqa: BLE001 - one bad line must not end the writer and every later line
+                    print(f"torchferry: an access line could not be written ({exc!r})", file=sys.stderr)
+                    continue
+            self.handle(record)
 
     def stop(self) -> None:
+        """Write what is queued and end the writer; its logger gets its handlers back, so later lines are written
+        in place, then whatever was queued meanwhile."""
         if self._thread is not None:
             self._stopping.set()
             self._thread.join()
             self._thread = None
+        if self.logger is not None:
+            self.logger.handlers = list(self.handlers)
+            self.write_queued()
 
 
 def queue_log_lines(root: logging.Logger, interval: float = LOG_WRITE_INTERVAL_S) -> PeriodicWriter:
     """Route `root`'s records through a queue to a started PeriodicWriter holding its handlers (stop it at exit)."""
     lines: queue.SimpleQueue = queue.SimpleQueue()
-    writer = PeriodicWriter(lines, *root.handlers, interval=interval)
+    writer = PeriodicWriter(lines, *root.handlers, interval=interval, logger=root)
     root.handlers = [LineQueue(lines)]
     writer.start()
     return writer
