@@ -399,6 +399,11 @@ def test_onnx_runtime_memory_is_capped_in_batch_runs_as_in_the_server(tmp_path: 
     rows = score(predictor, list(files), list(files.values()), top_k=1, max_pixels=40_000_000)
     assert calls == [8, 1, 1, 1, 1, 1, 1, 1, 1], calls  # 6 MiB at once is past 4 MiB; one image fits
     assert rows["path"] == list(files) and rows["error"] == [None] * 8 and None not in rows["label"]
+    calls.clear()  # runs of 6 (--max-input-bytes): once one is past the cap, the rest go an image at a time
+    rows = score(predictor, list(files), list(files.values()), top_k=1, max_pixels=40_000_000,
+                 max_input_bytes=6 * 3 * 256 * 256 * 4)
+    assert calls == [6, 1, 1, 1, 1, 1, 1, 1, 1], calls
+    assert rows["path"] == list(files) and rows["error"] == [None] * 8
     # An image that does not fit alone (as if a file's input were 64 images'): its row is refused, the run goes on.
     predictor.run = lambda batch: calls.append(len(batch)) or run_model(np.repeat(batch, 64, axis=0))
     calls.clear()

@@ -73,7 +73,7 @@ def targets(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     met = None if math.isnan(value) else value <= 0.5
     checks.append(_check(f"torchferry peak RSS vs {name} (process trees, 2 workers)", "<= 0.5x", value, met,
                          None if met in (None, True) else f"{value - 0.5:.2f}x over", note))
-    pairs = ((result or {}).get("paired") or {}).get("by_clients", {})
+    pairs = ((result or {}).get("paired") or {}).get("by_clients") or {}
     for n in CLIENTS:
         # Both running at once, the load alternating between them (paired), when measured: a few per cent between
         # two servers is lost in what separates two rounds minutes apart (0.65-1.17x in a day's single rounds).
@@ -92,6 +92,8 @@ def _paired_lines(result: dict[str, Any]) -> list[str]:
     paired = result.get("paired")
     if not paired:
         return []
+    if "error" in paired:
+        return ["", f"Paired with the bare Flask app: failed ({paired['error']}); the target is read from the rounds."]
     first, second = paired["servers"]
     labels = result.get("labels", {})
     out = ["", (f"Paired: {labels.get(first, first)} and {labels.get(second, second)} both running, the load "

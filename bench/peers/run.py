@@ -230,9 +230,14 @@ def paired(first: Server, second: Server, pairs: int, seconds: float, tmp: Path)
             for i in range(pairs):
                 for server, (url, pid) in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
                     slices[server.name].append(against(url, images, [n], seconds, pid, warm_s=0.2)[0])
-            ratios = [y["req_s"] / x["req_s"] for x, y in zip(slices[first.name], slices[second.name])]
+            # A pair with a failed request or an empty slice has no ratio: fast errors would count as requests/s.
+            ratios = [y["req_s"] / x["req_s"] for x, y in zip(slices[first.name], slices[second.name])
+                      if x["req_s"] > 0 and y["req_s"] > 0 and not x["errors"] and not y["errors"]]
+            if not ratios:
+                raise RuntimeError(f"no pair at {n} client(s) ran without errors")
             out["by_clients"][str(n)] = {
                 "ratios": ratios, "median_ratio": statistics.median(ratios),
+                "errors": {s: sum(r["errors"] for r in rows) for s, rows in slices.items()},
                 "req_s": {s: statistics.median(r["req_s"] for r in rows) for s, rows in slices.items()},
                 "server_cpu_ms_per_request": {s: statistics.median(r["server_cpu_ms_per_request"] for r in rows)
                                               for s, rows in slices.items()}}
@@ -319,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         if pairs > 0 and {report.FLOOR, "torchferry"} <= set(names):
             print(f"paired: {PEERS[0].label} and {TORCHFERRY.label}, {pairs} pairs of {seconds / 2:g} s slices",
                   flush=True)
-            floor = paired(PEERS[0], TORCHFERRY, pairs, seconds / 2, Path(tmp))
+            try:
+                floor = paired(PEERS[0], TORCHFERRY, pairs, seconds / 2, Path(tmp))
+            except RuntimeError as exc:  # recorded, as a server failing its round is; the rounds' figures stand
+                print(f"  paired: {exc}", flush=True)
+                floor = {"error": str(exc)}
     result = {**result_header("peers"), "machine": machine_info("onnxruntime"), "seconds_per_point": seconds,
               "rounds": args.rounds, "workers": WORKERS, "labels": {s.name: s.label for s in servers},
               "method": report.METHOD, "runs": runs, **({"paired": floor} if floor else {})}

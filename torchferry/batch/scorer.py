@@ -56,7 +56,13 @@ def score(predictor: Predictor, names: Sequence[str], blobs: Sequence[bytes], to
         for column, value in zip(refused, error or ()):
             column.append(value)
         if len(inputs) == run or (inputs and i == len(names) - 1):
-            answers += _answers(predictor, inputs, scored[len(answers):], top_k, refused)
+            got = _answers(predictor, inputs, scored[len(answers):], top_k, refused)
+            if got is None:  # past the memory cap at this size: the rest go an image at a time
+                run = 1
+                got = [a for j, one in enumerate(inputs)
+                       for a in _answers(predictor, [one], scored[len(answers) + j:len(answers) + j + 1], top_k,
+                                         refused) or ()]
+            answers += got
             inputs = []
     kept = [(name, answer) for name, answer in zip(scored, answers) if answer is not None]
     rows = error_rows(*refused)
@@ -67,15 +73,15 @@ def score(predictor: Predictor, names: Sequence[str], blobs: Sequence[bytes], to
 
 
 def _answers(predictor: Predictor, inputs: list[np.ndarray], names: Sequence[str], top_k: int,
-             refused: tuple[list, list, list]) -> list[dict[str, Any] | None]:
-    """The answers for one run of inputs. A run past ONNX Runtime's memory cap is run again an image at a time; an
-    image that does not fit alone is a refused row (None in its place), as the server answers it 503."""
+             refused: tuple[list, list, list]) -> list[dict[str, Any] | None] | None:
+    """The answers for one run of inputs; None when a run of several is past ONNX Runtime's memory cap (run them
+    again one at a time). An image that does not fit alone is a refused row (None in its place), as the server
+    answers it 503."""
     try:
         return predictor.top_k(predictor.run(np.stack(inputs)), top_k)
     except HTTPError as exc:
         if len(inputs) > 1:
-            return [a for i, one in enumerate(inputs) for a in _answers(predictor, [one], names[i:i + 1], top_k,
-                                                                         refused)]
+            return None
         reason = (f"{names[0]}: ONNX Runtime needs more memory for this image than the "
                   f"{predictor.memory_cap / 2**20:g} MiB it may hold (--ort-memory-bytes)")
         for column, value in zip(refused, (names[0], exc.code, reason)):

@@ -58,7 +58,8 @@ def tokenize(text: str, limit: int | None = None) -> list[str]:
 
 
 # How many distinct tokens `build_vocab` counts at once: COUNTED_PER_ENTRY per vocabulary entry asked for, and
-# COUNTED_AT_LEAST whatever the size (about 150 bytes each, so 15 MB at least and 300 MB at MAX_VOCAB). A
+# COUNTED_AT_LEAST whatever the size: about 150 bytes each for words, up to about 600 for tokens of MAX_TOKEN_CHARS
+# characters outside Latin-1 (so 15-60 MB at least, 120 MB at the default size, 1.2 GB at MAX_VOCAB). A
 # corpus with fewer distinct tokens gets exactly the vocabulary a full count gives; past the bound the rarest
 # are dropped from the count, as word2vec's ReduceVocab and gensim's max_vocab_size do.
 COUNTED_PER_ENTRY = 10
