@@ -83,11 +83,15 @@ WHY = {
     "no gap.",
     "vs torchrun, 2 processes (resnet18": "within the run-to-run spread (about ±15 %) of this machine; see the "
     "repeated runs below.",
-    "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-overhead.json: torchferry's request thread does 3.4 % "
-    "more work than the bare app's (instructions, load-independent: the limits, metrics and access line around the "
-    "model), and its gevent worker, which keeps slow clients off the app threads, costs about 0.35 ms of CPU a request "
-    "more than gthread would (1 worker, sequential client); in all about 0.65 ms of CPU a request over the bare app's "
-    "3.2-3.6 ms. Requests/s on a 2-core machine shared with other work move by far more than 3 %.",
+    "vs a bare Flask app": "bench/results/2026-11-28-vm-serve-paired.json (both servers running, the load "
+    "alternating between them): the gap is the app, not the server around it. torchferry's app under gthread and "
+    "as shipped (gevent's buffering worker) answer alike (1.00/0.97/1.00x), and ONNX Runtime's memory cap costs "
+    "nothing measurable; torchferry spends 0.05-0.2 ms of CPU a request more than the bare app's 2.0-2.1 ms, and "
+    "in one thread 100-130 µs more (1,750 against 1,650 µs), spread over the limits, the proof's bookkeeping, "
+    "metrics, the access line and the larger answer, none over 15 µs since the answer's model block, the query "
+    "parse and jsonify's key sort left the path (1.00-1.05x on the commit before) and 2 app threads became the "
+    "default (1.00-1.11x over 4). Pairs themselves spread by ±5 % on this machine: 0.90-0.97x over the day's "
+    "paired runs.",
     "peak RSS vs the best peer framework": "the bar sits at the bare Flask app's own footprint (the peers section "
     "sets half of the best framework's peak RSS beside the bare app's). bench/results/2026-11-28-vm-serve-memory.json "
     "measured where torchferry's extra goes (/proc/PID/smaps, 2 workers, after 16 clients; 214 MB against the bare "
