@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -734,3 +735,46 @@ def test_help_imports_neither_torch_nor_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "usage: python -m distributed.launch" in out
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_a_worker_that_hangs_in_its_exit_does_not_outlive_the_command(ray_2_cpus) -> None:
+    """Ray's worker processes end on their own once the raylet is gone, but one can hang in its exit (a serve.batch
+    actor stayed, its exit handler waiting on a lock it held). What Ray leaves when it has shut down is killed:
+    here an actor whose exit sleeps 120 s (with ray.shutdown alone it was still there 5 s later)."""
+    import psutil
+    import ray
+
+    from torchferry.rayinit import shutdown_ray
+
+    @ray.remote(num_cpus=0)
+    class Stuck:
+        def pid(self) -> int:
+            return os.getpid()
+
+        def leave(self) -> None:
+            import atexit
+            import time
+
+            atexit.register(time.sleep, 120)
+            sys.exit(0)
+
+    stuck = Stuck.remote()
+    pid = ray.get(stuck.pid.remote())
+    process = psutil.Process(pid)
+    stuck.leave.remote()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until Ray sees the actor gone: its process is then in its exit
+        try:
+            ray.get(stuck.pid.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            break
+        time.sleep(0.2)
+    assert process.is_running()  # hanging in its exit
+    shutdown_ray()
+    try:
+        process.wait(timeout=30)  # killed at once: bounded, well below the 120 s its exit asks for
+    finally:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    assert not process.is_running()

@@ -104,21 +104,41 @@ def join_or_start_ray(address: str | None, verbose: bool, num_gpus: int = 0) -> 
 
 
 def shutdown_ray() -> None:
-    """`ray.shutdown()` for a Ray started here, without waiting a second for its autoscaler monitor.
+    """`ray.shutdown()` for a Ray started here, without waiting a second for its autoscaler monitor, and with no
+    worker process left behind.
 
     Ray stops its processes one by one, each with SIGTERM and up to a second's grace; the autoscaler monitor
     (which a one-machine Ray has no use for) takes that whole second every time, a third of the time from a
     run's last epoch to the command's exit. It holds no state, so it is killed outright first.
+
+    Ray's worker processes (the raylet's children) end on their own once the raylet is gone, but one can hang in
+    its exit: a serve.batch actor stayed, 279 MB, its C++ exit handler waiting on a lock it held itself (Ray
+    2.60's CoreWorkerProcess::HandleAtExit). Those still there when `ray.shutdown()` returns are killed, as
+    `ray stop --force` would: by then the run's results are written and nothing of theirs is needed.
     """
     import ray
 
     try:
-        monitors = [info.process for info in ray._private.worker._global_node.all_processes.get("monitor", [])]
+        processes = ray._private.worker._global_node.all_processes
     except AttributeError:  # no local node, or Ray's internals moved: the plain shutdown below still runs
-        monitors = []
-    for process in monitors:
+        processes = {}
+    for process in (info.process for info in processes.get("monitor", [])):
         if process.poll() is None:
             process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):  # Ray's own shutdown reaps it at worst
                 process.wait(timeout=10)
+    workers = _workers([info.process.pid for info in processes.get("raylet", [])])
     ray.shutdown()
+    for worker in workers:
+        with contextlib.suppress(Exception):  # gone meanwhile (psutil checks it is still the same process)
+            worker.kill()
+
+
+def _workers(raylets: list[int]) -> list:
+    """The processes the raylets started (psutil, which Ray brings with it); none when psutil cannot say."""
+    try:
+        import psutil
+
+        return [child for pid in raylets for child in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - no psutil, or a raylet already gone: Ray's own shutdown alone
+        return []
